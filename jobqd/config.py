@@ -1,0 +1,642 @@
+"""Configuration: YAML file -> validated, frozen dataclasses.
+
+Every key is validated once, at load. An unknown key, a wrong type or a bad
+value raises `ConfigError` naming the file, the dotted key path and the line.
+Every handler is imported at load, so a typo in a handler path is a config
+error, not a runtime surprise. Reload = `load()` again and swap one reference.
+
+Each default is documented once, beside its field below; `etc/jobqd.yaml`
+repeats them for operators and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from jobqd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/jobqd.yaml"
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
+_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str  # redis://, rediss://, unix:// or "embedded"; required (or url_file)
+    prefix: str = "jobqd"  # key namespace: deployments with other prefixes never meet
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    dsn: str | None = None  # postgresql://...; None: heartbeats live in Redis, no outbox/ledger
+    ledger: bool = False  # write every job's lifecycle to PostgreSQL (needs dsn)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:8765"  # host:port of health, metrics and the job API
+    token_file: str | None = None  # if set, /v1 needs "Authorization: Bearer <file contents>"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    name: str
+    weight: int = 1  # share of this daemon's job starts while several queues have work
+    high_watermark: int | None = None  # refuse enqueues at this depth; None: unbounded
+    low_watermark: int | None = None  # accept again at this depth; default high_watermark // 2
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffConfig:
+    base_s: float = 1.0  # retry n waits min(base_s * 2**n, max_s) * random()  (full jitter)
+    max_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    count: int
+    per_s: float
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.per_s]
+        return f"{self.count}/{unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    name: str
+    handler: str  # "package.module:function", imported at load
+    queue: str = "default"  # must be declared under queues: (or be "default")
+    timeout_s: float | None = 300.0  # the handler is cancelled at this deadline; null: none
+    max_retries: int = 3  # exception retries before the job is dead-lettered
+    retry_backoff: BackoffConfig = BackoffConfig()
+    concurrency: int | None = None  # max running at once across all daemons; None: unlimited
+    rate_limit: RateLimit | None = None  # "100/s", "1000/m", "10/h" across all daemons
+    fn: Callable[..., Any] = field(default=lambda: None, compare=False, repr=False)
+    is_async: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaperConfig:
+    interval_s: float = 5.0  # how often the (single, locked) reaper scans
+    visibility_timeout_s: float = 300.0  # backstop: reclaim an entry whose lease stopped renewing
+    max_deliveries: int = 3  # a job whose worker died this many times is dead: worker_lost
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatConfig:
+    interval_s: float = 2.0  # each daemon beats this often
+    timeout_s: float = 10.0  # a consumer silent this long is dead and its jobs reclaimed
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    drain_timeout_s: float = 30.0  # running jobs get this long to finish after SIGTERM
+    handback_timeout_s: float = 5.0  # then this long to hand the rest back and close
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsConfig:
+    ttl_s: float = 3600.0  # how long a finished job's status and result stay readable
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsConfig:
+    refresh_interval_s: float = 2.0  # how often runtime weights are re-read from Redis
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
+    format: Literal["auto", "json", "text"] = "auto"  # auto: text on a TTY, JSON lines otherwise
+    payloads: bool = False  # include job args in failure logs
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    redis: RedisConfig
+    postgres: PostgresConfig = PostgresConfig()
+    http: HttpConfig = HttpConfig()
+    consumers: int = 16  # how many jobs this daemon runs at once
+    queues: Mapping[str, QueueConfig] = field(default_factory=lambda: MappingProxyType({}))
+    tasks: Mapping[str, TaskConfig] = field(default_factory=lambda: MappingProxyType({}))
+    reaper: ReaperConfig = ReaperConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    results: ResultsConfig = ResultsConfig()
+    weights: WeightsConfig = WeightsConfig()
+    log: LogConfig = LogConfig()
+    max_payload_bytes: int = 1024 * 1024  # largest encoded job accepted at enqueue
+    idempotency_ttl_s: float = 86400.0  # how long an idempotency key maps to its job
+    state_dir: str = "/var/lib/jobqd"  # embedded Redis socket and AOF live here
+    pythonpath: tuple[str, ...] = ()  # dirs prepended to sys.path before importing handlers
+
+    @property
+    def redis_url(self) -> str:
+        """The URL to connect to (the embedded server's unix socket when embedded)."""
+        if self.redis.embedded:
+            return "unix://" + str(Path(self.state_dir) / "redis.sock")
+        return self.redis.url
+
+    def routing(self) -> dict[str, str]:
+        return {name: t.queue for name, t in self.tasks.items()}
+
+    def to_dict(self, *, mask_secrets: bool = True) -> dict[str, Any]:
+        """The effective config as plain data (what `jobqd check-config` prints)."""
+        out: dict[str, Any] = _plain(self)
+        out.pop("path", None)
+        if mask_secrets:
+            out["redis"]["url"] = mask_url(out["redis"]["url"])
+            if out["postgres"]["dsn"]:
+                out["postgres"]["dsn"] = mask_url(out["postgres"]["dsn"])
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, RateLimit):
+            return str(obj)
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.name not in ("fn", "is_async", "name")}
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL/DSN (``redis://:****@host``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "****"
+    if parts.password is None:
+        masked = re.sub(r"(password=)[^&\s]+", r"\1****", url)
+        return masked
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc[-1]}"))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _d(cls: type, name: str) -> Any:
+    """The documented default of a config field (slotted classes hide it)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(name)
+
+
+def default_path() -> str:
+    return os.environ.get("JOBQD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load(path: str | os.PathLike[str], *, import_handlers: bool = True) -> Config:
+    """Read, parse, validate and (by default) import every handler of a config file."""
+    p = str(path)
+    try:
+        text = Path(p).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", path=p) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read: {e}", path=p) from None
+    return loads(text, path=p, import_handlers=import_handlers)
+
+
+def loads(text: str, *, path: str = "<string>", import_handlers: bool = True) -> Config:
+    data, lines = _parse_yaml(text, path)
+    return _Validator(path, lines, import_handlers).config(data)
+
+
+def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
+    """YAML -> (data, {dotted key path: line}); duplicate keys are errors."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(f"YAML syntax error: {e.problem}", path=path, line=line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"YAML error: {e}", path=path) from None
+    lines: dict[str, int] = {}
+    if node is None:
+        return {}, lines
+    constructor = yaml.SafeLoader("")
+
+    def walk(n: yaml.Node, dotted: str) -> Any:
+        lines.setdefault(dotted, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for k_node, v_node in n.value:
+                key = constructor.construct_object(k_node, deep=True)
+                if not isinstance(key, str):
+                    raise ConfigError(f"keys must be strings, got {key!r}", path=path,
+                                      key=dotted or None, line=k_node.start_mark.line + 1)
+                sub = f"{dotted}.{key}" if dotted else key
+                if key in out:
+                    raise ConfigError("duplicate key", path=path, key=sub,
+                                      line=k_node.start_mark.line + 1)
+                lines[sub] = k_node.start_mark.line + 1
+                out[key] = walk(v_node, sub)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(item, f"{dotted}[{i}]") for i, item in enumerate(n.value)]
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"bad value: {e}", path=path, key=dotted or None,
+                              line=n.start_mark.line + 1) from None
+
+    return walk(node, ""), lines
+
+
+T = TypeVar("T")
+
+
+class _Validator:
+    def __init__(self, path: str, lines: dict[str, int], import_handlers: bool) -> None:
+        self.path = path
+        self.lines = lines
+        self.import_handlers = import_handlers
+
+    def err(self, key: str, message: str) -> ConfigError:
+        line = self.lines.get(key)
+        if line is None and "." in key:
+            line = self.lines.get(key.rsplit(".", 1)[0])
+        return ConfigError(message, path=self.path, key=key, line=line)
+
+    # -- primitive readers -------------------------------------------------
+
+    def section(self, data: Any, key: str) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise self.err(key, f"must be a mapping, got {type(data).__name__}")
+        return dict(data)
+
+    def done(self, sec: dict[str, Any], key: str) -> None:
+        for k in sec:
+            raise self.err(f"{key}.{k}" if key else k, "unknown key")
+
+    def interp(self, value: Any, key: str) -> Any:
+        if not isinstance(value, str):
+            return value
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            got = os.environ.get(name)
+            if got is None:
+                if default is None:
+                    raise self.err(key, f"environment variable {name} is not set")
+                return default
+            return got
+
+        return _ENV_RE.sub(sub, value)
+
+    def num(self, sec: dict[str, Any], key: str, name: str, default: T, *, integer: bool = False,
+            minimum: float | None = None, exclusive: bool = True,
+            nullable: bool = False) -> T:
+        full = f"{key}.{name}" if key else name
+        if name not in sec:
+            return default
+        v = self.interp(sec.pop(name), full)
+        if v is None:
+            if nullable:
+                return v  # type: ignore[return-value]
+            raise self.err(full, "must not be null")
+        if isinstance(v, str):
+            try:
+                v = int(v) if integer else float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            kind = "an integer" if integer else "a number"
+            raise self.err(full, f"must be {kind}, got {type(v).__name__} {v!r}")
+        if integer and not (isinstance(v, int) or float(v).is_integer()):
+            raise self.err(full, f"must be an integer, got {v!r}")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise self.err(full, f"must be finite, got {v!r}")
+        if minimum is not None and (v <= minimum if exclusive else v < minimum):
+            raise self.err(full, f"must be {'>' if exclusive else '>='} {minimum:g}, got {v!r}")
+        return (int(v) if integer else float(v))  # type: ignore[return-value]
+
+    def string(self, sec: dict[str, Any], key: str, name: str, default: T,
+               nullable: bool = False) -> T | str:
+        full = f"{key}.{name}" if key else name
+        if name not in sec:
+            return default
+        v = self.interp(sec.pop(name), full)
+        if v is None and nullable:
+            return default
+        if not isinstance(v, str) or not v:
+            raise self.err(full, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def boolean(self, sec: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        full = f"{key}.{name}"
+        if name not in sec:
+            return default
+        v = self.interp(sec.pop(name), full)
+        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return v.lower() in ("true", "yes", "1")
+        if not isinstance(v, bool):
+            raise self.err(full, f"must be true or false, got {v!r}")
+        return v
+
+    def secret(self, sec: dict[str, Any], key: str, name: str) -> str | None:
+        """`name` or `name_file` (a file whose stripped contents are the value)."""
+        direct = self.string(sec, key, name, None, nullable=True)
+        file_name = self.string(sec, key, name + "_file", None, nullable=True)
+        if direct is not None and file_name is not None:
+            raise self.err(f"{key}.{name}_file", f"set either {name} or {name}_file, not both")
+        if file_name is not None:
+            try:
+                value = Path(file_name).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise self.err(f"{key}.{name}_file", f"cannot read {file_name}: "
+                                                     f"{e.strerror or e}") from None
+            if not value:
+                raise self.err(f"{key}.{name}_file", f"{file_name} is empty")
+            return value
+        return direct
+
+    # -- sections ------------------------------------------------------------
+
+    def config(self, data: Any) -> Config:
+        top = self.section(data, "")
+        if not top and data is not None and not isinstance(data, dict):
+            raise ConfigError("the file must be a YAML mapping", path=self.path)
+
+        rsec = self.section(top.pop("redis", None), "redis")
+        url = self.secret(rsec, "redis", "url")
+        if url is None:
+            raise self.err("redis.url", "required (a redis:// URL, or embedded)")
+        if url != "embedded":
+            scheme = urlsplit(url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise self.err("redis.url", f"scheme must be redis://, rediss://, unix:// or the "
+                                            f"word embedded, got {url!r}")
+        prefix = str(self.string(rsec, "redis", "prefix", "jobqd"))
+        if not PREFIX_RE.match(prefix) or "{" in prefix:
+            raise self.err("redis.prefix", f"must match {PREFIX_RE.pattern}, got {prefix!r}")
+        self.done(rsec, "redis")
+        redis_cfg = RedisConfig(url=url, prefix=prefix)
+
+        psec = self.section(top.pop("postgres", None), "postgres")
+        dsn = self.secret(psec, "postgres", "dsn")
+        ledger = self.boolean(psec, "postgres", "ledger", False)
+        if ledger and dsn is None:
+            raise self.err("postgres.ledger", "needs postgres.dsn")
+        self.done(psec, "postgres")
+        pg_cfg = PostgresConfig(dsn=dsn, ledger=ledger)
+
+        hsec = self.section(top.pop("http", None), "http")
+        listen = str(self.string(hsec, "http", "listen", _d(HttpConfig, "listen")))
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise self.err("http.listen", f"must be host:port, got {listen!r}")
+        token_file = self.string(hsec, "http", "token_file", None, nullable=True)
+        if token_file is not None and not Path(token_file).is_file():
+            raise self.err("http.token_file", f"{token_file} does not exist")
+        self.done(hsec, "http")
+        http_cfg = HttpConfig(listen=listen, token_file=token_file)
+
+        consumers = self.num(top, "", "consumers", _d(Config, "consumers"), integer=True, minimum=0)
+        if consumers > 10_000:
+            raise self.err("consumers", "must be <= 10000")
+        max_payload = self.num(top, "", "max_payload_bytes", _d(Config, "max_payload_bytes"),
+                               integer=True, minimum=0)
+        idem_ttl = self.num(top, "", "idempotency_ttl_s", _d(Config, "idempotency_ttl_s"), minimum=0)
+        state_dir = str(self.string(top, "", "state_dir", _d(Config, "state_dir")))
+        pythonpath = self.pythonpath(top.pop("pythonpath", None))
+
+        queues = self.queues(top.pop("queues", None))
+        tasks = self.tasks(top.pop("tasks", None), queues, pythonpath)
+
+        sec = self.section(top.pop("reaper", None), "reaper")
+        reaper = ReaperConfig(
+            interval_s=self.num(sec, "reaper", "interval_s", _d(ReaperConfig, "interval_s"), minimum=0),
+            visibility_timeout_s=self.num(sec, "reaper", "visibility_timeout_s",
+                                          _d(ReaperConfig, "visibility_timeout_s"), minimum=0),
+            max_deliveries=self.num(sec, "reaper", "max_deliveries", _d(ReaperConfig, "max_deliveries"),
+                                    integer=True, minimum=0),
+        )
+        self.done(sec, "reaper")
+
+        sec = self.section(top.pop("heartbeat", None), "heartbeat")
+        heartbeat = HeartbeatConfig(
+            interval_s=self.num(sec, "heartbeat", "interval_s", _d(HeartbeatConfig, "interval_s"),
+                                minimum=0),
+            timeout_s=self.num(sec, "heartbeat", "timeout_s", _d(HeartbeatConfig, "timeout_s"),
+                               minimum=0),
+        )
+        self.done(sec, "heartbeat")
+        if heartbeat.timeout_s < 2 * heartbeat.interval_s:
+            raise self.err("heartbeat.timeout_s", f"must be at least twice heartbeat.interval_s "
+                                                  f"({heartbeat.interval_s:g}), got "
+                                                  f"{heartbeat.timeout_s:g}")
+        if reaper.visibility_timeout_s < 3 * heartbeat.interval_s:
+            raise self.err("reaper.visibility_timeout_s",
+                           "must be at least 3x heartbeat.interval_s (leases renew that often)")
+
+        sec = self.section(top.pop("shutdown", None), "shutdown")
+        shutdown = ShutdownConfig(
+            drain_timeout_s=self.num(sec, "shutdown", "drain_timeout_s",
+                                     _d(ShutdownConfig, "drain_timeout_s"), minimum=0, exclusive=False),
+            handback_timeout_s=self.num(sec, "shutdown", "handback_timeout_s",
+                                        _d(ShutdownConfig, "handback_timeout_s"), minimum=0),
+        )
+        self.done(sec, "shutdown")
+
+        sec = self.section(top.pop("results", None), "results")
+        results = ResultsConfig(ttl_s=self.num(sec, "results", "ttl_s", _d(ResultsConfig, "ttl_s"),
+                                               minimum=0))
+        self.done(sec, "results")
+
+        sec = self.section(top.pop("weights", None), "weights")
+        weights = WeightsConfig(refresh_interval_s=self.num(
+            sec, "weights", "refresh_interval_s", _d(WeightsConfig, "refresh_interval_s"), minimum=0))
+        self.done(sec, "weights")
+
+        sec = self.section(top.pop("log", None), "log")
+        level = str(self.string(sec, "log", "level", _d(LogConfig, "level"))).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise self.err("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        fmt = self.string(sec, "log", "format", _d(LogConfig, "format"))
+        if fmt not in ("auto", "json", "text"):
+            raise self.err("log.format", f"must be auto, json or text, got {fmt!r}")
+        log = LogConfig(level=level, format=fmt,  # type: ignore[arg-type]
+                        payloads=self.boolean(sec, "log", "payloads", False))
+        self.done(sec, "log")
+
+        self.done(top, "")
+        return Config(path=self.path, redis=redis_cfg, postgres=pg_cfg, http=http_cfg,
+                      consumers=consumers, queues=queues, tasks=tasks, reaper=reaper,
+                      heartbeat=heartbeat, shutdown=shutdown, results=results, weights=weights,
+                      log=log, max_payload_bytes=max_payload, idempotency_ttl_s=idem_ttl,
+                      state_dir=state_dir, pythonpath=pythonpath)
+
+    def pythonpath(self, raw: Any) -> tuple[str, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise self.err("pythonpath", "must be a list of directories")
+        out = []
+        for i, item in enumerate(raw):
+            v = self.interp(item, f"pythonpath[{i}]")
+            if not isinstance(v, str) or not v:
+                raise self.err(f"pythonpath[{i}]", f"must be a directory path, got {v!r}")
+            if not os.path.isabs(v):  # relative to the config file's directory
+                v = str((Path(self.path).parent / v).resolve())
+            out.append(v)
+        return tuple(out)
+
+    def queues(self, raw: Any) -> Mapping[str, QueueConfig]:
+        sec = self.section(raw, "queues")
+        out: dict[str, QueueConfig] = {}
+        for name in list(sec):
+            key = f"queues.{name}"
+            if not QUEUE_RE.match(name):
+                raise self.err(key, f"queue names must match {QUEUE_RE.pattern}")
+            q = self.section(sec.pop(name), key)
+            weight = self.num(q, key, "weight", _d(QueueConfig, "weight"), integer=True, minimum=0,
+                              exclusive=False)
+            high = self.num(q, key, "high_watermark", None, integer=True, minimum=0,
+                            nullable=True)
+            low = self.num(q, key, "low_watermark", None, integer=True, minimum=0,
+                           exclusive=False, nullable=True)
+            self.done(q, key)
+            if low is not None and high is None:
+                raise self.err(f"{key}.low_watermark", "needs high_watermark")
+            if high is not None:
+                if low is None:
+                    low = high // 2
+                elif low >= high:
+                    raise self.err(f"{key}.low_watermark",
+                                   f"must be below high_watermark ({high}), got {low}")
+            out[name] = QueueConfig(name=name, weight=weight, high_watermark=high,
+                                    low_watermark=low)
+        if not out:
+            out["default"] = QueueConfig(name="default")
+        return MappingProxyType(out)
+
+    def tasks(self, raw: Any, queues: Mapping[str, QueueConfig],
+              pythonpath: tuple[str, ...]) -> Mapping[str, TaskConfig]:
+        sec = self.section(raw, "tasks")
+        out: dict[str, TaskConfig] = {}
+        for name in list(sec):
+            key = f"tasks.{name}"
+            if not NAME_RE.match(name):
+                raise self.err(key, f"task names must match {NAME_RE.pattern}")
+            t = self.section(sec.pop(name), key)
+            handler = self.string(t, key, "handler", None)
+            if handler is None:
+                raise self.err(f"{key}.handler", "required (module:function)")
+            queue = str(self.string(t, key, "queue", _d(TaskConfig, "queue")))
+            if queue not in queues:
+                raise self.err(f"{key}.queue", f"queue {queue!r} is not declared under queues: "
+                                               f"(declared: {', '.join(sorted(queues))})")
+            timeout = self.num(t, key, "timeout_s", _d(TaskConfig, "timeout_s"), minimum=0,
+                               nullable=True)
+            retries = self.num(t, key, "max_retries", _d(TaskConfig, "max_retries"), integer=True,
+                               minimum=0, exclusive=False)
+            bkey = f"{key}.retry_backoff"
+            b = self.section(t.pop("retry_backoff", None), bkey)
+            backoff = BackoffConfig(
+                base_s=self.num(b, bkey, "base_s", _d(BackoffConfig, "base_s"), minimum=0,
+                                exclusive=False),
+                max_s=self.num(b, bkey, "max_s", _d(BackoffConfig, "max_s"), minimum=0,
+                               exclusive=False))
+            self.done(b, bkey)
+            if backoff.max_s < backoff.base_s:
+                raise self.err(f"{bkey}.max_s", f"must be >= base_s ({backoff.base_s:g})")
+            concurrency = self.num(t, key, "concurrency", None, integer=True, minimum=0,
+                                   nullable=True)
+            rate = self.rate_limit(t, key)
+            self.done(t, key)
+            fn: Callable[..., Any] = _d(TaskConfig, "fn")
+            is_async = False
+            if self.import_handlers:
+                fn = self.import_handler(str(handler), f"{key}.handler", pythonpath)
+                is_async = _is_async_callable(fn)
+            out[name] = TaskConfig(name=name, handler=str(handler), queue=queue,
+                                   timeout_s=timeout, max_retries=retries, retry_backoff=backoff,
+                                   concurrency=concurrency, rate_limit=rate, fn=fn,
+                                   is_async=is_async)
+        return MappingProxyType(out)
+
+    def rate_limit(self, t: dict[str, Any], key: str) -> RateLimit | None:
+        raw = self.string(t, key, "rate_limit", None, nullable=True)
+        if raw is None:
+            return None
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", str(raw))
+        if not m or int(m.group(1)) <= 0:
+            raise self.err(f"{key}.rate_limit", f"must look like 100/s, 1000/m or 10/h, "
+                                                f"got {raw!r}")
+        return RateLimit(count=int(m.group(1)), per_s=_RATE_UNITS[m.group(2)])
+
+    def import_handler(self, spec: str, key: str, pythonpath: tuple[str, ...]) -> Callable[..., Any]:
+        mod_name, sep, attr = spec.partition(":")
+        if not sep or not mod_name or not attr:
+            raise self.err(key, f"must be 'module:function', got {spec!r}")
+        for d in reversed(pythonpath):
+            if d not in sys.path:
+                sys.path.insert(0, d)
+        try:
+            obj: Any = importlib.import_module(mod_name)
+        except Exception as e:  # any import-time failure is the config's fault
+            raise self.err(key, f"cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise self.err(key, f"module {mod_name!r} has no attribute {attr!r}") from None
+        if not callable(obj):
+            raise self.err(key, f"{spec!r} is not callable")
+        return obj  # type: ignore[no-any-return]
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None))  # noqa: B004

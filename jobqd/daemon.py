@@ -1,0 +1,220 @@
+"""The supervisor: one TaskGroup owns every long-running component.
+
+Start: (embedded Redis) -> connect -> load scripts -> publish routing and
+weights -> heartbeat store -> components -> READY.
+
+Stop (SIGTERM, SIGINT, a crashed component or a test: one idempotent path,
+`Runtime.stop`), in order:
+1. the pool stops fetching, hands back unstarted jobs, gives running jobs
+   ``shutdown.drain_timeout_s``, hands back the rest, flushes its acks;
+2. background loops stop (heartbeat last deregisters, the reaper releases
+   its lock);
+3. the HTTP port closes last (``/readyz`` says "draining" meanwhile).
+A second SIGTERM/SIGINT cancels everything at once (exit code FORCED); the
+reaper of another daemon, or of the next start, recovers every held job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aredis
+
+from jobqd import gauges, heartbeat, publish, reaper, reload, scheduler, scripts, weights
+from jobqd.config import Config
+from jobqd.embedded import EmbeddedError, EmbeddedRedis
+from jobqd.exitcodes import ExitCode
+from jobqd.pool import Pool
+from jobqd.runtime import Backoff, Runtime
+
+log = logging.getLogger("jobqd.daemon")
+
+CONNECT_TIMEOUT_S = 15.0  # how long start-up waits for Redis before exiting UNAVAILABLE
+
+
+class _Forced(Exception):
+    pass
+
+
+class Daemon:
+    """One daemon. `run()` returns an exit code; `stop()` is safe from any task."""
+
+    def __init__(self, cfg: Config, *, install_signals: bool = True, watch_config: bool = True,
+                 on_ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
+        self.cfg = cfg
+        self.install_signals = install_signals
+        self.watch_config = watch_config
+        self.on_ready = on_ready
+        self.rt: Runtime | None = None
+        self.pool: Pool | None = None
+        self.reload_requests = asyncio.Event()
+        self.embedded: EmbeddedRedis | None = None
+        self._pending_stop: str | None = None
+
+    def stop(self, reason: str = "requested") -> None:
+        if self.rt is not None:
+            self.rt.stop(reason)
+        else:
+            self._pending_stop = reason
+
+    def _on_stop_signal(self, name: str) -> None:
+        if self.rt is not None and self.rt.stop_event.is_set():
+            log.warning("%s again: exiting now without finishing the drain", name)
+            self.rt.force_event.set()
+        else:
+            self.stop(name)
+
+    async def run(self) -> ExitCode:
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if self.install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
+                installed.append(sig)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_requests.set)
+            installed.append(signal.SIGHUP)
+        try:
+            return await self._run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _connect(self) -> aredis.Redis | None:
+        cfg = self.cfg
+        if cfg.redis.embedded:
+            self.embedded = EmbeddedRedis(cfg)
+            try:
+                await self.embedded.start()
+            except EmbeddedError as e:
+                log.error("%s", e)
+                return None
+        r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_keepalive=True,
+                                  health_check_interval=15, socket_connect_timeout=5,
+                                  max_connections=64)
+        backoff = Backoff(0.2, 2.0)
+        deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                await r.ping()
+                await scripts.preload(r)
+                return r
+            except Exception as e:
+                if not Runtime.is_redis_error(e):
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    log.error("cannot connect to redis at %s: %s", _safe_url(cfg), e)
+                    await r.aclose()
+                    return None
+                log.warning("waiting for redis at %s: %s", _safe_url(cfg), e)
+                await asyncio.sleep(backoff.next())
+
+    async def _run(self) -> ExitCode:
+        r = await self._connect()
+        if r is None:
+            await self._stop_embedded()
+            return ExitCode.UNAVAILABLE
+        rt = self.rt = Runtime(config=self.cfg, redis=r)
+        if self._pending_stop:
+            rt.stop(self._pending_stop)
+        try:
+            await publish.publish(rt)
+            await weights.publish(rt)
+            store = heartbeat.make_store(rt)
+            starter = getattr(store, "start", None)
+            if starter is not None:
+                await starter()
+            return await self._supervise(rt, store)
+        finally:
+            closer = getattr(locals().get("store"), "close", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+            await r.aclose()
+            await self._stop_embedded()
+
+    async def _stop_embedded(self) -> None:
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def _supervise(self, rt: Runtime, store: heartbeat.HeartbeatStore) -> ExitCode:
+        pool = self.pool = Pool(rt)
+        bg_stop = asyncio.Event()
+        last_stop = asyncio.Event()
+
+        async def guarded(name: str, coro: Awaitable[Any]) -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("component %s crashed; stopping", name)
+                rt.health.crashed = rt.health.crashed or name
+                rt.stop(f"{name} crashed")
+
+        async def forced() -> None:
+            await rt.force_event.wait()
+            raise _Forced
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                last = [tg.create_task(c) for c in self._last_components(rt, guarded, last_stop)]
+                bg = [
+                    tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop))),
+                    tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
+                    tg.create_task(guarded("scheduler", scheduler.run(rt, bg_stop))),
+                    tg.create_task(guarded("weights", weights.run(rt, bg_stop))),
+                    tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, bg_stop))),
+                    tg.create_task(guarded("reload", reload.run(
+                        rt, pool.resize, self.reload_requests, bg_stop,
+                        watch=self.watch_config))),
+                ]
+                force_task = tg.create_task(forced())
+                pool_task = tg.create_task(guarded("pool", pool.run(rt.stop_event)))
+                if self.on_ready is not None:
+                    tg.create_task(self._ready_when_running(rt))
+                await pool_task
+                bg_stop.set()
+                await asyncio.wait(bg, timeout=rt.config.shutdown.handback_timeout_s)
+                last_stop.set()
+                if last:
+                    await asyncio.wait(last, timeout=rt.config.shutdown.handback_timeout_s)
+                force_task.cancel()
+                for t in (*bg, *last):
+                    t.cancel()
+        except* _Forced:
+            forced = True
+        else:
+            forced = False
+        if forced:
+            return ExitCode.FORCED
+        return ExitCode.SOFTWARE if rt.health.crashed else ExitCode.OK
+
+    def _last_components(self, rt: Runtime, guarded: Callable[[str, Awaitable[Any]],
+                         Awaitable[None]], stop: asyncio.Event) -> list[Awaitable[None]]:
+        """Components that close after everything else (the HTTP port)."""
+        return []
+
+    async def _ready_when_running(self, rt: Runtime) -> None:
+        while not rt.health.consumers_running and not rt.stop_event.is_set():
+            await asyncio.sleep(0.01)
+        if self.on_ready is not None and not rt.stop_event.is_set():
+            await self.on_ready(rt)
+
+
+def _safe_url(cfg: Config) -> str:
+    from jobqd.config import mask_url  # noqa: PLC0415
+
+    return mask_url(cfg.redis_url)
+
+
+def run_daemon(cfg: Config) -> ExitCode:
+    """Run a daemon on uvloop until it stops; returns the exit code."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without
+        return asyncio.run(Daemon(cfg).run())
+    return uvloop.run(Daemon(cfg).run())

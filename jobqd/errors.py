@@ -1,0 +1,98 @@
+"""Every exception jobqd raises on purpose, in one place.
+
+Producer-side errors (`QueueFull`, `UnknownTask`, `PayloadTooLarge`) are what a
+caller of `Client.enqueue` must be ready for; handler-side signals (`Retry`,
+`Fail`) are raised *by* task handlers to steer their own job.
+"""
+
+from __future__ import annotations
+
+
+class JobqdError(Exception):
+    """Base class of every error jobqd raises deliberately."""
+
+
+class ConfigError(JobqdError):
+    """The configuration file is unreadable, malformed or invalid.
+
+    The message names the file, the dotted key path and the line, e.g.
+    ``/etc/jobqd.yaml: tasks.send_email.timeout_s (line 12): must be > 0``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None,
+                 line: int | None = None) -> None:
+        self.path = path
+        self.key = key
+        self.line = line
+        self.reason = message
+        where = []
+        if path:
+            where.append(path)
+        if key:
+            where.append(key + (f" (line {line})" if line else ""))
+        elif line:
+            where.append(f"line {line}")
+        super().__init__(": ".join([*where, message]))
+
+
+class UnknownTask(JobqdError):
+    """No running daemon routes this task name (the routing table in Redis lacks it)."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(f"unknown task {task!r}: no daemon routes it (check tasks: in the config "
+                         "and that a daemon has published its routing)")
+
+
+class QueueFull(JobqdError):
+    """The queue is above its high watermark and refuses new jobs until it drains."""
+
+    def __init__(self, queue: str, depth: int, high_watermark: int, low_watermark: int,
+                 retry_after_s: float) -> None:
+        self.queue = queue
+        self.depth = depth
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.retry_after_s = retry_after_s
+        super().__init__(f"queue {queue!r} is full: depth {depth} reached high watermark "
+                         f"{high_watermark}; accepting again at {low_watermark} "
+                         f"(retry after ~{retry_after_s:g}s)")
+
+
+class PayloadTooLarge(JobqdError):
+    """The encoded job is larger than ``max_payload_bytes``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"job payload is {size} bytes, over max_payload_bytes={limit}")
+
+
+class JobNotFound(JobqdError):
+    """No job (or dead-letter entry) with this id is known."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}")
+
+
+class Retry(Exception):
+    """Raise from a handler to retry the job after ``delay_s`` (or the backoff).
+
+    A retry counts as an attempt: after ``max_retries`` the job is dead-lettered.
+    """
+
+    def __init__(self, delay_s: float | None = None, reason: str = "retry requested") -> None:
+        if delay_s is not None and delay_s < 0:
+            raise ValueError("delay_s must be >= 0")
+        self.delay_s = delay_s
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Fail(Exception):
+    """Raise from a handler to send the job straight to the dead-letter queue."""
+
+    def __init__(self, reason: str = "failed") -> None:
+        self.reason = reason
+        super().__init__(reason)

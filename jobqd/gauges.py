@@ -1,0 +1,44 @@
+"""The gauge-refresh loop: queue depths, lag, dead letters, accepting state and
+weights read from Redis (true across daemons) on a timer, never per scrape;
+plus this daemon's consumer states."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from jobqd import ops
+from jobqd.runtime import Runtime
+
+log = logging.getLogger("jobqd.gauges")
+
+INTERVAL_S = 2.0
+
+
+async def refresh(rt: Runtime, snapshot: Callable[[], dict[str, int]]) -> list[ops.QueueStats]:
+    snap = snapshot()
+    rt.pool_stats = snap
+    m = rt.metrics
+    m.consumers.labels("busy").set(snap["running"])
+    m.consumers.labels("idle").set(max(0, snap["capacity"] - snap["running"]))
+    stats: list[ops.QueueStats] = await ops.AsyncRunner(rt.redis).run(
+        ops.queue_stats(rt.config.redis.prefix, list(rt.config.queues)))
+    for st in stats:
+        m.queue_depth.labels(st.name).set(st.depth)
+        m.queue_lag.labels(st.name).set(st.lag_s)
+        m.dlq_depth.labels(st.name).set(st.dead)
+        m.accepting.labels(st.name).set(1 if st.accepting else 0)
+        m.weight.labels(st.name).set(rt.weights.get(st.name, st.weight or 0))
+    return stats
+
+
+async def run(rt: Runtime, snapshot: Callable[[], dict[str, int]], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await refresh(rt, snapshot)
+        except Exception as e:
+            if not rt.is_redis_error(e):
+                raise
+            log.debug("gauge refresh failed: %s", e)
+        await rt.sleep(INTERVAL_S, stop)

@@ -1,0 +1,38 @@
+"""Job ids: ``<26-char ULID>-<queue>``.
+
+The ULID part sorts by creation time (millisecond resolution, 80 random bits);
+the queue suffix lets every per-job key live in the queue's hash slot
+(``{prefix:queue}``), so each atomic step touches one slot even on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+ULID_LEN = 26
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(ULID_LEN):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_job_id(queue: str, now_ms: int | None = None) -> str:
+    return f"{new_ulid(now_ms)}-{queue}"
+
+
+def queue_of(job_id: str) -> str | None:
+    """The queue a job id belongs to, or None when it is not a jobqd job id."""
+    if len(job_id) <= ULID_LEN + 1 or job_id[ULID_LEN] != "-":
+        return None
+    head = job_id[:ULID_LEN]
+    if any(c not in _CROCKFORD for c in head):
+        return None
+    return job_id[ULID_LEN + 1:]

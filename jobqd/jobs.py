@@ -1,0 +1,163 @@
+"""The job envelope and the records jobqd keeps about jobs (sans-I/O).
+
+A job travels as one JSON object in the stream field ``j``::
+
+    {"id": "<ulid>-<queue>", "task": "send_email", "args": {...},
+     "attempt": 0, "lost": 0, "enq": 1732350000123.0}
+
+``attempt`` counts failed attempts (exception retries), ``lost`` counts
+deliveries whose worker died (reclaims); they are separate budgets.
+Optional: ``idem`` (idempotency key), ``err`` (last error, while scheduled
+for a retry). Payloads are JSON, never pickle: a producer cannot run code in
+the worker.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from jobqd.ids import queue_of
+
+Status = Literal["queued", "scheduled", "running", "succeeded", "dead"]
+STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "dead")
+
+
+class BadJob(ValueError):
+    """A stream entry that is not a valid job (garbage fields, bad JSON...)."""
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def encode_args(args: Any) -> Any:
+    """Validate handler args: a JSON object with string keys (or None)."""
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise TypeError(f"args must be a dict of keyword arguments, got {type(args).__name__}")
+    for k in args:
+        if not isinstance(k, str):
+            raise TypeError(f"args keys must be strings, got {k!r}")
+    return args
+
+
+def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float, *,
+               attempt: int = 0, lost: int = 0, idem: str | None = None,
+               err: str | None = None) -> bytes:
+    env: dict[str, Any] = {"id": job_id, "task": task, "args": args, "attempt": attempt,
+                           "lost": lost, "enq": enq_ms}
+    if idem is not None:
+        env["idem"] = idem
+    if err is not None:
+        env["err"] = err
+    try:
+        return orjson.dumps(env)
+    except TypeError as e:
+        raise TypeError(f"job args are not JSON-serialisable: {e}") from None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded job, as fetched from a stream."""
+
+    id: str
+    task: str
+    args: dict[str, Any]
+    attempt: int
+    lost: int
+    enq_ms: float
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def queue(self) -> str:
+        return queue_of(self.id) or ""
+
+    def next(self, **changes: Any) -> bytes:
+        """The envelope re-encoded with some fields changed (attempt, lost, err)."""
+        env = dict(self.raw)
+        env.update(changes)
+        return orjson.dumps(env)
+
+
+def decode_job(data: bytes | str) -> Envelope:
+    try:
+        env = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise BadJob(f"job is not valid JSON: {e}") from None
+    if not isinstance(env, dict):
+        raise BadJob("job is not a JSON object")
+    job_id, task, args = env.get("id"), env.get("task"), env.get("args", {})
+    attempt, lost, enq = env.get("attempt", 0), env.get("lost", 0), env.get("enq", 0)
+    if not isinstance(job_id, str) or queue_of(job_id) is None:
+        raise BadJob(f"job has no valid id: {job_id!r}")
+    if not isinstance(task, str) or not task:
+        raise BadJob(f"job has no task name: {task!r}")
+    if not isinstance(args, dict):
+        raise BadJob(f"job args must be an object, got {type(args).__name__}")
+    if not (isinstance(attempt, int) and isinstance(lost, int) and isinstance(enq, int | float)):
+        raise BadJob("job attempt/lost/enq must be numbers")
+    return Envelope(id=job_id, task=task, args=args, attempt=attempt, lost=lost,
+                    enq_ms=float(enq), raw=env)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What `enqueue` returns."""
+
+    id: str
+    task: str
+    queue: str
+    created: bool = True  # False: an idempotency key matched an existing job
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """What `status` returns. Timestamps are seconds since the epoch."""
+
+    id: str
+    status: Status
+    task: str | None = None
+    queue: str | None = None
+    attempts: int = 0  # attempts made so far (failed attempts, plus the running one)
+    lost: int = 0  # deliveries lost with their worker
+    result: Any = None
+    error: str | None = None
+    reason: str | None = None  # why it is dead: failed, max_retries, timeout, worker_lost...
+    traceback: str | None = None
+    enqueued_at: float | None = None
+    scheduled_for: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None  # the consumer running it, while running
+    args: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentJob:
+    """What a handler sees through `current_job()`."""
+
+    id: str
+    task: str
+    queue: str
+    attempt: int  # 1 on the first try
+    enqueued_at: float
+
+
+_current: contextvars.ContextVar[CurrentJob | None] = contextvars.ContextVar(
+    "jobqd_current_job", default=None)
+
+
+def current_job() -> CurrentJob:
+    """The job the calling handler is running (id, task, queue, attempt)."""
+    job = _current.get()
+    if job is None:
+        raise LookupError("current_job() called outside a jobqd handler")
+    return job

@@ -1,0 +1,562 @@
+"""Every Redis-side operation of jobqd, written once, sans-I/O.
+
+An operation is a generator that yields `Call`s (a command, a Lua script or a
+pipeline of either) and receives their replies; `AsyncRunner` and `SyncRunner`
+drive it. `Client` and `SyncClient` therefore share one implementation of
+enqueue, status, dead-letter and admin logic and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import orjson
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from jobqd import scripts
+from jobqd.errors import JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.ids import new_job_id, queue_of
+from jobqd.jobs import BadJob, Job, JobInfo, decode_job, encode_args, encode_job
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+
+
+@dataclass(frozen=True, slots=True)
+class Cmd:
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    script: scripts.Script
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipe:
+    calls: list[Cmd | Eval]
+
+
+Call: TypeAlias = Cmd | Eval | Pipe
+Op: TypeAlias = Generator[Call, Any, Any]
+
+
+def cmd(*args: Any) -> Cmd:
+    return Cmd(args)
+
+
+class UnknownQueue(UnknownTask):
+    """The queue was never published by a daemon (not in any daemon's config)."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.task = ""
+        Exception.__init__(self, f"unknown queue {queue!r}: no daemon serves it")
+
+
+# ---------------------------------------------------------------- runners
+
+
+class AsyncRunner:
+    def __init__(self, r: aredis.Redis) -> None:
+        self.r = r
+
+    async def run(self, op: Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                try:
+                    reply = await self._exec(call)
+                except Exception as e:
+                    call = op.throw(e)
+                else:
+                    call = op.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _exec(self, call: Call) -> Any:
+        if isinstance(call, Cmd):
+            return await self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
+        if isinstance(call, Eval):
+            return await call.script(self.r, call.keys, call.args)
+        for attempt in range(2):
+            async with self.r.pipeline(transaction=False) as p:
+                for c in call.calls:
+                    if isinstance(c, Cmd):
+                        p.execute_command(*c.args)  # type: ignore[no-untyped-call]
+                    else:
+                        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+                replies = await p.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                await scripts.preload(self.r)
+                continue
+            break
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x
+        return replies
+
+
+class SyncRunner:
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+
+    def run(self, op: Op) -> Any:
+        try:
+            call = next(op)
+            while True:
+                try:
+                    reply = self._exec(call)
+                except Exception as e:
+                    call = op.throw(e)
+                else:
+                    call = op.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    def _exec(self, call: Call) -> Any:
+        if isinstance(call, Cmd):
+            return self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
+        if isinstance(call, Eval):
+            return call.script.call_sync(self.r, call.keys, call.args)
+        for attempt in range(2):
+            with self.r.pipeline(transaction=False) as p:
+                for c in call.calls:
+                    if isinstance(c, Cmd):
+                        p.execute_command(*c.args)  # type: ignore[no-untyped-call]
+                    else:
+                        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+                replies = p.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                for s in scripts.ALL:
+                    self.r.script_load(s.source)
+                continue
+            break
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x
+        return replies
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def fields_dict(flat: Sequence[Any] | dict[Any, Any]) -> dict[str, Any]:
+    """Stream fields as a dict, from a flat [k, v, ...] reply or redis-py's parsed dict."""
+    if isinstance(flat, dict):
+        return {s(k): v for k, v in flat.items()}
+    it = iter(flat)
+    return {s(k): v for k, v in zip(it, it, strict=False)}
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+class Routing:
+    """The producer's cached copy of the routing table (task -> queue) in Redis."""
+
+    def __init__(self, prefix: str) -> None:
+        self.g = GlobalKeys(prefix)
+        self.table: dict[str, str] = {}
+        self.loaded_at = 0.0
+
+    def refresh(self) -> Op:
+        raw = yield cmd("HGETALL", self.g.routing)
+        if isinstance(raw, dict):
+            self.table = {s(k): s(v) for k, v in raw.items()}
+        else:
+            self.table = fields_dict_str(raw)
+        self.loaded_at = time.monotonic()
+        return self.table
+
+    def queue_for(self, task: str) -> Op:
+        if task not in self.table or time.monotonic() - self.loaded_at > 30:
+            yield from self.refresh()
+        return self.table.get(task)
+
+
+def fields_dict_str(flat: Sequence[Any]) -> dict[str, str]:
+    return {k: s(v) for k, v in fields_dict(flat).items()}
+
+
+# ---------------------------------------------------------------- enqueue
+
+BATCH = 500  # jobs per enqueue script call (bounds one script's run time)
+
+
+def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], *,
+            queue: str | None, delay_s: float | None,
+            idempotency_keys: Sequence[str | None] | None, idem_ttl_ms: int) -> Op:
+    """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
+    if not isinstance(task, str) or not task:
+        raise TypeError("task must be a non-empty string")
+    if delay_s is not None and (delay_s < 0 or math.isnan(delay_s)):
+        raise ValueError("delay_s must be >= 0")
+    if idempotency_keys is not None and len(idempotency_keys) != len(args_list):
+        raise ValueError("idempotency_keys must have one entry per job")
+    delay_ms = max(0, round((delay_s or 0) * 1000))
+    for refresh in (False, True):
+        if refresh:
+            yield from routing.refresh()
+        q = queue
+        if q is None:
+            q = yield from routing.queue_for(task)
+            if q is None:
+                if refresh:
+                    raise UnknownTask(task)
+                continue
+        qk = QueueKeys(prefix, q)
+        ts = now_ms()
+        calls: list[Cmd | Eval] = []
+        jobs_meta: list[list[str]] = []
+        for start in range(0, len(args_list), BATCH):
+            chunk = args_list[start:start + BATCH]
+            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full]
+            argv: list[Any] = [task, len(chunk), idem_ttl_ms]
+            ids = []
+            for i, args in enumerate(chunk):
+                job_id = new_job_id(q)
+                ids.append(job_id)
+                idem = idempotency_keys[start + i] if idempotency_keys is not None else None
+                ki = 0
+                if idem is not None:
+                    if not isinstance(idem, str) or not idem:
+                        raise TypeError("idempotency_key must be a non-empty string")
+                    keys.append(qk.idem(idem))
+                    ki = len(keys) - 5
+                argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem),
+                         delay_ms, ki]
+            jobs_meta.append(ids)
+            calls.append(Eval(scripts.ENQUEUE, keys, argv))
+        if len(calls) == 1:
+            call: Call = calls[0]
+            replies = [(yield call)]
+        else:
+            replies = yield Pipe(calls)
+        out: list[Job] = []
+        retry_routing = False
+        for reply in replies:
+            tag = s(reply[0])
+            if tag == "OK":
+                flags = s(reply[1])
+                out += [Job(id=s(jid), task=task, queue=q, created=flag == "1")
+                        for jid, flag in zip(reply[2:], flags, strict=True)]
+            elif tag == "UNKNOWN":
+                if queue is not None:
+                    exists = yield cmd("EXISTS", qk.conf)
+                    if not exists:
+                        raise UnknownQueue(q)
+                if refresh or queue is not None or out:
+                    raise UnknownTask(task)
+                retry_routing = True
+                break
+            elif tag == "FULL":
+                depth, high, low = int(reply[1]), int(reply[2]), int(reply[3])
+                err = QueueFull(q, depth, high, low, retry_after_s=1.0)
+                err.accepted = out  # type: ignore[attr-defined]
+                raise err
+            elif tag == "TOOBIG":
+                raise PayloadTooLarge(int(reply[2]), int(reply[3]))
+            else:  # pragma: no cover - the script returns nothing else
+                raise RuntimeError(f"unexpected enqueue reply {reply!r}")
+        if not retry_routing:
+            return out
+    raise UnknownTask(task)  # pragma: no cover - loop always returns or raises
+
+
+# ---------------------------------------------------------------- status
+
+
+def _ms_to_s(v: Any) -> float | None:
+    return None if v in (None, "", b"") else float(v) / 1000.0
+
+
+def status(prefix: str, job_id: str) -> Op:
+    q = queue_of(job_id)
+    if q is None:
+        raise JobNotFound(job_id)
+    qk = QueueKeys(prefix, q)
+    reply = yield Eval(scripts.STATUS, [qk.state, qk.stream, qk.delayed, qk.dlq,
+                                        qk.result(job_id)], [job_id, GROUP])
+    return parse_status(job_id, q, reply)
+
+
+def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
+    tag = s(reply[0])
+    if tag == "N":
+        raise JobNotFound(job_id)
+    if tag == "R":
+        rec = orjson.loads(reply[1])
+        return JobInfo(id=job_id, status=rec["status"], task=rec.get("task"), queue=q,
+                       attempts=rec.get("attempts", 0), lost=rec.get("lost", 0),
+                       result=rec.get("result"), error=rec.get("error"),
+                       enqueued_at=_ms_to_s(rec.get("enq")),
+                       started_at=_ms_to_s(rec.get("started")),
+                       finished_at=_ms_to_s(rec.get("finished")))
+    if tag == "D":
+        env = orjson.loads(reply[1])
+        return JobInfo(id=job_id, status="scheduled", task=env.get("task"), queue=q,
+                       attempts=env.get("attempt", 0), lost=env.get("lost", 0),
+                       error=env.get("err"), enqueued_at=_ms_to_s(env.get("enq")),
+                       scheduled_for=_ms_to_s(reply[2]), args=env.get("args"))
+    if tag == "X":
+        dead = dead_entry(q, reply[1], reply[2])
+        return dead.info()
+    fields = fields_dict(reply[2])
+    env = orjson.loads(fields["j"])
+    owner = reply[3]
+    running = bool(owner)
+    return JobInfo(id=job_id, status="running" if running else "queued", task=env.get("task"),
+                   queue=q, attempts=env.get("attempt", 0) + (1 if running else 0),
+                   lost=env.get("lost", 0), error=env.get("err"),
+                   enqueued_at=_ms_to_s(env.get("enq")),
+                   worker=s(owner[0]) if running else None, args=env.get("args"))
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+@dataclass(frozen=True, slots=True)
+class DeadJob:
+    """One dead-letter entry."""
+
+    ref: str  # the job id, or "<queue>/<entry id>" for an entry that was never a valid job
+    queue: str
+    entry_id: str
+    job: dict[str, Any] | None  # the job envelope, None for garbage
+    raw: str  # the job field as stored (for garbage: a JSON dump of the fields)
+    death: dict[str, Any]
+
+    @property
+    def job_id(self) -> str | None:
+        return self.job["id"] if self.job else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.death
+        return {"id": self.ref, "task": (self.job or {}).get("task"), "queue": self.queue,
+                "reason": d.get("reason"), "error": d.get("error"),
+                "attempts": d.get("attempts", 0), "lost": d.get("lost", 0),
+                "enqueued_at": _ms_to_s((self.job or {}).get("enq")),
+                "died_at": _ms_to_s(d.get("died")), "traceback": d.get("traceback"),
+                "args": (self.job or {}).get("args"), "entry_id": self.entry_id,
+                **({} if self.job else {"raw": self.raw})}
+
+    def info(self) -> JobInfo:
+        d = self.to_dict()
+        return JobInfo(id=self.ref, status="dead", task=d["task"], queue=self.queue,
+                       attempts=d["attempts"], lost=d["lost"], error=d["error"],
+                       reason=d["reason"], traceback=d["traceback"],
+                       enqueued_at=d["enqueued_at"], finished_at=d["died_at"], args=d["args"])
+
+
+def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:
+    f = fields_dict(flat)
+    raw = s(f.get("j", b""))
+    try:
+        death = orjson.loads(f.get("e", b"{}"))
+    except orjson.JSONDecodeError:
+        death = {"reason": "unknown"}
+    job: dict[str, Any] | None
+    try:
+        job = decode_job(raw).raw
+    except BadJob:
+        job = None
+    eid = s(entry_id)
+    return DeadJob(ref=job["id"] if job else f"{q}/{eid}", queue=q, entry_id=eid, job=job,
+                   raw=raw, death=death if isinstance(death, dict) else {})
+
+
+def known_queues(prefix: str) -> Op:
+    raw = yield cmd("SMEMBERS", GlobalKeys(prefix).queues)
+    return sorted(s(x) for x in raw)
+
+
+def dlq_list(prefix: str, queue: str | None = None, limit: int = 1000) -> Op:
+    queues = [queue] if queue else (yield from known_queues(prefix))
+    out: list[DeadJob] = []
+    for q in queues:
+        entries = yield cmd("XRANGE", QueueKeys(prefix, q).dlq, "-", "+", "COUNT", limit)
+        out += [dead_entry(q, eid, flat) for eid, flat in entries]
+    return out
+
+
+def _dlq_locate(prefix: str, ref: str) -> Op:
+    """ref -> (queue, dlq entry id)."""
+    if "/" in ref:
+        q, _, eid = ref.partition("/")
+        return q, eid
+    q = queue_of(ref)
+    if q is None:
+        raise JobNotFound(ref)
+    v = yield cmd("HGET", QueueKeys(prefix, q).state, ref)
+    v = s(v) if v is not None else ""
+    if not v.startswith("x"):
+        raise JobNotFound(ref)
+    return q, v[1:]
+
+
+def dlq_show(prefix: str, ref: str) -> Op:
+    q, eid = yield from _dlq_locate(prefix, ref)
+    entries = yield cmd("XRANGE", QueueKeys(prefix, q).dlq, eid, eid)
+    if not entries:
+        raise JobNotFound(ref)
+    return dead_entry(q, entries[0][0], entries[0][1])
+
+
+def _replay(prefix: str, dead: DeadJob) -> Op:
+    if dead.job is None:
+        raise BadJob(f"{dead.ref} was never a valid job and cannot be replayed "
+                     f"(raw: {dead.raw[:200]!r})")
+    env = dict(dead.job)
+    env.update(attempt=0, lost=0)
+    env.pop("err", None)
+    qk = QueueKeys(prefix, dead.queue)
+    new_eid = yield Eval(scripts.DLQ_REPLAY, [qk.dlq, qk.stream, qk.state, qk.result(env["id"])],
+                         [dead.entry_id, env["id"], orjson.dumps(env)])
+    return new_eid is not None
+
+
+def dlq_replay(prefix: str, ref: str) -> Op:
+    """Replay one dead job (attempts reset). Never refused by backpressure."""
+    dead = yield from dlq_show(prefix, ref)
+    ok = yield from _replay(prefix, dead)
+    if not ok:
+        raise JobNotFound(ref)
+    return dead.job_id
+
+
+def dlq_replay_all(prefix: str, queue: str | None = None) -> Op:
+    """Replay every valid dead job; returns (replayed, skipped garbage entries)."""
+    replayed = skipped = 0
+    while True:
+        batch = yield from dlq_list(prefix, queue, limit=500)
+        valid = [d for d in batch if d.job is not None]
+        skipped = len(batch) - len(valid)
+        if not valid:
+            return replayed, skipped
+        for d in valid:
+            if (yield from _replay(prefix, d)):
+                replayed += 1
+
+
+def dlq_purge(prefix: str, queue: str | None = None) -> Op:
+    queues = [queue] if queue else (yield from known_queues(prefix))
+    removed = 0
+    for q in queues:
+        qk = QueueKeys(prefix, q)
+        while True:
+            entries = yield cmd("XRANGE", qk.dlq, "-", "+", "COUNT", 500)
+            if not entries:
+                break
+            argv: list[Any] = []
+            for eid, flat in entries:
+                d = dead_entry(q, eid, flat)
+                argv += [d.entry_id, d.job_id or ""]
+            removed += yield Eval(scripts.DLQ_REMOVE, [qk.dlq, qk.state], argv)
+    return removed
+
+
+def dlq_delete(prefix: str, ref: str) -> Op:
+    q, eid = yield from _dlq_locate(prefix, ref)
+    qk = QueueKeys(prefix, q)
+    job_id = "" if "/" in ref else ref
+    removed = yield Eval(scripts.DLQ_REMOVE, [qk.dlq, qk.state], [eid, job_id])
+    if not removed:
+        raise JobNotFound(ref)
+    return removed
+
+
+# ---------------------------------------------------------------- weights & queue stats
+
+
+def weights_get(prefix: str) -> Op:
+    raw = yield cmd("HGETALL", GlobalKeys(prefix).weights)
+    table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
+        fields_dict_str(raw)
+    return {k: int(v) for k, v in table.items()}
+
+
+def weights_set(prefix: str, changes: dict[str, int]) -> Op:
+    queues = yield from known_queues(prefix)
+    for q, w in changes.items():
+        if q not in queues:
+            raise UnknownQueue(q)
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ValueError(f"weight of {q!r} must be an integer >= 0, got {w!r}")
+    if changes:
+        yield cmd("HSET", GlobalKeys(prefix).weights, *[x for kv in changes.items() for x in kv])
+    return (yield from weights_get(prefix))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    name: str
+    depth: int  # jobs not yet acked: waiting + in flight + scheduled
+    waiting: int  # in the stream, not yet fetched
+    in_flight: int  # fetched by a consumer, not yet acked
+    scheduled: int  # delayed or waiting for a retry
+    dead: int  # dead-letter entries
+    lag_s: float  # age of the oldest waiting job
+    accepting: bool
+    weight: int | None
+    high_watermark: int | None
+    low_watermark: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
+    if queues is None:
+        queues = yield from known_queues(prefix)
+    weights = yield from weights_get(prefix)
+    calls: list[Cmd | Eval] = []
+    for q in queues:
+        qk = QueueKeys(prefix, q)
+        calls += [cmd("XLEN", qk.stream), cmd("ZCARD", qk.delayed), cmd("XLEN", qk.dlq),
+                  cmd("EXISTS", qk.full), cmd("HMGET", qk.conf, "high", "low"),
+                  cmd("EXISTS", qk.stream)]
+    replies = (yield Pipe(calls)) if calls else []
+    out = []
+    for i, q in enumerate(queues):
+        xlen, zcard, dead, full, (high, low), has_stream = replies[i * 6:(i + 1) * 6]
+        pending, lag = 0, 0.0
+        if has_stream:
+            pending, lag = yield from _pending_and_lag(QueueKeys(prefix, q))
+        out.append(QueueStats(
+            name=q, depth=int(xlen) + int(zcard), waiting=max(0, int(xlen) - pending),
+            in_flight=pending, scheduled=int(zcard), dead=int(dead), lag_s=lag,
+            accepting=not full, weight=weights.get(q),
+            high_watermark=int(high) if high else None, low_watermark=int(low) if low else None))
+    return out
+
+
+def _pending_and_lag(qk: QueueKeys) -> Op:
+    try:
+        groups = yield cmd("XINFO", "GROUPS", qk.stream)
+    except ResponseError:
+        return 0, 0.0
+    last = "0-0"
+    pending = 0
+    for g in groups:
+        info = g if isinstance(g, dict) else fields_dict(g)
+        info = {s(k): v for k, v in info.items()}
+        if s(info.get("name")) == GROUP:
+            pending = int(info.get("pending", 0))
+            last = s(info.get("last-delivered-id", "0-0"))
+    nxt = yield cmd("XRANGE", qk.stream, "(" + last, "+", "COUNT", 1)
+    if not nxt:
+        return pending, 0.0
+    ms = int(s(nxt[0][0]).split("-")[0])
+    return pending, max(0.0, time.time() - ms / 1000.0)

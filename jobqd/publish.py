@@ -1,0 +1,56 @@
+"""Publish this daemon's routing to Redis (on start and on every reload).
+
+Producers need only the Redis URL: they read ``<prefix>:routing`` (task ->
+queue) and the enqueue script checks the queue's ``conf`` hash (known tasks,
+watermarks, payload limit) inside the same atomic step that adds the job.
+Every daemon sharing a prefix is expected to run the same config; the last
+one to start or reload wins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.exceptions import ResponseError
+
+from jobqd.config import Config
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+from jobqd.runtime import Runtime
+
+log = logging.getLogger("jobqd.publish")
+
+
+async def publish(rt: Runtime, cfg: Config | None = None) -> None:
+    cfg = cfg or rt.config
+    r = rt.redis
+    g = GlobalKeys(cfg.redis.prefix)
+    routing = cfg.routing()
+    known = {m.decode() for m in await r.smembers(g.queues)}
+    async with r.pipeline(transaction=True) as p:
+        p.delete(g.routing)
+        if routing:
+            p.hset(g.routing, mapping=routing)  # type: ignore[arg-type]
+        p.sadd(g.queues, *cfg.queues)
+        await p.execute()
+    for q in cfg.queues.values():
+        qk = QueueKeys(cfg.redis.prefix, q.name)
+        conf: dict[str, str | int] = {f"t:{t}": 1 for t in routing}
+        conf["maxp"] = cfg.max_payload_bytes
+        if q.high_watermark is not None:
+            conf["high"] = q.high_watermark
+            conf["low"] = q.low_watermark or 0
+        async with r.pipeline(transaction=True) as p:
+            p.delete(qk.conf)
+            p.hset(qk.conf, mapping=conf)  # type: ignore[arg-type]
+            if q.high_watermark is None:
+                p.delete(qk.full)
+            await p.execute()
+        try:
+            await r.xgroup_create(qk.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+    for gone in known - set(cfg.queues):  # a removed queue refuses new jobs
+        await r.delete(QueueKeys(cfg.redis.prefix, gone).conf)
+        log.warning("queue %r is no longer configured: it refuses new jobs; jobs left in it "
+                    "wait until it is configured again", gone)

@@ -1,0 +1,170 @@
+"""The reaper: takes back the jobs of dead or stalled consumers.
+
+One reaper is active at a time across all daemons, under a lease lock
+(``<prefix>:reaper:lock``, PX = 3 x interval) that a kill -9 cannot leave held:
+the lock simply expires. Each round, for every queue:
+
+1. Liveness. A consumer of the group whose heartbeat is older than
+   ``heartbeat.timeout_s`` is dead: its pending entries are claimed and handed
+   to live consumers at once (re-added at the stream tail), and the consumer is
+   removed from the group once it owns nothing. Skipped entirely while the
+   heartbeat store is unreachable (the blip rule, see `jobqd.heartbeat`).
+2. Visibility backstop. An entry idle longer than ``reaper.visibility_timeout_s``
+   (its owner stopped renewing its lease: a hung event loop) is taken back too.
+
+A reclaim counts a delivery (``lost``); a job lost ``reaper.max_deliveries``
+times goes to the dead-letter queue with reason ``worker_lost`` instead of
+killing the next worker. Reclaims never use up exception retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from jobqd import scripts
+from jobqd.heartbeat import HeartbeatStore
+from jobqd.jobs import BadJob, decode_job
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+from jobqd.pool import Settle, death_record, settle
+from jobqd.runtime import Backoff, Runtime
+
+log = logging.getLogger("jobqd.reaper")
+
+CLAIM_BATCH = 100
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def reap_once(rt: Runtime, store: HeartbeatStore) -> dict[str, int]:
+    """One reaper round; returns counts by reason (for tests and logs)."""
+    cfg = rt.config
+    r = rt.redis
+    counts = {"worker_lost": 0, "stalled": 0, "dead": 0}
+    alive = await store.alive(cfg.heartbeat.timeout_s)
+    if alive is None:
+        log.warning("heartbeat store unreachable: no reclaim by liveness this round")
+    timeout_ms = int(cfg.heartbeat.timeout_s * 1000)
+    for q in cfg.queues:
+        qk = QueueKeys(cfg.redis.prefix, q)
+        if alive is not None:
+            try:
+                consumers = await r.xinfo_consumers(qk.stream, GROUP)
+            except ResponseError:  # no stream or group yet
+                continue
+            for c in consumers:
+                name = _s(c["name"])
+                if name in alive or name == rt.name:
+                    continue
+                if int(c["pending"]) > 0:
+                    await _reclaim_consumer(rt, qk, q, name, counts)
+                elif int(c["idle"]) > timeout_ms:
+                    await r.xgroup_delconsumer(qk.stream, GROUP, name)
+                    log.info("removed dead consumer %s from %s", name, q)
+        start = "0-0"
+        while True:
+            try:
+                reply = await r.xautoclaim(qk.stream, GROUP, rt.name,
+                                           int(cfg.reaper.visibility_timeout_s * 1000),
+                                           start_id=start, count=CLAIM_BATCH)
+            except ResponseError:
+                break
+            start, entries = _s(reply[0]), reply[1]
+            if entries:
+                await _hand_back(rt, q, entries, "stalled", counts)
+            if start == "0-0" or not entries:
+                break
+    return counts
+
+
+async def _reclaim_consumer(rt: Runtime, qk: QueueKeys, q: str, name: str,
+                            counts: dict[str, int]) -> None:
+    r = rt.redis
+    while True:
+        rows = await r.xpending_range(qk.stream, GROUP, min="-", max="+", count=CLAIM_BATCH,
+                                      consumername=name)
+        if not rows:
+            return
+        ids = [row["message_id"] for row in rows]
+        entries = await r.xclaim(qk.stream, GROUP, rt.name, 0, ids)
+        present = {e[0] for e in entries if e and e[1] is not None}
+        gone = [i for i in ids if i not in present]
+        if gone:  # pending but deleted from the stream: nothing left to run
+            await r.xack(qk.stream, GROUP, *gone)
+        log.warning("consumer %s is dead: reclaiming %d jobs from %s", name, len(present), q)
+        await _hand_back(rt, q, [e for e in entries if e and e[1] is not None], "worker_lost",
+                         counts)
+        if len(rows) < CLAIM_BATCH:
+            return
+
+
+async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
+                     counts: dict[str, int]) -> None:
+    cfg = rt.config
+    out: list[Settle] = []
+    for eid, fields in entries:
+        if fields is None:
+            continue
+        raw = fields.get(b"j")
+        try:
+            env = decode_job(raw if raw is not None else b"")
+        except BadJob:
+            env = None
+        if env is None:
+            out.append(Settle("D", eid, "", b"{}", death_record(
+                None, q, rt.name, "malformed", "malformed entry found by the reaper")))
+            continue
+        lost = env.lost + 1
+        if lost >= cfg.reaper.max_deliveries:
+            log.error("job %s dead: its worker was lost %d times", env.id, lost,
+                      extra={"job_id": env.id, "task": env.task, "queue": q})
+            out.append(Settle("D", eid, env.id, env.next(lost=lost), death_record(
+                env, q, rt.name, "worker_lost", f"worker lost {lost} times ({reason})",
+                attempts=env.attempt)))
+            counts["dead"] += 1
+            rt.metrics.job_done(q, env.task, "dead", 0.0)
+        else:
+            out.append(Settle("B", eid, env.id, env.next(lost=lost), 0))
+        counts[reason] += 1
+        rt.metrics.reclaimed.labels(reason).inc()
+    if out:
+        await settle(rt.redis, cfg, {q: out})
+
+
+async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
+    g = GlobalKeys(rt.config.redis.prefix)
+    backoff = Backoff()
+    held = False
+    try:
+        while not stop.is_set():
+            interval = rt.config.reaper.interval_s
+            try:
+                got = await scripts.LOCK(rt.redis, [g.reaper_lock],
+                                         [rt.name, int(interval * 3000), "acquire"])
+                if got and not held:
+                    log.info("this daemon is now the reaper")
+                held = bool(got)
+                if held:
+                    counts = await reap_once(rt, store)
+                    if any(counts.values()):
+                        log.info("reaper round: %s", counts)
+                backoff.reset()
+            except Exception as e:
+                if not rt.is_redis_error(e):
+                    raise
+                log.warning("reaper cannot reach redis: %s", e)
+                await rt.sleep(backoff.next(), stop)
+                continue
+            await rt.sleep(interval, stop)
+    finally:
+        if held:
+            try:
+                await asyncio.wait_for(
+                    scripts.LOCK(rt.redis, [g.reaper_lock], [rt.name, 0, "release"]), 2.0)
+            except Exception as e:
+                log.debug("could not release the reaper lock (it expires): %s", e)

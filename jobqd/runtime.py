@@ -1,0 +1,91 @@
+"""State shared by the daemon's components: one per daemon process.
+
+`config` is the single reference a reload swaps; a component reads it once per
+unit of work (a job keeps the config it started with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aredis
+from redis.exceptions import RedisError
+
+from jobqd.config import Config
+from jobqd.metrics import Metrics
+
+log = logging.getLogger("jobqd")
+
+
+@dataclass(slots=True)
+class Health:
+    redis_ok: bool = True
+    postgres_ok: bool | None = None  # None: not configured
+    draining: bool = False
+    consumers_running: bool = False
+    last_reload_error: str | None = None
+    crashed: str | None = None  # the component that crashed, if any
+
+
+@dataclass(eq=False)
+class Runtime:
+    config: Config
+    redis: aredis.Redis
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    force_event: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    weights: dict[str, int] = field(default_factory=dict)
+    name: str = field(default_factory=lambda: (
+        f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"))
+    started_at: float = field(default_factory=time.time)
+    config_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the pool
+
+    def stop(self, reason: str = "requested") -> None:
+        """The one stop path (SIGTERM, SIGINT, a crashed component, tests). Idempotent."""
+        if not self.stop_event.is_set():
+            log.info("stopping: %s", reason)
+            self.health.draining = True
+            self.stop_event.set()
+
+    def swap_config(self, new: Config) -> None:
+        self.config = new
+        self.config_changed.set()
+
+    @staticmethod
+    def is_redis_error(e: BaseException) -> bool:
+        return isinstance(e, RedisError | OSError | ConnectionError | TimeoutError)
+
+    @staticmethod
+    async def sleep(seconds: float, stop: asyncio.Event) -> bool:
+        """Sleep up to `seconds`; return True at once when `stop` is set."""
+        if stop.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
+        return stop.is_set()
+
+
+class Backoff:
+    """Capped exponential backoff for reconnect loops (never a busy loop)."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.n = 0
+
+    def next(self) -> float:
+        d = min(self.max_s, self.first_s * 2**self.n)
+        self.n += 1
+        return d
+
+    def reset(self) -> None:
+        self.n = 0

@@ -1,0 +1,99 @@
+"""Weighted fair scheduling across queues, and the weight-refresh loop.
+
+`SmoothWRR` is nginx's smooth weighted round-robin: deterministic, and over
+any window of W picks (W = sum of weights) each queue gets exactly its weight,
+interleaved rather than in bursts. The fetcher asks it for one pick per free
+consumer slot, so the order of job starts follows the weights while fetching
+stays batched. Only queues that currently have work take part
+(work-conserving); a queue whose weight is 0 is paused.
+
+Runtime weights live in Redis (``<prefix>:weights``); the YAML gives the
+initial values. On start and on every reload a queue whose YAML weight changed
+since it was last applied (``<prefix>:weights:yaml``) is overwritten with it;
+an unchanged YAML weight leaves the runtime value (set by `jobqd weights set`)
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from jobqd import ops
+from jobqd.keys import GlobalKeys
+
+if TYPE_CHECKING:
+    from jobqd.runtime import Runtime
+
+log = logging.getLogger("jobqd.weights")
+
+
+class SmoothWRR:
+    def __init__(self) -> None:
+        self.current: dict[str, int] = {}
+
+    def picks(self, n: int, weights: Mapping[str, int], active: Iterable[str]) -> list[str]:
+        """The next `n` queues to start a job from, among `active` ones with weight > 0."""
+        live = [q for q in active if weights.get(q, 0) > 0]
+        if not live or n <= 0:
+            return []
+        cur = self.current
+        for q in list(cur):  # forget queues that left the active set: no saved-up burst
+            if q not in live:
+                del cur[q]
+        total = sum(weights[q] for q in live)
+        out = []
+        for _ in range(n):
+            best = None
+            best_w = 0
+            for q in live:
+                w = cur.get(q, 0) + weights[q]
+                cur[q] = w
+                if best is None or w > best_w:
+                    best, best_w = q, w
+            assert best is not None
+            cur[best] -= total
+            out.append(best)
+        return out
+
+
+async def publish(rt: Runtime) -> dict[str, int]:
+    """Apply YAML weights with the documented precedence; return the effective weights."""
+    g = GlobalKeys(rt.config.redis.prefix)
+    r = rt.redis
+    seed_raw = await r.hgetall(g.weights_seed)
+    seed = {ops.s(k): int(v) for k, v in seed_raw.items()}
+    changed = {q.name: q.weight for q in rt.config.queues.values() if seed.get(q.name) != q.weight}
+    if changed:
+        async with r.pipeline(transaction=True) as p:
+            p.hset(g.weights, mapping=changed)  # type: ignore[arg-type]
+            p.hset(g.weights_seed, mapping=changed)  # type: ignore[arg-type]
+            await p.execute()
+    return await refresh(rt)
+
+
+async def refresh(rt: Runtime) -> dict[str, int]:
+    raw = await rt.redis.hgetall(GlobalKeys(rt.config.redis.prefix).weights)
+    stored = {ops.s(k): int(v) for k, v in raw.items()}
+    weights = {q.name: stored.get(q.name, q.weight) for q in rt.config.queues.values()}
+    if weights != rt.weights:
+        if rt.weights:
+            log.info("weights changed", extra={"weights": weights})
+        rt.weights = weights
+    return weights
+
+
+async def run(rt: Runtime, stop: asyncio.Event) -> None:
+    """The weight-refresh loop: re-read runtime weights every refresh_interval_s."""
+    while not stop.is_set():
+        try:
+            await refresh(rt)
+        except (OSError, ConnectionError, TimeoutError) as e:
+            log.warning("cannot refresh weights: %s", e)
+        except Exception as e:
+            if not rt.is_redis_error(e):
+                raise
+            log.warning("cannot refresh weights: %s", e)
+        await rt.sleep(rt.config.weights.refresh_interval_s, stop)
