@@ -49,7 +49,9 @@ class RedisConfig:
 @dataclass(frozen=True, slots=True)
 class PostgresConfig:
     dsn: str | None = None  # postgresql://...; None: heartbeats live in Redis, no outbox/ledger
+    schema: str = "jobqd"  # the PostgreSQL schema holding jobqd's tables (created if missing)
     ledger: bool = False  # write every job's lifecycle to PostgreSQL (needs dsn)
+    ledger_retention_days: int = 30  # ledger rows older than this are pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +148,7 @@ class Config:
     redis: RedisConfig
     postgres: PostgresConfig = PostgresConfig()
     http: HttpConfig = HttpConfig()
-    consumers: int = 16  # how many jobs this daemon runs at once
+    consumers: int = 16  # how many jobs this daemon runs at once (0: route and reap only)
     queues: Mapping[str, QueueConfig] = field(default_factory=lambda: MappingProxyType({}))
     tasks: Mapping[str, TaskConfig] = field(default_factory=lambda: MappingProxyType({}))
     reaper: ReaperConfig = ReaperConfig()
@@ -421,11 +423,17 @@ class _Validator:
 
         psec = self.section(top.pop("postgres", None), "postgres")
         dsn = self.secret(psec, "postgres", "dsn")
+        schema = str(self.string(psec, "postgres", "schema", _d(PostgresConfig, "schema")))
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            raise self.err("postgres.schema", f"must be a lowercase SQL identifier, got {schema!r}")
         ledger = self.boolean(psec, "postgres", "ledger", False)
         if ledger and dsn is None:
             raise self.err("postgres.ledger", "needs postgres.dsn")
+        retention = self.num(psec, "postgres", "ledger_retention_days",
+                             _d(PostgresConfig, "ledger_retention_days"), integer=True, minimum=0)
         self.done(psec, "postgres")
-        pg_cfg = PostgresConfig(dsn=dsn, ledger=ledger)
+        pg_cfg = PostgresConfig(dsn=dsn, schema=schema, ledger=ledger,
+                                ledger_retention_days=retention)
 
         hsec = self.section(top.pop("http", None), "http")
         listen = str(self.string(hsec, "http", "listen", _d(HttpConfig, "listen")))
@@ -438,7 +446,8 @@ class _Validator:
         self.done(hsec, "http")
         http_cfg = HttpConfig(listen=listen, token_file=token_file)
 
-        consumers = self.num(top, "", "consumers", _d(Config, "consumers"), integer=True, minimum=0)
+        consumers = self.num(top, "", "consumers", _d(Config, "consumers"), integer=True,
+                             minimum=0, exclusive=False)
         if consumers > 10_000:
             raise self.err("consumers", "must be <= 10000")
         max_payload = self.num(top, "", "max_payload_bytes", _d(Config, "max_payload_bytes"),

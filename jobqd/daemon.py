@@ -94,9 +94,11 @@ class Daemon:
             except EmbeddedError as e:
                 log.error("%s", e)
                 return None
-        r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_keepalive=True,
-                                  health_check_interval=15, socket_connect_timeout=5,
-                                  max_connections=64)
+        options: dict[str, Any] = {"decode_responses": False, "health_check_interval": 15,
+                                   "socket_connect_timeout": 5}
+        if not cfg.redis_url.startswith("unix://"):
+            options["socket_keepalive"] = True
+        r = aredis.Redis.from_url(cfg.redis_url, **options)
         backoff = Backoff(0.2, 2.0)
         deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT_S
         while True:
@@ -115,7 +117,11 @@ class Daemon:
                 await asyncio.sleep(backoff.next())
 
     async def _run(self) -> ExitCode:
-        r = await self._connect()
+        try:
+            r = await self._connect()
+        except BaseException:
+            await self._stop_embedded()
+            raise
         if r is None:
             await self._stop_embedded()
             return ExitCode.UNAVAILABLE

@@ -45,6 +45,10 @@ class QueueKeys:
     def full(self) -> str:  # STRING present while the queue refuses (backpressure)
         return self.tag + ":full"
 
+    @property
+    def done(self) -> str:  # counter: entries settled (succeeded, retried, dead, handed back)
+        return self.tag + ":n"
+
     def result(self, job_id: str) -> str:  # STRING final record json, expires results.ttl_s
         return self.tag + ":r:" + job_id
 

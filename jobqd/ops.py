@@ -437,17 +437,32 @@ def dlq_replay(prefix: str, ref: str) -> Op:
 
 
 def dlq_replay_all(prefix: str, queue: str | None = None) -> Op:
-    """Replay every valid dead job; returns (replayed, skipped garbage entries)."""
+    """Replay every valid dead job present when called; returns (replayed, skipped garbage).
+
+    Works on a snapshot (entries up to each DLQ's last id at the start), so a
+    replayed job that dies again is not replayed a second time by this call.
+    """
+    queues = [queue] if queue else (yield from known_queues(prefix))
     replayed = skipped = 0
-    while True:
-        batch = yield from dlq_list(prefix, queue, limit=500)
-        valid = [d for d in batch if d.job is not None]
-        skipped = len(batch) - len(valid)
-        if not valid:
-            return replayed, skipped
-        for d in valid:
-            if (yield from _replay(prefix, d)):
-                replayed += 1
+    for q in queues:
+        dlq = QueueKeys(prefix, q).dlq
+        last = yield cmd("XREVRANGE", dlq, "+", "-", "COUNT", 1)
+        if not last:
+            continue
+        end = s(last[0][0])
+        start = "-"
+        while True:
+            entries = yield cmd("XRANGE", dlq, start, end, "COUNT", 500)
+            if not entries:
+                break
+            for eid, flat in entries:
+                d = dead_entry(q, eid, flat)
+                if d.job is None:
+                    skipped += 1
+                elif (yield from _replay(prefix, d)):
+                    replayed += 1
+            start = "(" + s(entries[-1][0])
+    return replayed, skipped
 
 
 def dlq_purge(prefix: str, queue: str | None = None) -> Op:
@@ -507,6 +522,7 @@ class QueueStats:
     in_flight: int  # fetched by a consumer, not yet acked
     scheduled: int  # delayed or waiting for a retry
     dead: int  # dead-letter entries
+    done: int  # attempts settled so far (a counter: rate = its growth per second)
     lag_s: float  # age of the oldest waiting job
     accepting: bool
     weight: int | None
@@ -526,17 +542,18 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
         qk = QueueKeys(prefix, q)
         calls += [cmd("XLEN", qk.stream), cmd("ZCARD", qk.delayed), cmd("XLEN", qk.dlq),
                   cmd("EXISTS", qk.full), cmd("HMGET", qk.conf, "high", "low"),
-                  cmd("EXISTS", qk.stream)]
+                  cmd("EXISTS", qk.stream), cmd("GET", qk.done)]
     replies = (yield Pipe(calls)) if calls else []
     out = []
     for i, q in enumerate(queues):
-        xlen, zcard, dead, full, (high, low), has_stream = replies[i * 6:(i + 1) * 6]
+        xlen, zcard, dead, full, (high, low), has_stream, done = replies[i * 7:(i + 1) * 7]
         pending, lag = 0, 0.0
         if has_stream:
             pending, lag = yield from _pending_and_lag(QueueKeys(prefix, q))
         out.append(QueueStats(
             name=q, depth=int(xlen) + int(zcard), waiting=max(0, int(xlen) - pending),
-            in_flight=pending, scheduled=int(zcard), dead=int(dead), lag_s=lag,
+            in_flight=pending, scheduled=int(zcard), dead=int(dead), done=int(done or 0),
+            lag_s=lag,
             accepting=not full, weight=weights.get(q),
             high_watermark=int(high) if high else None, low_watermark=int(low) if low else None))
     return out

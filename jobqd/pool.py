@@ -88,13 +88,14 @@ async def settle(r: aredis.Redis, cfg: Config,
         qk = QueueKeys(prefix, q)
         for i in range(0, len(items), ACK_CHUNK):
             chunk = items[i:i + ACK_CHUNK]
-            keys: list[Any] = [qk.stream, qk.delayed, qk.state, qk.dlq, qk.conf, qk.full]
+            keys: list[Any] = [qk.stream, qk.delayed, qk.state, qk.dlq, qk.conf, qk.full,
+                               qk.done]
             argv: list[Any] = [GROUP, ttl_ms, len(chunk)]
             for s in chunk:
                 extra = s.extra
                 if s.op == "S":
                     keys.append(qk.result(s.job_id))
-                    extra = len(keys) - 6
+                    extra = len(keys) - 7
                 argv += [s.op, s.eid, s.job_id, s.payload, extra]
             calls.append((keys, argv))
             groups.append((q, chunk))
@@ -408,6 +409,10 @@ class Pool:
             return
         started = _ms()
         rt.metrics.job_started(d.queue, (started - _eid_ms(d.eid)) / 1000.0)
+        events = rt.events
+        if events is not None:
+            events.record("started", env.id, d.queue, env.task, attempt=env.attempt + 1,
+                          lost=env.lost, ts_ms=started, enq_ms=env.enq_ms)
         token = _current.set(CurrentJob(id=env.id, task=env.task, queue=d.queue,
                                         attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000))
         t0 = time.perf_counter()
@@ -436,6 +441,9 @@ class Pool:
         else:
             self._settle(d.queue, Settle("S", d.eid, env.id, payload, None))
             rt.metrics.job_done(d.queue, env.task, "succeeded", time.perf_counter() - t0)
+            if events is not None:
+                events.record("succeeded", env.id, d.queue, env.task, attempt=env.attempt + 1,
+                              lost=env.lost, ts_ms=_ms(), result=result)
         finally:
             _current.reset(token)
 
@@ -479,6 +487,9 @@ class Pool:
             rt.metrics.job_done(d.queue, env.task, "dead", time.perf_counter() - t0)
             return
         delay = backoff_delay(task, env.attempt) if delay_s is None else delay_s
+        if rt.events is not None:
+            rt.events.record("retried", env.id, d.queue, env.task, attempt=attempts,
+                             lost=env.lost, ts_ms=_ms(), error=error)
         nxt = env.next(attempt=attempts, err=error[:MAX_ERROR_CHARS])
         self._settle(d.queue, Settle("R", d.eid, env.id, nxt, round(delay * 1000)))
         rt.metrics.job_done(d.queue, env.task, "retried", time.perf_counter() - t0)
@@ -486,6 +497,9 @@ class Pool:
     def _dead(self, d: Delivery, env: Envelope, reason: str, error: str, tb: str | None,
               attempts: int, started: float | None = None) -> None:
         death = death_record(env, d.queue, self.rt.name, reason, error, tb, attempts, started)
+        if self.rt.events is not None:
+            self.rt.events.record("dead", env.id, d.queue, env.task, attempt=attempts,
+                                  lost=env.lost, ts_ms=_ms(), error=error, reason=reason)
         log.error("job dead (%s): %s", reason, error, extra={
             "job_id": env.id, "task": env.task, "queue": d.queue, "attempt": attempts})
         self._settle(d.queue, Settle("D", d.eid, env.id, env.next(), death))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -128,6 +129,10 @@ async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
                 attempts=env.attempt)))
             counts["dead"] += 1
             rt.metrics.job_done(q, env.task, "dead", 0.0)
+            if rt.events is not None:
+                rt.events.record("dead", env.id, q, env.task, attempt=env.attempt, lost=lost,
+                                 ts_ms=time.time() * 1000, error=f"worker lost {lost} times",
+                                 reason="worker_lost")
         else:
             out.append(Settle("B", eid, env.id, env.next(lost=lost), 0))
         counts[reason] += 1

@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
@@ -22,6 +23,18 @@ from jobqd.config import Config
 from jobqd.metrics import Metrics
 
 log = logging.getLogger("jobqd")
+
+
+class JobEvents(Protocol):
+    """A sink for job lifecycle events (the PostgreSQL ledger implements it).
+
+    `record` is called on the hot path: it must not block or do I/O itself
+    (buffer, and flush in batches from a background task).
+    """
+
+    def record(self, event: str, job_id: str, queue: str, task: str, *, attempt: int,
+               lost: int, ts_ms: float, enq_ms: float | None = None, error: str | None = None,
+               reason: str | None = None, result: Any = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -47,7 +60,8 @@ class Runtime:
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"))
     started_at: float = field(default_factory=time.time)
     config_changed: asyncio.Event = field(default_factory=asyncio.Event)
-    pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the pool
+    pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
+    events: JobEvents | None = None  # job lifecycle sink (the ledger), if configured
 
     def stop(self, reason: str = "requested") -> None:
         """The one stop path (SIGTERM, SIGINT, a crashed component, tests). Idempotent."""

@@ -2,7 +2,7 @@
 -- An entry already acked (by a reaper hand-back or an earlier try of this very
 -- batch) is skipped, so replaying a batch after a lost reply changes nothing.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=dlq KEYS[5]=conf KEYS[6]=full
--- KEYS[6+k]=result key k (k >= 1)
+-- KEYS[7]=done counter (attempts finished, for rates)  KEYS[7+k]=result key k (k >= 1)
 -- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n
 -- then per entry i (0-based), at b = 4 + 5*i: op, entry id, job id, payload, extra
 --   op 'S' succeeded:   payload = final record json, extra = result key index
@@ -25,7 +25,7 @@ for i = 0, n - 1 do
     if op == 'S' then
       if id ~= '' then
         redis.call('HDEL', KEYS[3], id)
-        redis.call('SET', KEYS[6 + tonumber(extra)], payload, 'PX', ttl)
+        redis.call('SET', KEYS[7 + tonumber(extra)], payload, 'PX', ttl)
       end
     elseif op == 'R' then
       if not now then
@@ -45,6 +45,13 @@ for i = 0, n - 1 do
     end
     flags[#flags + 1] = '1'
   end
+end
+local settled = 0
+for _, f in ipairs(flags) do
+  if f == '1' then settled = settled + 1 end
+end
+if settled > 0 then
+  redis.call('INCRBY', KEYS[7], settled)
 end
 -- leave backpressure as soon as depth falls to the low watermark
 if redis.call('EXISTS', KEYS[6]) == 1 then

@@ -1,0 +1,3 @@
+from jobqd.cli import main
+
+raise SystemExit(main())

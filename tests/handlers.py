@@ -1,0 +1,106 @@
+"""Task handlers used by the tests (imported by daemons from their YAML).
+
+Handlers that count executions write to Redis (JOBQD_TEST_REDIS_URL), under a
+key the test passes in, so a test in one process can count runs in another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from jobqd import Fail, Retry, current_job
+
+URL = os.environ.get("JOBQD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_sync = redis.Redis.from_url(URL)
+
+
+def _r() -> aredis.Redis:
+    """A client whose connection is returned and closed after each command."""
+    return aredis.Redis.from_url(URL, single_connection_client=False, max_connections=1)
+
+
+async def record(key: str, value: Any = None, sleep_s: float = 0.0) -> Any:
+    """Count one run of this job under hash `key` (field = job id), log its start order."""
+    job = current_job()
+    async with _r() as r, r.pipeline(transaction=False) as p:
+        p.hincrby(key, job.id, 1)
+        p.rpush(key + ":order", f"{job.queue}|{job.id}")
+        await p.execute()
+    if sleep_s:
+        await asyncio.sleep(sleep_s)
+    return value
+
+
+def record_sync(key: str, value: Any = None, sleep_s: float = 0.0) -> Any:
+    job = current_job()
+    _sync.hincrby(key, job.id, 1)
+    _sync.rpush(key + ":threads", threading.current_thread().name)
+    if sleep_s:
+        time.sleep(sleep_s)
+    return value
+
+
+async def fail_times(key: str, times: int) -> str:
+    """Fail the first `times` attempts, then succeed."""
+    job = current_job()
+    async with _r() as r:
+        await r.hincrby(key, job.id, 1)
+    if job.attempt <= times:
+        raise RuntimeError(f"failing attempt {job.attempt}")
+    return f"ok on attempt {job.attempt}"
+
+
+async def always_fail(key: str = "") -> None:
+    if key:
+        async with _r() as r:
+            await r.hincrby(key, current_job().id, 1)
+    raise ValueError("boom")
+
+
+async def fail_now(reason: str = "bad input") -> None:
+    raise Fail(reason)
+
+
+async def retry_once(delay_s: float) -> int:
+    if current_job().attempt == 1:
+        raise Retry(delay_s=delay_s)
+    return current_job().attempt
+
+
+async def sleep(seconds: float, key: str = "") -> float:
+    if key:
+        async with _r() as r:
+            await r.hincrby(key + ":started", current_job().id, 1)
+    await asyncio.sleep(seconds)
+    if key:
+        async with _r() as r:
+            await r.hincrby(key, current_job().id, 1)
+    return seconds
+
+
+def sleep_sync(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+async def crash(key: str = "") -> None:
+    """Kill the whole worker process, every time (a poison job)."""
+    if key:
+        async with _r() as r:
+            await r.hincrby(key, current_job().id, 1)
+    os._exit(1)
+
+
+async def unserialisable() -> object:
+    return object()
+
+
+async def noop() -> None:
+    return None

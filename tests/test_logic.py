@@ -1,0 +1,100 @@
+"""Pure logic: scheduling order, backoff bounds, ids, the job codec."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from jobqd.config import BackoffConfig, TaskConfig, mask_url
+from jobqd.ids import new_job_id, new_ulid, queue_of
+from jobqd.jobs import BadJob, decode_job, encode_args, encode_job
+from jobqd.pool import backoff_delay
+from jobqd.weights import SmoothWRR
+
+
+def test_swrr_exact_shares_in_every_window() -> None:
+    w = {"critical": 60, "high": 30, "normal": 10}
+    picks = SmoothWRR().picks(3000, w, list(w))
+    for start in range(0, 3000 - 100 + 1):
+        c = Counter(picks[start:start + 100])
+        for q, weight in w.items():
+            assert abs(c[q] - weight) <= 1, (start, c)
+
+
+def test_swrr_is_smooth_not_bursty() -> None:
+    picks = SmoothWRR().picks(10, {"a": 5, "b": 5}, ["a", "b"])
+    assert picks in (["a", "b"] * 5, ["b", "a"] * 5)
+
+
+def test_swrr_state_spans_calls() -> None:
+    w = {"a": 3, "b": 1}
+    s = SmoothWRR()
+    many = [q for _ in range(100) for q in s.picks(1, w, ["a", "b"])]
+    assert Counter(many) == {"a": 75, "b": 25}
+
+
+def test_swrr_work_conserving_and_paused() -> None:
+    s = SmoothWRR()
+    w = {"a": 60, "b": 30, "c": 10}
+    assert set(s.picks(50, w, ["c"])) == {"c"}  # only c has work: c gets every slot
+    assert s.picks(5, {"a": 0, "b": 1}, ["a", "b"]) == ["b"] * 5  # weight 0 = paused
+    assert s.picks(5, {"a": 0}, ["a"]) == []
+
+
+def test_swrr_no_saved_up_burst_after_idle() -> None:
+    s = SmoothWRR()
+    w = {"a": 1, "b": 1}
+    s.picks(10, w, ["a"])  # b idle: it must not bank credit
+    assert Counter(s.picks(10, w, ["a", "b"])) == {"a": 5, "b": 5}
+
+
+def test_backoff_full_jitter_bounds() -> None:
+    task = TaskConfig(name="t", handler="x:y", retry_backoff=BackoffConfig(base_s=1, max_s=30))
+    random.seed(7)
+    for attempt in range(12):
+        cap = min(1 * 2**attempt, 30)
+        samples = [backoff_delay(task, attempt) for _ in range(300)]
+        assert all(0 <= s <= cap for s in samples)
+        assert max(samples) > cap * 0.8  # full jitter spans the whole range
+        assert min(samples) < cap * 0.2
+    assert backoff_delay(task, 10_000) <= 30  # no overflow for huge attempt counts
+
+
+def test_ulid_sortable_and_queue_suffix() -> None:
+    a = new_ulid(1_000)
+    b = new_ulid(2_000)
+    assert len(a) == 26 and a < b
+    jid = new_job_id("high-prio")
+    assert queue_of(jid) == "high-prio"
+    assert queue_of("short") is None
+    assert queue_of("!" * 26 + "-q") is None
+    assert queue_of(a + "x" + "q") is None
+
+
+def test_codec_roundtrip_and_rejects() -> None:
+    raw = encode_job("01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "t", {"a": [1, 2]}, 123.0, idem="k")
+    env = decode_job(raw)
+    assert (env.task, env.args, env.attempt, env.lost, env.queue) == ("t", {"a": [1, 2]}, 0, 0, "q")
+    assert decode_job(env.next(attempt=2)).attempt == 2
+    for bad in (b"not json", b"[1]", b'{"id": "x", "task": "t"}',
+                b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": ""}',
+                b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": "t", "args": [1]}',
+                b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": "t", "attempt": "1"}'):
+        with pytest.raises(BadJob):
+            decode_job(bad)
+    with pytest.raises(TypeError, match="dict"):
+        encode_args([1, 2])
+    with pytest.raises(TypeError, match="keys must be strings"):
+        encode_args({1: 2})
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        encode_job("i", "t", {"x": object()}, 0)
+    assert encode_args(None) == {}
+
+
+def test_mask_url() -> None:
+    assert mask_url("redis://:pw@h:1/0") == "redis://:****@h:1/0"
+    assert mask_url("redis://user:pw@h:1/0") == "redis://user:****@h:1/0"
+    assert mask_url("redis://h:1/0") == "redis://h:1/0"
+    assert mask_url("host=db password=pw user=u") == "host=db password=**** user=u"
