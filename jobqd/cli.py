@@ -191,11 +191,12 @@ def _workers(c: SyncClient, cfg: config.Config) -> list[dict[str, Any]]:
     g = GlobalKeys(cfg.redis.prefix)
     sec, usec = c.redis.time()
     now_ms = sec * 1000 + usec // 1000
-    beats = dict(c.redis.zrange(g.heartbeats, 0, -1, withscores=True))
+    beats: dict[Any, float] = dict(
+        c.redis.zrange(g.heartbeats, 0, -1, withscores=True))  # type: ignore[arg-type]
     out = []
     for name, raw in c.redis.hgetall(g.workers).items():
         info = orjson.loads(raw)
-        info["name"] = name.decode()
+        info["name"] = name.decode() if isinstance(name, bytes) else name
         last = beats.get(name)
         info["heartbeat_age_s"] = None if last is None else (now_ms - last) / 1000.0
         if last is not None and now_ms - last < cfg.heartbeat.timeout_s * 1000:

@@ -11,9 +11,11 @@ repeats them for operators and a test keeps the two in step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -21,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -287,9 +289,6 @@ def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
     return walk(node, ""), lines
 
 
-T = TypeVar("T")
-
-
 class _Validator:
     def __init__(self, path: str, lines: dict[str, int], import_handlers: bool) -> None:
         self.path = path
@@ -332,36 +331,39 @@ class _Validator:
 
         return _ENV_RE.sub(sub, value)
 
-    def num(self, sec: dict[str, Any], key: str, name: str, default: T, *, integer: bool = False,
-            minimum: float | None = None, exclusive: bool = True,
-            nullable: bool = False) -> T:
+    def num(self, sec: dict[str, Any], key: str, name: str, default: Any, *,
+            integer: bool = False, minimum: float | None = None, exclusive: bool = True,
+            nullable: bool = False) -> Any:
+        """A number; `default` is a value or a config class (use its field's default)."""
         full = f"{key}.{name}" if key else name
+        if isinstance(default, type):  # a config class: its field's documented default
+            default = _d(default, name)
         if name not in sec:
             return default
         v = self.interp(sec.pop(name), full)
         if v is None:
             if nullable:
-                return v  # type: ignore[return-value]
+                return v
             raise self.err(full, "must not be null")
         if isinstance(v, str):
-            try:
+            with contextlib.suppress(ValueError):
                 v = int(v) if integer else float(v)
-            except ValueError:
-                pass
         if isinstance(v, bool) or not isinstance(v, int | float):
             kind = "an integer" if integer else "a number"
             raise self.err(full, f"must be {kind}, got {type(v).__name__} {v!r}")
         if integer and not (isinstance(v, int) or float(v).is_integer()):
             raise self.err(full, f"must be an integer, got {v!r}")
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             raise self.err(full, f"must be finite, got {v!r}")
         if minimum is not None and (v <= minimum if exclusive else v < minimum):
             raise self.err(full, f"must be {'>' if exclusive else '>='} {minimum:g}, got {v!r}")
-        return (int(v) if integer else float(v))  # type: ignore[return-value]
+        return int(v) if integer else float(v)
 
-    def string(self, sec: dict[str, Any], key: str, name: str, default: T,
-               nullable: bool = False) -> T | str:
+    def string(self, sec: dict[str, Any], key: str, name: str, default: Any,
+               nullable: bool = False) -> Any:
         full = f"{key}.{name}" if key else name
+        if isinstance(default, type):
+            default = _d(default, name)
         if name not in sec:
             return default
         v = self.interp(sec.pop(name), full)
@@ -397,7 +399,7 @@ class _Validator:
             if not value:
                 raise self.err(f"{key}.{name}_file", f"{file_name} is empty")
             return value
-        return direct
+        return str(direct) if direct is not None else None
 
     # -- sections ------------------------------------------------------------
 
@@ -423,7 +425,7 @@ class _Validator:
 
         psec = self.section(top.pop("postgres", None), "postgres")
         dsn = self.secret(psec, "postgres", "dsn")
-        schema = str(self.string(psec, "postgres", "schema", _d(PostgresConfig, "schema")))
+        schema = str(self.string(psec, "postgres", "schema", PostgresConfig))
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
             raise self.err("postgres.schema", f"must be a lowercase SQL identifier, got {schema!r}")
         ledger = self.boolean(psec, "postgres", "ledger", False)
@@ -436,7 +438,7 @@ class _Validator:
                                 ledger_retention_days=retention)
 
         hsec = self.section(top.pop("http", None), "http")
-        listen = str(self.string(hsec, "http", "listen", _d(HttpConfig, "listen")))
+        listen = str(self.string(hsec, "http", "listen", HttpConfig))
         host, sep, port = listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise self.err("http.listen", f"must be host:port, got {listen!r}")
@@ -446,14 +448,14 @@ class _Validator:
         self.done(hsec, "http")
         http_cfg = HttpConfig(listen=listen, token_file=token_file)
 
-        consumers = self.num(top, "", "consumers", _d(Config, "consumers"), integer=True,
+        consumers = self.num(top, "", "consumers", Config, integer=True,
                              minimum=0, exclusive=False)
         if consumers > 10_000:
             raise self.err("consumers", "must be <= 10000")
-        max_payload = self.num(top, "", "max_payload_bytes", _d(Config, "max_payload_bytes"),
+        max_payload = self.num(top, "", "max_payload_bytes", Config,
                                integer=True, minimum=0)
-        idem_ttl = self.num(top, "", "idempotency_ttl_s", _d(Config, "idempotency_ttl_s"), minimum=0)
-        state_dir = str(self.string(top, "", "state_dir", _d(Config, "state_dir")))
+        idem_ttl = self.num(top, "", "idempotency_ttl_s", Config, minimum=0)
+        state_dir = str(self.string(top, "", "state_dir", Config))
         pythonpath = self.pythonpath(top.pop("pythonpath", None))
 
         queues = self.queues(top.pop("queues", None))
@@ -461,19 +463,19 @@ class _Validator:
 
         sec = self.section(top.pop("reaper", None), "reaper")
         reaper = ReaperConfig(
-            interval_s=self.num(sec, "reaper", "interval_s", _d(ReaperConfig, "interval_s"), minimum=0),
+            interval_s=self.num(sec, "reaper", "interval_s", ReaperConfig, minimum=0),
             visibility_timeout_s=self.num(sec, "reaper", "visibility_timeout_s",
                                           _d(ReaperConfig, "visibility_timeout_s"), minimum=0),
-            max_deliveries=self.num(sec, "reaper", "max_deliveries", _d(ReaperConfig, "max_deliveries"),
+            max_deliveries=self.num(sec, "reaper", "max_deliveries", ReaperConfig,
                                     integer=True, minimum=0),
         )
         self.done(sec, "reaper")
 
         sec = self.section(top.pop("heartbeat", None), "heartbeat")
         heartbeat = HeartbeatConfig(
-            interval_s=self.num(sec, "heartbeat", "interval_s", _d(HeartbeatConfig, "interval_s"),
+            interval_s=self.num(sec, "heartbeat", "interval_s", HeartbeatConfig,
                                 minimum=0),
-            timeout_s=self.num(sec, "heartbeat", "timeout_s", _d(HeartbeatConfig, "timeout_s"),
+            timeout_s=self.num(sec, "heartbeat", "timeout_s", HeartbeatConfig,
                                minimum=0),
         )
         self.done(sec, "heartbeat")
@@ -487,31 +489,31 @@ class _Validator:
 
         sec = self.section(top.pop("shutdown", None), "shutdown")
         shutdown = ShutdownConfig(
-            drain_timeout_s=self.num(sec, "shutdown", "drain_timeout_s",
-                                     _d(ShutdownConfig, "drain_timeout_s"), minimum=0, exclusive=False),
-            handback_timeout_s=self.num(sec, "shutdown", "handback_timeout_s",
-                                        _d(ShutdownConfig, "handback_timeout_s"), minimum=0),
+            drain_timeout_s=self.num(sec, "shutdown", "drain_timeout_s", ShutdownConfig,
+                                     minimum=0, exclusive=False),
+            handback_timeout_s=self.num(sec, "shutdown", "handback_timeout_s", ShutdownConfig,
+                                        minimum=0),
         )
         self.done(sec, "shutdown")
 
         sec = self.section(top.pop("results", None), "results")
-        results = ResultsConfig(ttl_s=self.num(sec, "results", "ttl_s", _d(ResultsConfig, "ttl_s"),
+        results = ResultsConfig(ttl_s=self.num(sec, "results", "ttl_s", ResultsConfig,
                                                minimum=0))
         self.done(sec, "results")
 
         sec = self.section(top.pop("weights", None), "weights")
         weights = WeightsConfig(refresh_interval_s=self.num(
-            sec, "weights", "refresh_interval_s", _d(WeightsConfig, "refresh_interval_s"), minimum=0))
+            sec, "weights", "refresh_interval_s", WeightsConfig, minimum=0))
         self.done(sec, "weights")
 
         sec = self.section(top.pop("log", None), "log")
-        level = str(self.string(sec, "log", "level", _d(LogConfig, "level"))).upper()
+        level = str(self.string(sec, "log", "level", LogConfig)).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise self.err("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-        fmt = self.string(sec, "log", "format", _d(LogConfig, "format"))
+        fmt = self.string(sec, "log", "format", LogConfig)
         if fmt not in ("auto", "json", "text"):
             raise self.err("log.format", f"must be auto, json or text, got {fmt!r}")
-        log = LogConfig(level=level, format=fmt,  # type: ignore[arg-type]
+        log = LogConfig(level=level, format=fmt,
                         payloads=self.boolean(sec, "log", "payloads", False))
         self.done(sec, "log")
 
@@ -547,7 +549,7 @@ class _Validator:
             if not QUEUE_RE.match(name):
                 raise self.err(key, f"queue names must match {QUEUE_RE.pattern}")
             q = self.section(sec.pop(name), key)
-            weight = self.num(q, key, "weight", _d(QueueConfig, "weight"), integer=True, minimum=0,
+            weight = self.num(q, key, "weight", QueueConfig, integer=True, minimum=0,
                               exclusive=False)
             high = self.num(q, key, "high_watermark", None, integer=True, minimum=0,
                             nullable=True)
@@ -580,20 +582,20 @@ class _Validator:
             handler = self.string(t, key, "handler", None)
             if handler is None:
                 raise self.err(f"{key}.handler", "required (module:function)")
-            queue = str(self.string(t, key, "queue", _d(TaskConfig, "queue")))
+            queue = str(self.string(t, key, "queue", TaskConfig))
             if queue not in queues:
                 raise self.err(f"{key}.queue", f"queue {queue!r} is not declared under queues: "
                                                f"(declared: {', '.join(sorted(queues))})")
-            timeout = self.num(t, key, "timeout_s", _d(TaskConfig, "timeout_s"), minimum=0,
+            timeout = self.num(t, key, "timeout_s", TaskConfig, minimum=0,
                                nullable=True)
-            retries = self.num(t, key, "max_retries", _d(TaskConfig, "max_retries"), integer=True,
+            retries = self.num(t, key, "max_retries", TaskConfig, integer=True,
                                minimum=0, exclusive=False)
             bkey = f"{key}.retry_backoff"
             b = self.section(t.pop("retry_backoff", None), bkey)
             backoff = BackoffConfig(
-                base_s=self.num(b, bkey, "base_s", _d(BackoffConfig, "base_s"), minimum=0,
+                base_s=self.num(b, bkey, "base_s", BackoffConfig, minimum=0,
                                 exclusive=False),
-                max_s=self.num(b, bkey, "max_s", _d(BackoffConfig, "max_s"), minimum=0,
+                max_s=self.num(b, bkey, "max_s", BackoffConfig, minimum=0,
                                exclusive=False))
             self.done(b, bkey)
             if backoff.max_s < backoff.base_s:
@@ -623,7 +625,8 @@ class _Validator:
                                                 f"got {raw!r}")
         return RateLimit(count=int(m.group(1)), per_s=_RATE_UNITS[m.group(2)])
 
-    def import_handler(self, spec: str, key: str, pythonpath: tuple[str, ...]) -> Callable[..., Any]:
+    def import_handler(self, spec: str, key: str,
+                       pythonpath: tuple[str, ...]) -> Callable[..., Any]:
         mod_name, sep, attr = spec.partition(":")
         if not sep or not mod_name or not attr:
             raise self.err(key, f"must be 'module:function', got {spec!r}")

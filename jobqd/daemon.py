@@ -19,14 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aredis
 
-from jobqd import gauges, heartbeat, publish, reaper, reload, scheduler, scripts, weights
+from jobqd import (
+    gauges,
+    heartbeat,
+    http,
+    publish,
+    reaper,
+    reload,
+    scheduler,
+    scripts,
+    sdnotify,
+    weights,
+)
 from jobqd.config import Config
 from jobqd.embedded import EmbeddedError, EmbeddedRedis
 from jobqd.exitcodes import ExitCode
@@ -35,7 +47,9 @@ from jobqd.runtime import Backoff, Runtime
 
 log = logging.getLogger("jobqd.daemon")
 
-CONNECT_TIMEOUT_S = 15.0  # how long start-up waits for Redis before exiting UNAVAILABLE
+# How long start-up waits for Redis before exiting UNAVAILABLE (69); systemd then
+# restarts the daemon. $JOBQD_CONNECT_TIMEOUT_S overrides it.
+CONNECT_TIMEOUT_S = float(os.environ.get("JOBQD_CONNECT_TIMEOUT_S", "15"))
 
 
 class _Forced(Exception):
@@ -56,6 +70,9 @@ class Daemon:
         self.reload_requests = asyncio.Event()
         self.embedded: EmbeddedRedis | None = None
         self._pending_stop: str | None = None
+        self.notifier = sdnotify.Notifier()
+        self.http_address: tuple[str, int] | None = None
+        self.http_bound = asyncio.Event()
 
     def stop(self, reason: str = "requested") -> None:
         if self.rt is not None:
@@ -167,7 +184,8 @@ class Daemon:
 
         try:
             async with asyncio.TaskGroup() as tg:
-                last = [tg.create_task(c) for c in self._last_components(rt, guarded, last_stop)]
+                last = [tg.create_task(c)
+                        for c in self._last_components(rt, guarded, last_stop)]
                 bg = [
                     tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop))),
                     tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
@@ -176,12 +194,12 @@ class Daemon:
                     tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, bg_stop))),
                     tg.create_task(guarded("reload", reload.run(
                         rt, pool.resize, self.reload_requests, bg_stop,
-                        watch=self.watch_config))),
+                        watch=self.watch_config, before=self._reload_started,
+                        after=self._reload_done))),
+                    tg.create_task(self._announce(rt)),
                 ]
                 force_task = tg.create_task(forced())
                 pool_task = tg.create_task(guarded("pool", pool.run(rt.stop_event)))
-                if self.on_ready is not None:
-                    tg.create_task(self._ready_when_running(rt))
                 await pool_task
                 bg_stop.set()
                 await asyncio.wait(bg, timeout=rt.config.shutdown.handback_timeout_s)
@@ -192,23 +210,65 @@ class Daemon:
                 for t in (*bg, *last):
                     t.cancel()
         except* _Forced:
-            forced = True
+            was_forced = True
         else:
-            forced = False
-        if forced:
+            was_forced = False
+        if was_forced:
             return ExitCode.FORCED
         return ExitCode.SOFTWARE if rt.health.crashed else ExitCode.OK
 
     def _last_components(self, rt: Runtime, guarded: Callable[[str, Awaitable[Any]],
-                         Awaitable[None]], stop: asyncio.Event) -> list[Awaitable[None]]:
-        """Components that close after everything else (the HTTP port)."""
-        return []
+                         Coroutine[Any, Any, None]],
+                         stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
+        """Components that close after everything else: the HTTP port, the watchdog."""
+        handback = rt.config.shutdown.handback_timeout_s
+        return [
+            guarded("http", http.run(rt, stop, on_bound=self._http_on_bound,
+                                     shutdown_timeout_s=min(2.0, handback / 2))),
+            guarded("watchdog", sdnotify.run_watchdog(self.notifier, stop,
+                                                      lambda: self._status_line(rt))),
+        ]
 
-    async def _ready_when_running(self, rt: Runtime) -> None:
-        while not rt.health.consumers_running and not rt.stop_event.is_set():
-            await asyncio.sleep(0.01)
-        if self.on_ready is not None and not rt.stop_event.is_set():
-            await self.on_ready(rt)
+    def _http_on_bound(self, host: str, port: int) -> None:
+        self.http_address = (host, port)
+        self.http_bound.set()
+        log.info("http listening on %s:%d", host, port)
+
+    def _status_line(self, rt: Runtime) -> str:
+        pool = self.pool
+        busy = f"{pool.running}/{pool.capacity} busy" if pool else "starting"
+        state = "draining" if rt.health.draining else "running"
+        redis_state = "ok" if rt.health.redis_ok else "UNREACHABLE"
+        return f"{state}: {busy}, redis {redis_state}"
+
+    async def _announce(self, rt: Runtime) -> None:
+        """READY=1 once the consumers run; STOPPING=1 when the drain begins."""
+        async def up() -> None:
+            await rt.consumers_started.wait()
+            await self.http_bound.wait()
+
+        started = asyncio.ensure_future(up())
+        stopped = asyncio.ensure_future(rt.stop_event.wait())
+        try:
+            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+            stopped.cancel()
+        if not rt.stop_event.is_set():
+            self.notifier.ready(self._status_line(rt))
+            log.info("ready: %s", self._status_line(rt))
+            if self.on_ready is not None:
+                await self.on_ready(rt)
+        await rt.stop_event.wait()
+        self.notifier.stopping()
+
+    async def _reload_started(self) -> None:
+        self.notifier.reloading()
+
+    async def _reload_done(self, ok: bool) -> None:
+        if self.rt is not None:
+            self.notifier.ready(self._status_line(self.rt) + ("" if ok else
+                                                              ", last reload REJECTED"))
 
 
 def _safe_url(cfg: Config) -> str:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -79,7 +79,8 @@ class RedisHeartbeats:
         r = self.rt.redis
         sec, usec = await r.time()
         now_ms = sec * 1000 + usec // 1000
-        beats = dict(await r.zrange(self.g.heartbeats, 0, -1, withscores=True))
+        beats: dict[Any, float] = dict(
+            await r.zrange(self.g.heartbeats, 0, -1, withscores=True))  # type: ignore[arg-type]
         infos = await r.hgetall(self.g.workers)
         out = []
         for name, raw in infos.items():
@@ -93,9 +94,10 @@ class RedisHeartbeats:
 
 def make_store(rt: Runtime) -> HeartbeatStore:
     if rt.config.postgres.dsn:
-        from jobqd import pg  # noqa: PLC0415 - optional component
+        from jobqd.pg import PgHeartbeats  # noqa: PLC0415 - needs asyncpg only then
 
-        return pg.PgHeartbeats(rt)
+        store: HeartbeatStore = PgHeartbeats(rt)
+        return store
     return RedisHeartbeats(rt)
 
 

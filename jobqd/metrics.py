@@ -47,6 +47,8 @@ class Metrics:
                                ["state"], registry=reg)
         self.reloads = Counter("jobqd_config_reloads", "Config reloads by result", ["result"],
                                registry=reg)
+        for result in ("ok", "error"):  # both series exist from the start (alerts use rate)
+            self.reloads.labels(result)
         self.build = PromInfo("jobqd_build", "Version information", registry=reg)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._completed: dict[tuple[str, str, str], Any] = {}

@@ -89,7 +89,7 @@ class AsyncRunner:
             async with self.r.pipeline(transaction=False) as p:
                 for c in call.calls:
                     if isinstance(c, Cmd):
-                        p.execute_command(*c.args)  # type: ignore[no-untyped-call]
+                        p.execute_command(*c.args)
                     else:
                         p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
                 replies = await p.execute(raise_on_error=False)
@@ -396,9 +396,10 @@ def _dlq_locate(prefix: str, ref: str) -> Op:
     if "/" in ref:
         q, _, eid = ref.partition("/")
         return q, eid
-    q = queue_of(ref)
-    if q is None:
+    queue = queue_of(ref)
+    if queue is None:
         raise JobNotFound(ref)
+    q = queue
     v = yield cmd("HGET", QueueKeys(prefix, q).state, ref)
     v = s(v) if v is not None else ""
     if not v.startswith("x"):

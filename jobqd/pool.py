@@ -116,14 +116,16 @@ async def settle(r: aredis.Redis, cfg: Config,
             for (q, chunk), flags in zip(groups, replies, strict=True)]
 
 
-def death_record(env: Envelope | None, queue: str, worker: str, reason: str, error: str,
+def death_record(env: Envelope | None, queue: str, worker: str, reason: str, error: str, *,
                  tb: str | None = None, attempts: int = 0,
-                 started: float | None = None) -> bytes:
+                 started: float | None = None, lost: int | None = None) -> bytes:
     """The ``e`` field of a dead-letter entry."""
+    if lost is None:
+        lost = env.lost if env else 0
     return orjson.dumps({
         "reason": reason, "error": error[:MAX_ERROR_CHARS],
         "traceback": tb[-MAX_TRACEBACK_CHARS:] if tb else None, "attempts": attempts,
-        "lost": env.lost if env else 0, "died": _ms(), "started": started,
+        "lost": lost, "died": _ms(), "started": started,
         "task": env.task if env else None, "queue": queue, "worker": worker})
 
 
@@ -180,6 +182,7 @@ class Pool:
                 self.resize(self.capacity)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
+                rt.consumers_started.set()
                 await stop.wait()
                 await self._drain()
                 acker.cancel()
@@ -324,7 +327,8 @@ class Pool:
                     raise
                 self.groups.clear()
                 return
-            by_stream = {s_name: entries for s_name, entries in reply or []}
+            raw: Any = reply or []  # RESP2: [[stream, entries], ...]; RESP3: {stream: entries}
+            by_stream: dict[bytes, Any] = raw if isinstance(raw, dict) else dict(raw)
             for q in queues:
                 entries = by_stream.get(QueueKeys(prefix, q).stream.encode())
                 if entries:
@@ -405,7 +409,7 @@ class Pool:
         task = cfg.tasks.get(env.task)
         if task is None:
             self._dead(d, env, "unknown_task", f"no handler for task {env.task!r} in this "
-                       "daemon's config", None, env.attempt)
+                       "daemon's config", tb=None, attempts=env.attempt)
             return
         started = _ms()
         rt.metrics.job_started(d.queue, (started - _eid_ms(d.eid)) / 1000.0)
@@ -426,18 +430,22 @@ class Pool:
             self._handback(d, env)
             raise
         except Retry as e:
-            self._failed(d, env, task, "retry", e.reason, None, started, t0, delay_s=e.delay_s)
+            self._failed(d, env, task, "retry", e.reason, tb=None, started=started, t0=t0,
+                         delay_s=e.delay_s)
         except Fail as e:
-            self._dead(d, env, "failed", e.reason, None, env.attempt + 1, started)
+            self._dead(d, env, "failed", e.reason, tb=None, attempts=env.attempt + 1,
+                       started=started)
             rt.metrics.job_done(d.queue, env.task, "dead", time.perf_counter() - t0)
         except TimeoutError as e:
             timed_out = getattr(e, "jobqd_timeout", False)
             kind = "timeout" if timed_out else "error"
             msg = (f"timed out after {task.timeout_s:g}s" if timed_out
                    else _error_text(e))
-            self._failed(d, env, task, kind, msg, None if timed_out else _tb(e), started, t0)
+            self._failed(d, env, task, kind, msg, tb=None if timed_out else _tb(e),
+                         started=started, t0=t0)
         except Exception as e:
-            self._failed(d, env, task, "error", _error_text(e), _tb(e), started, t0)
+            self._failed(d, env, task, "error", _error_text(e), tb=_tb(e), started=started,
+                         t0=t0)
         else:
             self._settle(d.queue, Settle("S", d.eid, env.id, payload, None))
             rt.metrics.job_done(d.queue, env.task, "succeeded", time.perf_counter() - t0)
@@ -474,7 +482,7 @@ class Pool:
 
     # ------------------------------------------------------------ outcomes
 
-    def _failed(self, d: Delivery, env: Envelope, task: TaskConfig, kind: str, error: str,
+    def _failed(self, d: Delivery, env: Envelope, task: TaskConfig, kind: str, error: str, *,
                 tb: str | None, started: float, t0: float, delay_s: float | None = None) -> None:
         rt = self.rt
         attempts = env.attempt + 1
@@ -483,7 +491,7 @@ class Pool:
             "kind": kind, **({"args": env.args} if rt.config.log.payloads else {})})
         if attempts > task.max_retries:
             reason = "timeout" if kind == "timeout" else "max_retries"
-            self._dead(d, env, reason, error, tb, attempts, started)
+            self._dead(d, env, reason, error, tb=tb, attempts=attempts, started=started)
             rt.metrics.job_done(d.queue, env.task, "dead", time.perf_counter() - t0)
             return
         delay = backoff_delay(task, env.attempt) if delay_s is None else delay_s
@@ -494,9 +502,10 @@ class Pool:
         self._settle(d.queue, Settle("R", d.eid, env.id, nxt, round(delay * 1000)))
         rt.metrics.job_done(d.queue, env.task, "retried", time.perf_counter() - t0)
 
-    def _dead(self, d: Delivery, env: Envelope, reason: str, error: str, tb: str | None,
+    def _dead(self, d: Delivery, env: Envelope, reason: str, error: str, *, tb: str | None,
               attempts: int, started: float | None = None) -> None:
-        death = death_record(env, d.queue, self.rt.name, reason, error, tb, attempts, started)
+        death = death_record(env, d.queue, self.rt.name, reason, error, tb=tb,
+                             attempts=attempts, started=started)
         if self.rt.events is not None:
             self.rt.events.record("dead", env.id, d.queue, env.task, attempt=attempts,
                                   lost=env.lost, ts_ms=_ms(), error=error, reason=reason)
@@ -602,7 +611,7 @@ class Pool:
                     for q, eids in held.items():
                         for i in range(0, len(eids), 1000):
                             p.xclaim(QueueKeys(cfg.redis.prefix, q).stream, GROUP, rt.name, 0,
-                                     eids[i:i + 1000], justid=True)
+                                     list[Any](eids[i:i + 1000]), justid=True)
                     await p.execute()
             except Exception as e:
                 if not rt.is_redis_error(e):

@@ -25,7 +25,7 @@ async def publish(rt: Runtime, cfg: Config | None = None) -> None:
     r = rt.redis
     g = GlobalKeys(cfg.redis.prefix)
     routing = cfg.routing()
-    known = {m.decode() for m in await r.smembers(g.queues)}
+    known = {m.decode() if isinstance(m, bytes) else m for m in await r.smembers(g.queues)}
     async with r.pipeline(transaction=True) as p:
         p.delete(g.routing)
         if routing:

@@ -15,12 +15,19 @@ the lock simply expires. Each round, for every queue:
 A reclaim counts a delivery (``lost``); a job lost ``reaper.max_deliveries``
 times goes to the dead-letter queue with reason ``worker_lost`` instead of
 killing the next worker. Reclaims never use up exception retries.
+
+Bystanders: a poison job that kills its worker takes the jobs running beside it
+down too. Re-added side by side they would be fetched together again and die
+with it three times. So when a dead consumer held more than one job, they come
+back spread at random over `SPREAD_S` (through the delayed set), and the
+culprit soon runs without the same companions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -36,6 +43,7 @@ from jobqd.runtime import Backoff, Runtime
 log = logging.getLogger("jobqd.reaper")
 
 CLAIM_BATCH = 100
+SPREAD_S = 1.0  # reclaimed jobs of one dead consumer come back spread over this window
 
 
 def _s(v: Any) -> str:
@@ -91,7 +99,7 @@ async def _reclaim_consumer(rt: Runtime, qk: QueueKeys, q: str, name: str,
                                       consumername=name)
         if not rows:
             return
-        ids = [row["message_id"] for row in rows]
+        ids: list[Any] = [row["message_id"] for row in rows]
         entries = await r.xclaim(qk.stream, GROUP, rt.name, 0, ids)
         present = {e[0] for e in entries if e and e[1] is not None}
         gone = [i for i in ids if i not in present]
@@ -126,13 +134,16 @@ async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
                       extra={"job_id": env.id, "task": env.task, "queue": q})
             out.append(Settle("D", eid, env.id, env.next(lost=lost), death_record(
                 env, q, rt.name, "worker_lost", f"worker lost {lost} times ({reason})",
-                attempts=env.attempt)))
+                attempts=env.attempt, lost=lost)))
             counts["dead"] += 1
             rt.metrics.job_done(q, env.task, "dead", 0.0)
             if rt.events is not None:
                 rt.events.record("dead", env.id, q, env.task, attempt=env.attempt, lost=lost,
                                  ts_ms=time.time() * 1000, error=f"worker lost {lost} times",
                                  reason="worker_lost")
+        elif len(entries) > 1:
+            delay_ms = round(random.uniform(0, SPREAD_S) * 1000)
+            out.append(Settle("R", eid, env.id, env.next(lost=lost), delay_ms))
         else:
             out.append(Settle("B", eid, env.id, env.next(lost=lost), 0))
         counts[reason] += 1

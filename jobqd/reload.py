@@ -33,8 +33,7 @@ RESTART_KEYS = ("redis", "http", "postgres", "state_dir")
 DEBOUNCE_MS = 300
 
 
-async def reload(rt: Runtime, resize: Callable[[int], None],
-                 on_applied: Callable[[], Awaitable[None]] | None = None) -> bool:
+async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
     """Reload the config file; True when the new config was applied."""
     old = rt.config
     try:
@@ -70,20 +69,24 @@ async def reload(rt: Runtime, resize: Callable[[int], None],
     rt.health.last_reload_error = None
     rt.metrics.reloads.labels("ok").inc()
     log.info("config reloaded from %s", old.path)
-    if on_applied is not None:
-        await on_applied()
     return True
 
 
 async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Event,
               stop: asyncio.Event, *, watch: bool = True,
-              on_reload: Callable[[bool], Awaitable[None]] | None = None) -> None:
-    """Reload on each `requests` (SIGHUP) and on each change of the config file."""
+              before: Callable[[], Awaitable[None]] | None = None,
+              after: Callable[[bool], Awaitable[None]] | None = None) -> None:
+    """Reload on each `requests` (SIGHUP) and on each change of the config file.
+
+    `before` and `after(ok)` bracket every reload (systemd RELOADING=1 / READY=1).
+    """
 
     async def apply() -> None:
+        if before is not None:
+            await before()
         ok = await reload(rt, resize)
-        if on_reload is not None:
-            await on_reload(ok)
+        if after is not None:
+            await after(ok)
 
     async def on_signal() -> None:
         while not stop.is_set():
@@ -100,7 +103,7 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
                 await apply()
 
     async def on_file() -> None:
-        path = Path(rt.config.path).resolve()
+        path = Path(rt.config.path).resolve()  # noqa: ASYNC240 - one stat at start
         target = os.fspath(path)
 
         def only_config(_change: watchfiles.Change, changed: str) -> bool:
@@ -109,7 +112,8 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
         async for _ in watchfiles.awatch(path.parent, watch_filter=only_config,
                                          stop_event=stop, debounce=DEBOUNCE_MS,
                                          recursive=False, rust_timeout=1000):
-            if not path.exists():  # mid-replace by an editor: the next event brings it
+            # mid-replace by an editor: the next event brings the new file
+            if not os.path.exists(target):  # noqa: ASYNC240 - one stat per change
                 continue
             log.info("config file changed: reloading %s", target)
             await apply()

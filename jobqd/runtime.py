@@ -60,6 +60,7 @@ class Runtime:
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"))
     started_at: float = field(default_factory=time.time)
     config_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    consumers_started: asyncio.Event = field(default_factory=asyncio.Event)
     pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
     events: JobEvents | None = None  # job lifecycle sink (the ledger), if configured
 
@@ -97,7 +98,7 @@ class Backoff:
         self.n = 0
 
     def next(self) -> float:
-        d = min(self.max_s, self.first_s * 2**self.n)
+        d = float(min(self.max_s, self.first_s * 2.0**self.n))
         self.n += 1
         return d
 

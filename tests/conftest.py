@@ -231,6 +231,8 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        with contextlib.suppress(Exception):
+            self._log.close()
 
 
 @pytest.fixture
@@ -251,7 +253,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema for this test, dropped afterwards."""
-    import asyncpg  # noqa: PLC0415
+    import asyncpg
 
     schema = "t_" + uuid.uuid4().hex[:12]
 

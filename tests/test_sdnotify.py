@@ -367,7 +367,7 @@ async def test_blocked_event_loop_stops_pings(
     stop, collector_stop = asyncio.Event(), asyncio.Event()
     pinger = asyncio.create_task(run_watchdog(Notifier(), stop))
     await asyncio.sleep(0.12)
-    time.sleep(0.4)  # block the loop  # noqa: ASYNC251
+    time.sleep(0.4)  # block the loop
     collector = asyncio.create_task(_collect(receiver, got, collector_stop))
     await asyncio.sleep(0.12)
     stop.set()
