@@ -8,6 +8,7 @@ systemd can tell a config error (78) from an unreachable Redis (69).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -88,9 +89,44 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        info = c.status(args.job_id)
+    cfg = config.load(args.config, import_handlers=False)
+    with SyncClient(cfg.redis_url, cfg.redis.prefix) as c:
+        try:
+            info = c.status(args.job_id)
+        except JobNotFound:
+            if not cfg.postgres.ledger:
+                raise
+            from jobqd import ledger  # noqa: PLC0415 - only with PostgreSQL
+
+            found = asyncio.run(ledger.lookup(cfg, args.job_id))  # Redis record expired
+            if found is None:
+                raise
+            info = found
     _out(info.to_dict())
+    return ExitCode.OK
+
+
+def _needs_postgres(cfg: config.Config, what: str) -> None:
+    if not cfg.postgres.dsn:
+        raise ConfigError(f"{what} needs postgres.dsn", path=cfg.path, key="postgres.dsn")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, import_handlers=False)
+    _needs_postgres(cfg, "jobqd migrate")
+    from jobqd import pg  # noqa: PLC0415
+
+    applied = asyncio.run(pg.migrate_cli(cfg))
+    sys.stdout.write(f"applied migrations: {applied}\n" if applied else "schema up to date\n")
+    return ExitCode.OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, import_handlers=False)
+    _needs_postgres(cfg, "jobqd recover")
+    from jobqd import outbox  # noqa: PLC0415
+
+    _out(asyncio.run(outbox.recover(cfg)))
     return ExitCode.OK
 
 
@@ -188,6 +224,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _workers(c: SyncClient, cfg: config.Config) -> list[dict[str, Any]]:
     from jobqd.keys import GlobalKeys  # noqa: PLC0415
 
+    if cfg.postgres.dsn:  # heartbeats live in PostgreSQL
+        from jobqd import pg  # noqa: PLC0415
+
+        rows = asyncio.run(pg.list_workers(cfg))
+        return sorted((dict(w) for w in rows if (age := w.get("heartbeat_age_s")) is not None
+                       and float(age) < cfg.heartbeat.timeout_s),  # type: ignore[arg-type]
+                      key=lambda i: str(i["name"]))
+
     g = GlobalKeys(cfg.redis.prefix)
     sec, usec = c.redis.time()
     now_ms = sec * 1000 + usec // 1000
@@ -257,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     wset.add_argument("assignments", nargs="+", metavar="QUEUE=WEIGHT")
     w.set_defaults(fn=cmd_weights)
 
+    sub.add_parser("migrate", help="apply PostgreSQL schema migrations (also done at start)"
+                   ).set_defaults(fn=cmd_migrate)
+    sub.add_parser("recover", help="after Redis data loss: re-publish unfinished outbox jobs "
+                   "that Redis no longer holds (idempotent)").set_defaults(fn=cmd_recover)
+
     st = sub.add_parser("stats", help="queues, workers and dead letters on one screen")
     st.add_argument("--json", action="store_true")
     st.add_argument("--interval-s", type=float, default=1.0, help="rate sampling window")
@@ -279,7 +328,10 @@ _ERRORS: list[tuple[type[BaseException], ExitCode, Callable[[BaseException], str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (64), --help and --version (0)
+        return int(e.code or 0)
     if args.config is None:
         args.config = config.default_path()
     if args.command != "run":

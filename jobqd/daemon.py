@@ -148,6 +148,10 @@ class Daemon:
         try:
             await publish.publish(rt)
             await weights.publish(rt)
+            if self.cfg.postgres.ledger:
+                from jobqd.ledger import Ledger  # noqa: PLC0415 - only with PostgreSQL
+
+                rt.events = Ledger(rt)
             store = heartbeat.make_store(rt)
             starter = getattr(store, "start", None)
             if starter is not None:
@@ -198,14 +202,18 @@ class Daemon:
                         after=self._reload_done))),
                     tg.create_task(self._announce(rt)),
                 ]
+                if rt.config.postgres.dsn:
+                    from jobqd import outbox  # noqa: PLC0415 - only with PostgreSQL
+
+                    bg.append(tg.create_task(guarded("outbox", outbox.run(rt, bg_stop))))
                 force_task = tg.create_task(forced())
                 pool_task = tg.create_task(guarded("pool", pool.run(rt.stop_event)))
                 await pool_task
                 bg_stop.set()
                 await asyncio.wait(bg, timeout=rt.config.shutdown.handback_timeout_s)
                 last_stop.set()
-                if last:
-                    await asyncio.wait(last, timeout=rt.config.shutdown.handback_timeout_s)
+                if last:  # the ledger writes out the drain's last events here
+                    await asyncio.wait(last, timeout=rt.config.shutdown.handback_timeout_s + 6)
                 force_task.cancel()
                 for t in (*bg, *last):
                     t.cancel()
@@ -222,7 +230,12 @@ class Daemon:
                          stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
         """Components that close after everything else: the HTTP port, the watchdog."""
         handback = rt.config.shutdown.handback_timeout_s
+        extra: list[Coroutine[Any, Any, None]] = []
+        run_events = getattr(rt.events, "run", None)
+        if run_events is not None:  # the ledger: flushed after the pool's final events
+            extra.append(guarded("ledger", run_events(stop)))
         return [
+            *extra,
             guarded("http", http.run(rt, stop, on_bound=self._http_on_bound,
                                      shutdown_timeout_s=min(2.0, handback / 2))),
             guarded("watchdog", sdnotify.run_watchdog(self.notifier, stop,

@@ -399,7 +399,12 @@ async def job_status(request: web.Request) -> web.Response:
     try:
         info = await st.run(ops.status(st.runtime.config.redis.prefix, job_id))
     except JobNotFound:
-        raise ApiError(404, f"no job {job_id!r}") from None
+        # the Redis record expired (results.ttl_s): the ledger remembers longer
+        lookup = getattr(st.runtime.events, "lookup", None)
+        found = await lookup(job_id) if lookup is not None else None
+        if found is None:
+            raise ApiError(404, f"no job {job_id!r}") from None
+        info = found
     return json_response(info.to_dict())
 
 

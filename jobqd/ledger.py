@@ -297,6 +297,10 @@ class Ledger:
             log.info("ledger: pruned %d job(s) older than %d days", total, days)
         return total
 
+    async def lookup(self, job_id: str) -> JobInfo | None:
+        """`lookup` on this ledger's own pool (for the daemon's HTTP status fallback)."""
+        return await lookup(await self.db.get(), job_id)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop`, then drain what is left (bounded by DRAIN_TIMEOUT_S)."""
         backoff = Backoff(0.2, 10.0)

@@ -350,6 +350,28 @@ class PgHeartbeats:
         return out
 
 
+async def list_workers(cfg: Config) -> list[dict[str, object]]:
+    """The workers of ``cfg``'s prefix from PostgreSQL heartbeats (for ``jobqd stats``);
+    same shape as `PgHeartbeats.workers`, sorted by name."""
+    conn = await connect(cfg)
+    try:
+        rows = await conn.fetch(
+            "SELECT name, info, extract(epoch FROM now() - last_beat)::float8 AS age "
+            "FROM workers WHERE prefix = $1 ORDER BY name", cfg.redis.prefix)
+    except asyncpg.UndefinedTableError:  # never migrated: no daemon ever beat here
+        return []
+    finally:
+        await conn.close()
+    out: list[dict[str, object]] = []
+    for r in rows:
+        info = orjson.loads(r["info"])
+        info = info if isinstance(info, dict) else {}
+        info["name"] = r["name"]
+        info["heartbeat_age_s"] = float(r["age"])
+        out.append(info)
+    return out
+
+
 async def migrate_cli(cfg: Config, *, schema: str | None = None) -> list[int]:
     """`jobqd migrate`: apply the missing migrations; returns the versions applied."""
     conn = await connect(cfg)

@@ -136,6 +136,8 @@ async def test_lifecycle_is_recorded_and_status_falls_back_to_the_ledger(
     info2 = await ledger.lookup(cfg, retried.id)
     assert info2 is not None and info2.status == "succeeded" and info2.attempts == 2
     assert await ledger.lookup(cfg, "01ARZ3NDEKTSV4RRFFQ69G5FAV-default") is None
+    assert d.daemon.ledger is not None
+    assert await d.daemon.ledger.lookup(ok.id) == info  # the daemon's own pool
     assert isinstance(d.daemon, LedgerDaemon) and d.daemon.ledger is not None
     assert d.daemon.ledger.dropped == 0
 

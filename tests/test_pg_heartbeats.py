@@ -101,6 +101,8 @@ async def test_beat_alive_workers_remove(make_rt: Callable[..., Runtime], pg_sch
         assert await store.alive(5.0) == {"a"}
         assert await store.alive(60.0) == {"a", "b"}
         workers = {w["name"]: w for w in await store.workers()}
+        listed = await pg.list_workers(rt.config)  # what `jobqd stats` would show
+        assert [w["name"] for w in listed] == ["a", "b"] and listed[0]["running"] == 3
         assert workers["a"]["running"] == 3 and workers["a"]["host"] == "h1"
         age = workers["b"]["heartbeat_age_s"]
         assert isinstance(age, float) and 29 < age < 40
