@@ -111,6 +111,16 @@ def _needs_postgres(cfg: config.Config, what: str) -> None:
         raise ConfigError(f"{what} needs postgres.dsn", path=cfg.path, key="postgres.dsn")
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    from jobqd.publish import publish_config  # noqa: PLC0415
+
+    asyncio.run(publish_config(cfg))
+    sys.stdout.write(f"published {len(cfg.tasks)} tasks on {len(cfg.queues)} queues under "
+                     f"prefix {cfg.redis.prefix!r}\n")
+    return ExitCode.OK
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, import_handlers=False)
     _needs_postgres(cfg, "jobqd migrate")
@@ -301,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     wset.add_argument("assignments", nargs="+", metavar="QUEUE=WEIGHT")
     w.set_defaults(fn=cmd_weights)
 
+    sub.add_parser("publish", help="publish the routing and queue settings to Redis without "
+                   "running a daemon (a deploy step)").set_defaults(fn=cmd_publish)
     sub.add_parser("migrate", help="apply PostgreSQL schema migrations (also done at start)"
                    ).set_defaults(fn=cmd_migrate)
     sub.add_parser("recover", help="after Redis data loss: re-publish unfinished outbox jobs "

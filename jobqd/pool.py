@@ -32,7 +32,7 @@ import logging
 import random
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,7 @@ from jobqd.weights import SmoothWRR
 log = logging.getLogger("jobqd.pool")
 
 BLOCK_MS = 2000  # longest blocking XREADGROUP when every queue is empty
+DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
 ACK_CHUNK = 500  # entries per COMPLETE call
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -129,6 +130,46 @@ def death_record(env: Envelope | None, queue: str, worker: str, reason: str, err
         "task": env.task if env else None, "queue": queue, "worker": worker})
 
 
+class Handoff:
+    """The FIFO between the fetcher and the consumers.
+
+    Cheaper than asyncio.Queue on the hot path: a waiting consumer is handed the
+    delivery directly. A consumer cancelled after being handed one puts it back.
+    """
+
+    def __init__(self) -> None:
+        self.items: deque[Delivery | None] = deque()
+        self.waiters: deque[asyncio.Future[Delivery | None]] = deque()
+
+    def put(self, d: Delivery | None) -> None:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(d)
+                return
+        self.items.append(d)
+
+    async def get(self) -> Delivery | None:
+        if self.items:
+            return self.items.popleft()
+        fut: asyncio.Future[Delivery | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.items.appendleft(fut.result())
+            raise
+
+    def take_all(self) -> list[Delivery | None]:
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def backoff_delay(task: TaskConfig, failed_attempts: int) -> float:
     """Exponential backoff with full jitter: min(base * 2**n, max) * random()."""
     b = task.retry_backoff
@@ -147,7 +188,7 @@ class Pool:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.wrr = SmoothWRR()
-        self.buffer: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self.buffer = Handoff()
         self.held: dict[str, dict[bytes, Delivery]] = {}
         self.n_held = 0
         self.running = 0
@@ -161,6 +202,8 @@ class Pool:
         self.empty: set[str] = set()
         self.groups: set[str] = set()
         self.consumers: dict[asyncio.Task[None], Delivery | None] = {}
+        self.deadlines: dict[asyncio.Task[None], float] = {}  # consumer -> job deadline
+        self.timed_out: set[asyncio.Task[None]] = set()
         self.retiring = 0
         # Threads for plain-def handlers are made on demand; at most `consumers` are busy
         # with live jobs. The generous cap means a timed-out handler that keeps its
@@ -179,6 +222,7 @@ class Pool:
                 self.tg = tg
                 acker = tg.create_task(self._ack_loop(), name="jobqd-acker")
                 renewer = tg.create_task(self._renew_loop(), name="jobqd-lease-renewal")
+                deadlines = tg.create_task(self._deadline_loop(), name="jobqd-timeouts")
                 self.resize(self.capacity)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
@@ -187,6 +231,7 @@ class Pool:
                 await self._drain()
                 acker.cancel()
                 renewer.cancel()
+                deadlines.cancel()
         finally:
             rt.health.consumers_running = False
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -202,7 +247,7 @@ class Pool:
             t.add_done_callback(self._consumer_done)
         for _ in range(live - n):
             self.retiring += 1
-            self.buffer.put_nowait(None)
+            self.buffer.put(None)
         self.slot_freed.set()
 
     def _consumer_done(self, t: asyncio.Task[None]) -> None:
@@ -219,14 +264,12 @@ class Pool:
                 await self.fetch_task
         # 2. fetched but not started: back at once, no attempt used
         handed = 0
-        while not self.buffer.empty():
-            d = self.buffer.get_nowait()
-            if d is None:
-                continue
-            self._handback(d)
-            handed += 1
+        for d in self.buffer.take_all():
+            if d is not None:
+                self._handback(d)
+                handed += 1
         for _ in range(len(self.consumers)):
-            self.buffer.put_nowait(None)  # idle consumers exit
+            self.buffer.put(None)  # idle consumers exit
         # 3. running jobs get drain_timeout_s
         log.info("draining: %d running, %d not started handed back", self.running, handed)
         if self.running:
@@ -234,6 +277,7 @@ class Pool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), cfg.shutdown.drain_timeout_s)
         # 4. the rest are cancelled and handed back for immediate redelivery
+        self.deadlines.clear()  # from here on a cancellation means: hand back
         busy = [t for t, d in self.consumers.items() if d is not None]
         if busy:
             log.warning("drain timeout (%gs): cancelling %d running jobs and handing them back",
@@ -371,7 +415,7 @@ class Pool:
         d = Delivery(q, eid, fields)
         self.held.setdefault(q, {})[eid] = d
         self.n_held += 1
-        self.buffer.put_nowait(d)
+        self.buffer.put(d)
 
     # ------------------------------------------------------------ running
 
@@ -387,14 +431,14 @@ class Pool:
             self.consumers[me] = d
             self.running += 1
             try:
-                await self._execute(d)
+                await self._execute(d, me)
             finally:
                 self.running -= 1
                 self.consumers[me] = None
                 if not self.running:
                     self.idle.set()
 
-    async def _execute(self, d: Delivery) -> None:
+    async def _execute(self, d: Delivery, me: asyncio.Task[None]) -> None:
         rt = self.rt
         cfg = rt.config  # this job runs under the config it started with
         raw = d.fields.get(b"j")
@@ -420,15 +464,21 @@ class Pool:
         token = _current.set(CurrentJob(id=env.id, task=env.task, queue=d.queue,
                                         attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000))
         t0 = time.perf_counter()
+        if task.timeout_s is not None:
+            self.deadlines[me] = time.monotonic() + task.timeout_s
         try:
             result = await self._call(task, env)
             payload = orjson.dumps({"status": "succeeded", "task": env.task, "result": result,
                                     "attempts": env.attempt + 1, "lost": env.lost,
                                     "enq": env.enq_ms, "started": started, "finished": _ms()})
         except asyncio.CancelledError:
-            # drain timeout or forced stop: back for immediate redelivery, no attempt used
-            self._handback(d, env)
-            raise
+            if not self._timed_out(me):
+                # drain timeout or forced stop: back for immediate redelivery, no attempt used
+                self._handback(d, env)
+                raise
+            assert task.timeout_s is not None
+            self._failed(d, env, task, "timeout", f"timed out after {task.timeout_s:g}s",
+                         tb=None, started=started, t0=t0)
         except Retry as e:
             self._failed(d, env, task, "retry", e.reason, tb=None, started=started, t0=t0,
                          delay_s=e.delay_s)
@@ -436,13 +486,6 @@ class Pool:
             self._dead(d, env, "failed", e.reason, tb=None, attempts=env.attempt + 1,
                        started=started)
             rt.metrics.job_done(d.queue, env.task, "dead", time.perf_counter() - t0)
-        except TimeoutError as e:
-            timed_out = getattr(e, "jobqd_timeout", False)
-            kind = "timeout" if timed_out else "error"
-            msg = (f"timed out after {task.timeout_s:g}s" if timed_out
-                   else _error_text(e))
-            self._failed(d, env, task, kind, msg, tb=None if timed_out else _tb(e),
-                         started=started, t0=t0)
         except Exception as e:
             self._failed(d, env, task, "error", _error_text(e), tb=_tb(e), started=started,
                          t0=t0)
@@ -453,32 +496,41 @@ class Pool:
                 events.record("succeeded", env.id, d.queue, env.task, attempt=env.attempt + 1,
                               lost=env.lost, ts_ms=_ms(), result=result)
         finally:
+            self.deadlines.pop(me, None)
             _current.reset(token)
 
     async def _call(self, task: TaskConfig, env: Envelope) -> Any:
         if task.is_async:
-            if task.timeout_s is None:
-                return await task.fn(**env.args)
-            try:
-                async with asyncio.timeout(task.timeout_s) as cm:
-                    return await task.fn(**env.args)
-            except TimeoutError as e:
-                if cm.expired():
-                    e.jobqd_timeout = True  # type: ignore[attr-defined]
-                raise
+            return await task.fn(**env.args)
         # A plain def runs in a thread. A thread cannot be killed: at the deadline we
         # stop waiting and count a timeout; the thread finishes on its own (documented).
         ctx = contextvars.copy_context()
-        fut = asyncio.get_running_loop().run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             self.executor, functools.partial(ctx.run, task.fn, **env.args))
-        if task.timeout_s is None:
-            return await fut
-        try:
-            return await asyncio.wait_for(fut, task.timeout_s)
-        except TimeoutError as e:
-            if not fut.done() or fut.cancelled():
-                e.jobqd_timeout = True  # type: ignore[attr-defined]
-            raise
+
+    def _timed_out(self, me: asyncio.Task[None]) -> bool:
+        """Was this cancellation our deadline (and nothing else)? Then swallow it."""
+        if me not in self.timed_out:
+            return False
+        self.timed_out.discard(me)
+        return me.uncancel() == 0
+
+    async def _deadline_loop(self) -> None:
+        """Job timeouts: one coarse timer for the pool instead of one per job.
+
+        A consumer past its deadline is cancelled; `_execute` recognises the
+        cancellation as a timeout (a failure: retried or dead-lettered).
+        """
+        while True:
+            await asyncio.sleep(DEADLINE_TICK_S)
+            if not self.deadlines:
+                continue
+            now = time.monotonic()
+            for t, deadline in list(self.deadlines.items()):
+                if deadline <= now and t not in self.timed_out:
+                    del self.deadlines[t]
+                    self.timed_out.add(t)
+                    t.cancel()
 
     # ------------------------------------------------------------ outcomes
 
@@ -620,7 +672,7 @@ class Pool:
 
     def snapshot(self) -> dict[str, int]:
         return {"capacity": self.capacity, "running": self.running,
-                "buffered": self.buffer.qsize(), "held": self.n_held,
+                "buffered": len(self.buffer), "held": self.n_held,
                 "pending_acks": self.n_pending}
 
 

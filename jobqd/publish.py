@@ -20,6 +20,24 @@ from jobqd.runtime import Runtime
 log = logging.getLogger("jobqd.publish")
 
 
+async def publish_config(cfg: Config) -> None:
+    """Publish routing, queue settings and weights without running a daemon
+    (`jobqd publish`: a deploy step, so producers can enqueue before any daemon
+    has started with this prefix)."""
+    import redis.asyncio as aredis  # noqa: PLC0415
+
+    from jobqd import scripts, weights  # noqa: PLC0415
+
+    r = aredis.Redis.from_url(cfg.redis_url)
+    try:
+        rt = Runtime(config=cfg, redis=r)
+        await scripts.preload(r)
+        await publish(rt)
+        await weights.publish(rt)
+    finally:
+        await r.aclose()
+
+
 async def publish(rt: Runtime, cfg: Config | None = None) -> None:
     cfg = cfg or rt.config
     r = rt.redis

@@ -104,3 +104,7 @@ async def unserialisable() -> object:
 
 async def noop() -> None:
     return None
+
+
+async def raise_timeout() -> None:
+    raise TimeoutError("socket timed out")

@@ -357,3 +357,52 @@ async def test_consumer_group_recreated_after_stream_loss(start_daemon: Callable
     await wait_for_status(client, job.id, "succeeded", timeout=15)
     groups = await r.xinfo_groups(stream)
     assert [g["name"] for g in groups] == [GROUP.encode()]
+
+
+async def test_async_timeout_is_a_failure_then_dead(start_daemon: Callable[..., Any],
+                                                    client: Client) -> None:
+    await start_daemon(tasks={"sleep": {"handler": "tests.handlers:sleep", "timeout_s": 0.2,
+                                        "max_retries": 1,
+                                        "retry_backoff": {"base_s": 0.01, "max_s": 0.02}}})
+    t0 = time.monotonic()
+    job = await client.enqueue("sleep", {"seconds": 5})
+    info = await wait_for_status(client, job.id, "dead")
+    assert info.reason == "timeout" and info.error == "timed out after 0.2s"
+    assert info.attempts == 2
+    assert time.monotonic() - t0 < 2.0  # two 0.2 s attempts, not two 5 s ones
+
+
+async def test_sync_timeout_stops_waiting_and_does_not_block_drain(
+        start_daemon: Callable[..., Any], client: Client) -> None:
+    d = await start_daemon(tasks={"sleep_sync": {"handler": "tests.handlers:sleep_sync",
+                                                 "timeout_s": 0.2, "max_retries": 0}})
+    job = await client.enqueue("sleep_sync", {"seconds": 3})
+    info = await wait_for_status(client, job.id, "dead")
+    assert info.reason == "timeout"
+    other = await client.enqueue("noop")  # the pool is not stuck behind the thread
+    await wait_for_status(client, other.id, "succeeded")
+    t0 = time.monotonic()
+    assert await d.stop() == 0
+    assert time.monotonic() - t0 < 2.0  # the stuck thread does not hold the drain
+
+
+async def test_handler_raising_timeout_error_is_an_ordinary_error(
+        start_daemon: Callable[..., Any], client: Client) -> None:
+    await start_daemon(tasks={"raise_timeout": {"handler": "tests.handlers:raise_timeout",
+                                                "max_retries": 0}})
+    job = await client.enqueue("raise_timeout")
+    info = await wait_for_status(client, job.id, "dead")
+    assert info.reason == "max_retries" and "TimeoutError: socket timed out" in (info.error or "")
+
+
+async def test_drain_cancel_is_a_handback_not_a_timeout(start_daemon: Callable[..., Any],
+                                                        client: Client, prefix: str,
+                                                        r: aredis.Redis) -> None:
+    d = await start_daemon(shutdown={"drain_timeout_s": 0.3, "handback_timeout_s": 2},
+                           tasks={"sleep": {"handler": "tests.handlers:sleep",
+                                            "timeout_s": 0.5}})
+    job = await client.enqueue("sleep", {"seconds": 5})
+    await wait_for_status(client, job.id, "running")
+    assert await d.stop() == 0
+    info = await client.status(job.id)
+    assert info.status == "queued" and info.attempts == 0  # handed back, no attempt used
