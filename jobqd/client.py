@@ -6,8 +6,6 @@ Redis URL and prefix, because daemons publish their routing table to Redis.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -17,14 +15,9 @@ import redis.asyncio as aredis
 
 from jobqd import config as config_mod
 from jobqd import ops
-from jobqd.errors import QueueFull
 from jobqd.jobs import Job, JobInfo
 
 DEFAULT_IDEM_TTL_S = 86400.0  # config: idempotency_ttl_s
-
-
-def _backoff(attempt: int) -> float:
-    return float(min(1.0, 0.05 * 2**attempt))
 
 
 class _Base:
@@ -35,10 +28,14 @@ class _Base:
         self.idem_ttl_ms = int(idempotency_ttl_s * 1000)
         self.routing = ops.Routing(prefix)
 
-    def _enqueue_op(self, task: str, args_list: Sequence[Any], queue: str | None,
-                    delay_s: float | None, idem: Sequence[str | None] | None) -> ops.Op:
-        return ops.enqueue(self.prefix, self.routing, task, args_list, queue=queue,
-                           delay_s=delay_s, idempotency_keys=idem, idem_ttl_ms=self.idem_ttl_ms)
+    def _enqueue_op(self, task: str, args_list: Sequence[Any], *, queue: str | None,
+                    delay_s: float | None, idem: Sequence[str | None] | None, wait: bool,
+                    timeout_s: float | None) -> ops.Op:
+        return ops.waiting(
+            lambda: ops.enqueue(self.prefix, self.routing, task, args_list, queue=queue,
+                                delay_s=delay_s, idempotency_keys=idem,
+                                idem_ttl_ms=self.idem_ttl_ms),
+            wait, timeout_s)
 
 
 class Client(_Base):
@@ -79,8 +76,8 @@ class Client(_Base):
                       timeout_s: float | None = None) -> Job:
         """Enqueue one job. With ``wait=True`` a full queue is waited out (up to timeout_s)."""
         idem = None if idempotency_key is None else [idempotency_key]
-        jobs = await self._with_wait(wait, timeout_s,
-                                     lambda: self._enqueue_op(task, [args], queue, delay_s, idem))
+        jobs = await self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s,
+                                                idem=idem, wait=wait, timeout_s=timeout_s))
         return jobs[0]  # type: ignore[no-any-return]
 
     async def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
@@ -90,27 +87,9 @@ class Client(_Base):
         """Enqueue many jobs of one task in one round trip (500 jobs per atomic step)."""
         if not args_list:
             return []
-        return await self._with_wait(  # type: ignore[no-any-return]
-            wait, timeout_s,
-            lambda: self._enqueue_op(task, args_list, queue, delay_s, idempotency_keys))
-
-    async def _with_wait(self, wait: bool, timeout_s: float | None, make: Any) -> Any:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        attempt = 0
-        while True:
-            try:
-                return await self._run(make())
-            except QueueFull as e:
-                if not wait or getattr(e, "accepted", None):
-                    raise
-                pause = _backoff(attempt)
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise
-                    pause = min(pause, left)
-                attempt += 1
-                await asyncio.sleep(pause)
+        return await self._run(self._enqueue_op(  # type: ignore[no-any-return]
+            task, args_list, queue=queue, delay_s=delay_s, idem=idempotency_keys, wait=wait,
+            timeout_s=timeout_s))
 
     async def status(self, job_id: str) -> JobInfo:
         """The job's status; raises `JobNotFound` when no record of it is left."""
@@ -177,8 +156,8 @@ class SyncClient(_Base):
                 idempotency_key: str | None = None, wait: bool = False,
                 timeout_s: float | None = None) -> Job:
         idem = None if idempotency_key is None else [idempotency_key]
-        jobs = self._with_wait(wait, timeout_s,
-                               lambda: self._enqueue_op(task, [args], queue, delay_s, idem))
+        jobs = self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s, idem=idem,
+                                          wait=wait, timeout_s=timeout_s))
         return jobs[0]  # type: ignore[no-any-return]
 
     def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
@@ -187,27 +166,9 @@ class SyncClient(_Base):
                      wait: bool = False, timeout_s: float | None = None) -> list[Job]:
         if not args_list:
             return []
-        return self._with_wait(  # type: ignore[no-any-return]
-            wait, timeout_s,
-            lambda: self._enqueue_op(task, args_list, queue, delay_s, idempotency_keys))
-
-    def _with_wait(self, wait: bool, timeout_s: float | None, make: Any) -> Any:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        attempt = 0
-        while True:
-            try:
-                return self._run(make())
-            except QueueFull as e:
-                if not wait or getattr(e, "accepted", None):
-                    raise
-                pause = _backoff(attempt)
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise
-                    pause = min(pause, left)
-                attempt += 1
-                time.sleep(pause)
+        return self._run(self._enqueue_op(  # type: ignore[no-any-return]
+            task, args_list, queue=queue, delay_s=delay_s, idem=idempotency_keys, wait=wait,
+            timeout_s=timeout_s))
 
     def status(self, job_id: str) -> JobInfo:
         return self._run(ops.status(self.prefix, job_id))  # type: ignore[no-any-return]

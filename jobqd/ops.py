@@ -8,9 +8,10 @@ enqueue, status, dead-letter and admin logic and cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -43,7 +44,12 @@ class Pipe:
     calls: list[Cmd | Eval]
 
 
-Call: TypeAlias = Cmd | Eval | Pipe
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+Call: TypeAlias = Cmd | Eval | Pipe | Sleep
 Op: TypeAlias = Generator[Call, Any, Any]
 
 
@@ -81,6 +87,9 @@ class AsyncRunner:
             return stop.value
 
     async def _exec(self, call: Call) -> Any:
+        if isinstance(call, Sleep):
+            await asyncio.sleep(call.seconds)
+            return None
         if isinstance(call, Cmd):
             return await self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
@@ -121,6 +130,9 @@ class SyncRunner:
             return stop.value
 
     def _exec(self, call: Call) -> Any:
+        if isinstance(call, Sleep):
+            time.sleep(call.seconds)
+            return None
         if isinstance(call, Cmd):
             return self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
@@ -273,6 +285,30 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         if not retry_routing:
             return out
     raise UnknownTask(task)  # pragma: no cover - loop always returns or raises
+
+
+def waiting(make: Callable[[], Op], wait: bool, timeout_s: float | None) -> Op:
+    """Run the op `make()` builds; with `wait`, retry it while the queue is full.
+
+    Backoff 50 ms doubling to 1 s; gives up (re-raising QueueFull) after timeout_s.
+    A batch that was partly accepted is never retried (it would duplicate jobs).
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            return (yield from make())
+        except QueueFull as e:
+            if not wait or getattr(e, "accepted", None):
+                raise
+            pause = min(1.0, 0.05 * 2**attempt)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                pause = min(pause, left)
+            attempt += 1
+            yield Sleep(pause)
 
 
 # ---------------------------------------------------------------- status
