@@ -254,7 +254,11 @@ def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(f"YAML syntax error: {e.problem}", path=path, line=line) from None
+        where = ""
+        if e.context and e.context_mark is not None:  # where the broken construct began
+            where = f" ({e.context} started at line {e.context_mark.line + 1})"
+        raise ConfigError(f"YAML syntax error: {e.problem}{where}", path=path,
+                          line=line) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"YAML error: {e}", path=path) from None
     lines: dict[str, int] = {}

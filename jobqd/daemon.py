@@ -111,8 +111,10 @@ class Daemon:
             except EmbeddedError as e:
                 log.error("%s", e)
                 return None
+        # socket_timeout (above the 2 s blocking read) turns a silently dropped
+        # connection into an error we recover from, instead of a fetcher hung forever
         options: dict[str, Any] = {"decode_responses": False, "health_check_interval": 15,
-                                   "socket_connect_timeout": 5}
+                                   "socket_connect_timeout": 5, "socket_timeout": 10}
         if not cfg.redis_url.startswith("unix://"):
             options["socket_keepalive"] = True
         r = aredis.Redis.from_url(cfg.redis_url, **options)

@@ -14,7 +14,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # a generic failure (CLI: the operation failed, e.g. job not found)
     FORCED = 2  # a second SIGTERM/SIGINT forced exit before the drain finished
     QUEUE_FULL = 3  # `jobqd enqueue`: the queue is over its high watermark
-    UNKNOWN_TASK = 4  # `jobqd enqueue`: no daemon routes that task
+    UNKNOWN_TASK = 4  # no daemon routes that task (or serves that queue: enqueue, weights)
     USAGE = 64  # EX_USAGE: bad command-line arguments or input (e.g. ARGS_JSON)
     UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot connect to Redis / PostgreSQL at start
     SOFTWARE = 70  # EX_SOFTWARE: a component crashed (bug); systemd restarts it

@@ -237,8 +237,10 @@ class Pool:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def resize(self, n: int) -> None:
-        """Grow or shrink the pool without cancelling running jobs."""
-        assert self.tg is not None
+        """Grow or shrink the pool without cancelling running jobs (not while draining)."""
+        if self.tg is None or self.rt.stop_event.is_set():
+            log.info("not resizing the pool to %d: it is stopping", n)
+            return
         live = len(self.consumers) - self.retiring
         self.capacity = n
         for _ in range(n - live):
@@ -315,7 +317,19 @@ class Pool:
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         rt = self.rt
+        orphans = False
         while not stop.is_set():
+            if orphans:
+                try:
+                    await self._adopt_orphans()
+                    orphans = False
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    if not rt.is_redis_error(e):
+                        raise
+                    await asyncio.sleep(backoff.next())
+                    continue
             if self.capacity - self.n_held <= 0:
                 self.slot_freed.clear()
                 if self.capacity - self.n_held <= 0:
@@ -329,6 +343,7 @@ class Pool:
                 if not rt.is_redis_error(e):
                     raise
                 rt.health.redis_ok = False
+                orphans = True  # its reply may be lost with entries delivered to us
                 delay = backoff.next()
                 log.warning("fetch failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
                 await asyncio.sleep(delay)
@@ -337,6 +352,37 @@ class Pool:
                     log.info("redis is back")
                 rt.health.redis_ok = True
                 backoff.reset()
+
+    async def _adopt_orphans(self) -> None:
+        """Entries in this consumer's PEL that it does not hold (an XREADGROUP whose
+        reply was lost delivered them): take them now instead of waiting for the
+        visibility timeout."""
+        rt = self.rt
+        prefix = rt.config.redis.prefix
+        for q in list(self.groups):
+            stream = QueueKeys(prefix, q).stream
+            start: Any = "0"
+            while True:
+                reply: Any = await rt.redis.xreadgroup(GROUP, rt.name, {stream: start},
+                                                       count=500)
+                raw = reply if isinstance(reply, dict) else dict(reply or [])
+                entries = raw.get(stream.encode()) or []
+                if not entries:
+                    break
+                held = self.held.get(q, {})
+                gone = []
+                for eid, fields in entries:
+                    if eid in held:
+                        continue
+                    if not fields:
+                        gone.append(eid)
+                        continue
+                    log.warning("taking back entry %s of %s delivered by a lost fetch reply",
+                                eid.decode(), q)
+                    self._take(q, eid, fields)
+                if gone:
+                    await rt.redis.xack(stream, GROUP, *gone)
+                start = entries[-1][0]
 
     async def _ensure_group(self, q: str) -> None:
         stream = QueueKeys(self.rt.config.redis.prefix, q).stream

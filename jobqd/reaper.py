@@ -50,13 +50,14 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-async def reap_once(rt: Runtime, store: HeartbeatStore) -> dict[str, int]:
+async def reap_once(rt: Runtime, store: HeartbeatStore, *,
+                    liveness: bool = True) -> dict[str, int]:
     """One reaper round; returns counts by reason (for tests and logs)."""
     cfg = rt.config
     r = rt.redis
     counts = {"worker_lost": 0, "stalled": 0, "dead": 0}
-    alive = await store.alive(cfg.heartbeat.timeout_s)
-    if alive is None:
+    alive = await store.alive(cfg.heartbeat.timeout_s) if liveness else None
+    if alive is None and liveness:
         log.warning("heartbeat store unreachable: no reclaim by liveness this round")
     timeout_ms = int(cfg.heartbeat.timeout_s * 1000)
     for q in cfg.queues:
@@ -156,23 +157,32 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
     g = GlobalKeys(rt.config.redis.prefix)
     backoff = Backoff()
     held = False
+    loop = asyncio.get_running_loop()
+    # When Redis came back after an outage (None while unreachable). Every beat
+    # stored before the outage is stale then: live workers get heartbeat.timeout_s
+    # to beat again before the reaper judges them. At start there was no outage.
+    reachable_since: float | None = float("-inf")
     try:
         while not stop.is_set():
             interval = rt.config.reaper.interval_s
             try:
                 got = await scripts.LOCK(rt.redis, [g.reaper_lock],
                                          [rt.name, int(interval * 3000), "acquire"])
+                if reachable_since is None:
+                    reachable_since = loop.time()
                 if got and not held:
                     log.info("this daemon is now the reaper")
                 held = bool(got)
                 if held:
-                    counts = await reap_once(rt, store)
+                    settled = loop.time() - reachable_since >= rt.config.heartbeat.timeout_s
+                    counts = await reap_once(rt, store, liveness=settled)
                     if any(counts.values()):
                         log.info("reaper round: %s", counts)
                 backoff.reset()
             except Exception as e:
                 if not rt.is_redis_error(e):
                     raise
+                reachable_since = None
                 log.warning("reaper cannot reach redis: %s", e)
                 await rt.sleep(backoff.next(), stop)
                 continue

@@ -61,7 +61,11 @@ async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
             raise
         log.warning("config applied, but publishing it to redis failed (%s); retried on the "
                     "next reload or restart", e)
-    if new.consumers != old.consumers:
+    if new.consumers != old.consumers and rt.stop_event.is_set():
+        # a stop arrived while we published: the pool is draining (or gone); a resize now
+        # would add consumers the drain never stops, or hit its finished TaskGroup
+        log.info("consumers: %d -> %d not applied: stopping", old.consumers, new.consumers)
+    elif new.consumers != old.consumers:
         resize(new.consumers)
         log.info("consumers: %d -> %d", old.consumers, new.consumers)
     if new.log.level != old.log.level:
@@ -103,19 +107,23 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
                 await apply()
 
     async def on_file() -> None:
-        path = Path(rt.config.path).resolve()  # noqa: ASYNC240 - one stat at start
-        target = os.fspath(path)
+        # The config path may be a symlink (deploy by `ln -sfn v2.yaml jobqd.yaml`): watch
+        # the link's directory as well as its target's, and match a change against the
+        # link itself or what the link points to *now*, not at start.
+        link = os.path.abspath(rt.config.path)  # noqa: ASYNC240 - no I/O
+        dirs = {os.path.dirname(link),
+                os.fspath(Path(link).resolve().parent)}  # noqa: ASYNC240 - once at start
 
         def only_config(_change: watchfiles.Change, changed: str) -> bool:
-            return os.path.realpath(changed) == target or changed == target
+            return changed == link or os.path.realpath(changed) == os.path.realpath(link)
 
-        async for _ in watchfiles.awatch(path.parent, watch_filter=only_config,
+        async for _ in watchfiles.awatch(*sorted(dirs), watch_filter=only_config,
                                          stop_event=stop, debounce=DEBOUNCE_MS,
                                          recursive=False, rust_timeout=1000):
             # mid-replace by an editor: the next event brings the new file
-            if not os.path.exists(target):  # noqa: ASYNC240 - one stat per change
+            if not os.path.exists(link):  # noqa: ASYNC240 - one stat per change
                 continue
-            log.info("config file changed: reloading %s", target)
+            log.info("config file changed: reloading %s", link)
             await apply()
 
     async with asyncio.TaskGroup() as tg:

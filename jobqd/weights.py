@@ -59,12 +59,35 @@ class SmoothWRR:
         return out
 
 
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _parse(raw: Mapping[bytes | str, bytes | str], key: str) -> dict[str, int]:
+    """A weights hash as {queue: weight}; a value that is not a whole number >= 0 (written
+    by hand, say) is skipped with one warning, so it cannot stop the daemon."""
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        q, text = ops.s(k), ops.s(v)
+        try:
+            w = int(text)
+        except ValueError:
+            w = -1
+        if w < 0:
+            if (key, q, text) not in _warned:
+                _warned.add((key, q, text))
+                log.warning("ignoring weight %r of queue %r in %s: not a whole number >= 0",
+                            text, q, key)
+            continue
+        out[q] = w
+    return out
+
+
 async def publish(rt: Runtime) -> dict[str, int]:
     """Apply YAML weights with the documented precedence; return the effective weights."""
     g = GlobalKeys(rt.config.redis.prefix)
     r = rt.redis
     seed_raw = await r.hgetall(g.weights_seed)
-    seed = {ops.s(k): int(v) for k, v in seed_raw.items()}
+    seed = _parse(seed_raw, g.weights_seed)
     changed = {q.name: q.weight for q in rt.config.queues.values() if seed.get(q.name) != q.weight}
     if changed:
         async with r.pipeline(transaction=True) as p:
@@ -75,8 +98,8 @@ async def publish(rt: Runtime) -> dict[str, int]:
 
 
 async def refresh(rt: Runtime) -> dict[str, int]:
-    raw = await rt.redis.hgetall(GlobalKeys(rt.config.redis.prefix).weights)
-    stored = {ops.s(k): int(v) for k, v in raw.items()}
+    key = GlobalKeys(rt.config.redis.prefix).weights
+    stored = _parse(await rt.redis.hgetall(key), key)
     weights = {q.name: stored.get(q.name, q.weight) for q in rt.config.queues.values()}
     if weights != rt.weights:
         if rt.weights:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -18,16 +19,12 @@ from .conftest import PG_DSN
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    import asyncio  # noqa: PLC0415
-
     code = await asyncio.to_thread(main, list(args))
     out, err = capsys.readouterr()
     return code, out, err
 
 
 async def wait_done(c: Client, job_id: str, status: str = "succeeded") -> None:
-    import asyncio  # noqa: PLC0415
-
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if (await c.status(job_id)).status == status:
@@ -117,9 +114,9 @@ async def test_weights_and_stats(start_daemon: Callable[..., Any],
     assert out.splitlines() == ["a=3", "b=1", "default=1"]
     code, out, _ = await cli(capsys, "-c", cfg, "weights", "set", "b=7")
     assert code == 0 and "b=7" in out
-    code, _, err = await cli(capsys, "-c", cfg, "weights", "set", "b=x")
+    code, _, _ = await cli(capsys, "-c", cfg, "weights", "set", "b=x")
     assert code == ExitCode.USAGE
-    code, _, err = await cli(capsys, "-c", cfg, "weights", "set", "zzz=1")
+    code, _, _ = await cli(capsys, "-c", cfg, "weights", "set", "zzz=1")
     assert code == ExitCode.UNKNOWN_TASK
     jobs = await client.enqueue_many("noop", [{}] * 5)
     await wait_done(client, jobs[-1].id)
