@@ -13,7 +13,6 @@ the routing is published first with `jobqd.publish.publish_config` (what
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import tempfile
 from typing import Any
@@ -96,7 +95,6 @@ class JobqdDriver(c.Driver):
 
     def worker(self, a: argparse.Namespace) -> None:
         import uvloop
-
         from jobqd.daemon import Daemon
 
         cfg = _config(a.redis_url, a.concurrency)
