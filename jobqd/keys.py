@@ -87,3 +87,15 @@ class GlobalKeys:
     @property
     def reaper_lock(self) -> str:  # STRING owner token, PX reaper lease
         return self.prefix + ":reaper:lock"
+
+    def task_tag(self, task: str) -> str:  # hash tag of one task's limit keys
+        return "{" + self.prefix + ":task:" + task + "}"
+
+    def task_running(self, task: str) -> str:  # ZSET job id -> slot lease expiry (ms, Redis clock)
+        return self.task_tag(task) + ":running"
+
+    def task_bucket(self, task: str) -> str:  # HASH t tokens, ts refill (us), q next retry (ms)
+        return self.task_tag(task) + ":bucket"
+
+    def task_waiting(self, task: str) -> str:  # ZSET job id refused for concurrency -> retry ms
+        return self.task_tag(task) + ":waiting"

@@ -46,6 +46,7 @@ from jobqd.config import Config, TaskConfig
 from jobqd.errors import Fail, Retry
 from jobqd.jobs import BadJob, CurrentJob, Envelope, _current, decode_job
 from jobqd.keys import GROUP, QueueKeys
+from jobqd.limits import Limiter, limited
 from jobqd.runtime import Backoff, Runtime
 from jobqd.weights import SmoothWRR
 
@@ -209,6 +210,7 @@ class Pool:
         # with live jobs. The generous cap means a timed-out handler that keeps its
         # thread busy never shrinks the pool: the next job gets a fresh thread.
         self.executor = ThreadPoolExecutor(max_workers=10_000, thread_name_prefix="jobqd-sync")
+        self.limiter = Limiter(rt)  # per-task concurrency and rate limits (all daemons)
         self.tg: asyncio.TaskGroup | None = None
         self.fetch_task: asyncio.Task[None] | None = None
         self._stale_logged = 0
@@ -296,6 +298,8 @@ class Pool:
                       self.n_pending + self.n_held, cfg.shutdown.handback_timeout_s)
         else:
             await self._forget_consumer()
+        # 6. the concurrency slots of every finished or handed-back job released (bounded)
+        await self.limiter.close(cfg.shutdown.handback_timeout_s)
         log.info("drained in %.2fs", time.monotonic() - t0)
 
     async def _wait_acks(self) -> None:
@@ -501,6 +505,16 @@ class Pool:
             self._dead(d, env, "unknown_task", f"no handler for task {env.task!r} in this "
                        "daemon's config", tb=None, attempts=env.attempt)
             return
+        if limited(task):
+            try:
+                wait = await self.limiter.acquire(task, env.id)
+            except asyncio.CancelledError:  # drain: not started, back with no attempt used
+                self._handback(d, env)
+                raise
+            if wait is not None:  # over its limit: back through the delayed set, same attempt
+                self._settle(d.queue, Settle("R", d.eid, env.id, env.next(),
+                                             max(1, round(wait * 1000))))
+                return
         started = _ms()
         rt.metrics.job_started(d.queue, (started - _eid_ms(d.eid)) / 1000.0)
         events = rt.events
@@ -544,6 +558,7 @@ class Pool:
         finally:
             self.deadlines.pop(me, None)
             _current.reset(token)
+            self.limiter.release(task, env.id)  # no-op unless it holds a slot; never blocks
 
     async def _call(self, task: TaskConfig, env: Envelope) -> Any:
         if task.is_async:
@@ -676,7 +691,9 @@ class Pool:
 
     async def _flush(self, batch: dict[str, list[Settle]], cfg: Config) -> None:
         released = 0
+        scheduled = False
         for q, chunk, flags in await settle(self.rt.redis, cfg, batch):
+            scheduled = scheduled or any(s.op == "R" for s in chunk)
             held = self.held.get(q, {})
             for s, flag in zip(chunk, flags, strict=True):
                 if flag == "0":
@@ -686,6 +703,8 @@ class Pool:
         self.n_held -= released
         if released:
             self.slot_freed.set()
+        if scheduled:
+            self.rt.scheduler_wakeup.set()
 
     def _stale(self, q: str, s: Settle) -> None:
         """The entry was no longer ours (the reaper took it back): outcome discarded."""
@@ -701,6 +720,7 @@ class Pool:
             cfg = rt.config
             interval = min(cfg.reaper.visibility_timeout_s / 3, cfg.heartbeat.interval_s)
             await asyncio.sleep(interval)
+            await self.limiter.renew()  # concurrency slot leases; logs Redis errors itself
             held = {q: list(entries) for q, entries in self.held.items() if entries}
             if not held:
                 continue

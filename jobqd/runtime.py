@@ -61,6 +61,8 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     config_changed: asyncio.Event = field(default_factory=asyncio.Event)
     consumers_started: asyncio.Event = field(default_factory=asyncio.Event)
+    # set when this daemon schedules a retry or deferral: the scheduler re-plans its sleep
+    scheduler_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
     events: JobEvents | None = None  # job lifecycle sink (the ledger), if configured
 

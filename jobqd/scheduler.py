@@ -2,7 +2,9 @@
 
 Every daemon runs it; PROMOTE.lua is atomic, so several at once are harmless.
 It sleeps until the next due job, at most `MAX_SLEEP_S`: a job is never run
-before it is due (the Redis clock decides) and at most that much after.
+before it is due (the Redis clock decides). When this daemon schedules a retry
+or a deferral itself it wakes the scheduler, which re-plans at once; a job
+scheduled by another process is promoted at most `MAX_SLEEP_S` late.
 """
 
 from __future__ import annotations
@@ -48,4 +50,16 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
                 raise
             wait = backoff.next()
             log.warning("scheduler cannot reach redis (%s); retrying in %.1fs", e, wait)
-        await rt.sleep(wait, stop)
+        await _sleep(rt, wait, stop)
+
+
+async def _sleep(rt: Runtime, seconds: float, stop: asyncio.Event) -> None:
+    """Sleep until the next due job, a stop, or this daemon scheduling a new one."""
+    wake = rt.scheduler_wakeup
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    wake.clear()

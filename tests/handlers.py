@@ -108,3 +108,25 @@ async def noop() -> None:
 
 async def raise_timeout() -> None:
     raise TimeoutError("socket timed out")
+
+
+async def limit_probe(key: str, sleep_s: float = 0.0) -> None:
+    """For limit tests: count runs per job under hash `key`, log each start as
+    "<runs at once>|<start ms>|<end ms>" (Redis clock) to list `key:log`."""
+    job = current_job()
+    async with _r() as r:
+        async with r.pipeline(transaction=True) as p:
+            p.incr(key + ":cur")
+            p.time()
+            p.hincrby(key, job.id, 1)
+            at_once, (sec, usec), _ = await p.execute()
+        try:
+            if sleep_s:
+                await asyncio.sleep(sleep_s)
+        finally:
+            async with r.pipeline(transaction=True) as p:
+                p.decr(key + ":cur")
+                p.time()
+                _, (sec2, usec2) = await p.execute()
+            await r.rpush(key + ":log", f"{at_once}|{sec * 1000 + usec // 1000}|"
+                                        f"{sec2 * 1000 + usec2 // 1000}")

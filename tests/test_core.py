@@ -406,3 +406,16 @@ async def test_drain_cancel_is_a_handback_not_a_timeout(start_daemon: Callable[.
     assert await d.stop() == 0
     info = await client.status(job.id)
     assert info.status == "queued" and info.attempts == 0  # handed back, no attempt used
+
+
+async def test_short_retry_is_not_held_back_by_the_scheduler_poll(
+        start_daemon: Callable[..., Any], client: Client) -> None:
+    await start_daemon()
+    durations = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        job = await client.enqueue("retry_once", {"delay_s": 0.05})
+        await wait_for_status(client, job.id, "succeeded")
+        durations.append(time.monotonic() - t0)
+    # the pool wakes the scheduler: ~0.05 s, not the 0.5 s poll
+    assert sorted(durations)[2] < 0.3, durations
