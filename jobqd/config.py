@@ -458,7 +458,8 @@ class _Validator:
             raise self.err("consumers", "must be <= 10000")
         max_payload = self.num(top, "", "max_payload_bytes", Config,
                                integer=True, minimum=0)
-        idem_ttl = self.num(top, "", "idempotency_ttl_s", Config, minimum=0)
+        idem_ttl = self.num(top, "", "idempotency_ttl_s", Config, minimum=0.001,
+                            exclusive=False)
         state_dir = str(self.string(top, "", "state_dir", Config))
         pythonpath = self.pythonpath(top.pop("pythonpath", None))
 
@@ -502,7 +503,7 @@ class _Validator:
 
         sec = self.section(top.pop("results", None), "results")
         results = ResultsConfig(ttl_s=self.num(sec, "results", "ttl_s", ResultsConfig,
-                                               minimum=0))
+                                               minimum=0.001, exclusive=False))
         self.done(sec, "results")
 
         sec = self.section(top.pop("weights", None), "weights")

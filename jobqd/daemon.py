@@ -293,9 +293,19 @@ def _safe_url(cfg: Config) -> str:
 
 
 def run_daemon(cfg: Config) -> ExitCode:
-    """Run a daemon on uvloop until it stops; returns the exit code."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without
-        return asyncio.run(Daemon(cfg).run())
-    return uvloop.run(Daemon(cfg).run())
+    """Run a daemon on uvloop until it stops; returns the exit code.
+
+    A sync handler still running in a thread cannot be stopped, and Python would
+    wait for it at exit: then the process ends at once (its job is left to the
+    reaper, like a dead worker's).
+    """
+    import uvloop  # noqa: PLC0415
+
+    daemon = Daemon(cfg)
+    code = uvloop.run(daemon.run())
+    busy = daemon.pool.threads_busy if daemon.pool is not None else 0
+    if busy:
+        log.warning("%d handler threads are still running: exiting without them", busy)
+        logging.shutdown()
+        os._exit(int(code))
+    return code

@@ -7,9 +7,16 @@ caller of `Client.enqueue` must be ready for; handler-side signals (`Retry`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class JobqdError(Exception):
     """Base class of every error jobqd raises deliberately."""
+
+    # For errors of enqueue_many: the jobs that batches before (or beside) the
+    # failing one accepted, so a caller can retry only the rest.
+    accepted: Sequence[Any] = ()
 
 
 class ConfigError(JobqdError):

@@ -21,7 +21,7 @@ import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from jobqd import scripts
-from jobqd.errors import JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import JobNotFound, JobqdError, PayloadTooLarge, QueueFull, UnknownTask
 from jobqd.ids import new_job_id, queue_of
 from jobqd.jobs import BadJob, Job, JobInfo, decode_job, encode_args, encode_job
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
@@ -256,34 +256,39 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             replies = [(yield call)]
         else:
             replies = yield Pipe(calls)
+        # Every chunk ran (one pipeline): collect all accepted jobs first, so an error
+        # in one chunk never hides jobs another chunk created (a caller's retry would
+        # duplicate them). Errors carry `.accepted`.
         out: list[Job] = []
-        retry_routing = False
+        errors = []
         for reply in replies:
-            tag = s(reply[0])
-            if tag == "OK":
+            if s(reply[0]) == "OK":
                 flags = s(reply[1])
                 out += [Job(id=s(jid), task=task, queue=q, created=flag == "1")
                         for jid, flag in zip(reply[2:], flags, strict=True)]
-            elif tag == "UNKNOWN":
-                if queue is not None:
-                    exists = yield cmd("EXISTS", qk.conf)
-                    if not exists:
-                        raise UnknownQueue(q)
-                if refresh or queue is not None or out:
-                    raise UnknownTask(task)
-                retry_routing = True
-                break
-            elif tag == "FULL":
-                depth, high, low = int(reply[1]), int(reply[2]), int(reply[3])
-                err = QueueFull(q, depth, high, low, retry_after_s=1.0)
-                err.accepted = out  # type: ignore[attr-defined]
-                raise err
-            elif tag == "TOOBIG":
-                raise PayloadTooLarge(int(reply[2]), int(reply[3]))
-            else:  # pragma: no cover - the script returns nothing else
-                raise RuntimeError(f"unexpected enqueue reply {reply!r}")
-        if not retry_routing:
+            else:
+                errors.append(reply)
+        if not errors:
             return out
+        reply = errors[0]
+        tag = s(reply[0])
+        err: JobqdError
+        if tag == "UNKNOWN":
+            if queue is not None:
+                exists = yield cmd("EXISTS", qk.conf)
+                if not exists:
+                    raise UnknownQueue(q)
+            if not refresh and queue is None and not out:
+                continue  # a stale routing cache: refresh once and try again
+            err = UnknownTask(task)
+        elif tag == "FULL":
+            err = QueueFull(q, int(reply[1]), int(reply[2]), int(reply[3]), retry_after_s=1.0)
+        elif tag == "TOOBIG":
+            err = PayloadTooLarge(int(reply[2]), int(reply[3]))
+        else:  # pragma: no cover - the script returns nothing else
+            err = JobqdError(f"unexpected enqueue reply {reply!r}")
+        err.accepted = out
+        raise err
     raise UnknownTask(task)  # pragma: no cover - loop always returns or raises
 
 
@@ -299,7 +304,7 @@ def waiting(make: Callable[[], Op], wait: bool, timeout_s: float | None) -> Op:
         try:
             return (yield from make())
         except QueueFull as e:
-            if not wait or getattr(e, "accepted", None):
+            if not wait or e.accepted:
                 raise
             pause = min(1.0, 0.05 * 2**attempt)
             if deadline is not None:

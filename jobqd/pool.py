@@ -30,6 +30,7 @@ import contextvars
 import functools
 import logging
 import random
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -204,6 +205,8 @@ class Pool:
         self.groups: set[str] = set()
         self.consumers: dict[asyncio.Task[None], Delivery | None] = {}
         self.deadlines: dict[asyncio.Task[None], float] = {}  # consumer -> job deadline
+        self.threads_busy = 0  # sync handlers running in threads (they cannot be stopped)
+        self._threads_lock = threading.Lock()
         self.timed_out: set[asyncio.Task[None]] = set()
         self.retiring = 0
         # Threads for plain-def handlers are made on demand; at most `consumers` are busy
@@ -246,7 +249,9 @@ class Pool:
         live = len(self.consumers) - self.retiring
         self.capacity = n
         for _ in range(n - live):
-            t = self.tg.create_task(self._consumer(), name="jobqd-consumer")
+            # not in the task group: a handler that ignores cancellation must not be able
+            # to hold the drain for ever (the drain abandons such a consumer, bounded)
+            t = asyncio.get_running_loop().create_task(self._consumer(), name="jobqd-consumer")
             self.consumers[t] = None
             t.add_done_callback(self._consumer_done)
         for _ in range(live - n):
@@ -256,6 +261,13 @@ class Pool:
 
     def _consumer_done(self, t: asyncio.Task[None]) -> None:
         self.consumers.pop(t, None)
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:  # a bug in the pool itself: stop the daemon the usual way
+            log.error("a consumer crashed", exc_info=exc)
+            self.rt.health.crashed = self.rt.health.crashed or "pool"
+            self.rt.stop("a consumer crashed")
 
     async def _drain(self) -> None:
         rt = self.rt
@@ -266,12 +278,22 @@ class Pool:
             self.fetch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.fetch_task
-        # 2. fetched but not started: back at once, no attempt used
+        # 2. fetched but not started: back at once, no attempt used; also entries a
+        #    cancelled fetch delivered to us whose reply we never read
         handed = 0
         for d in self.buffer.take_all():
             if d is not None:
                 self._handback(d)
                 handed += 1
+        try:
+            orphans = await asyncio.wait_for(self._orphans(), cfg.shutdown.handback_timeout_s)
+        except Exception as e:  # the reaper recovers them (visibility timeout)
+            if not (rt.is_redis_error(e) or isinstance(e, TimeoutError)):
+                raise
+            orphans = []
+        for q, eid, fields in orphans:
+            self._handback(Delivery(q, eid, fields))
+            handed += 1
         for _ in range(len(self.consumers)):
             self.buffer.put(None)  # idle consumers exit
         # 3. running jobs get drain_timeout_s
@@ -290,6 +312,11 @@ class Pool:
                 t.cancel()
         if self.consumers:
             await asyncio.wait(list(self.consumers), timeout=cfg.shutdown.handback_timeout_s)
+        for t, d in list(self.consumers.items()):
+            if d is not None and not t.done():
+                log.error("a handler ignored cancellation; abandoning its consumer (job entry "
+                          "%s of %s is left to the reaper)", d.eid.decode(), d.queue)
+                self._abandon(d)
         # 5. every outcome acked (bounded)
         try:
             await asyncio.wait_for(self._wait_acks(), cfg.shutdown.handback_timeout_s)
@@ -304,17 +331,72 @@ class Pool:
 
     async def _wait_acks(self) -> None:
         while self.n_pending or self.n_held:
+            if not self.n_pending:  # held but nothing to flush yet: wait, do not spin
+                await asyncio.sleep(0.01)
+                continue
             self.ack_wakeup.set()
             self.acks_flushed.clear()
             await self.acks_flushed.wait()
 
+    def _abandon(self, d: Delivery) -> None:
+        """Stop counting an entry we cannot settle; it stays in our PEL for the reaper."""
+        if self.held.get(d.queue, {}).pop(d.eid, None) is not None:
+            self.n_held -= 1
+
     async def _forget_consumer(self) -> None:
-        """Remove this daemon's consumer from every group it owns nothing in."""
-        r = self.rt.redis
-        prefix = self.rt.config.redis.prefix
-        for q in list(self.groups):
-            with contextlib.suppress(Exception):
-                await r.xgroup_delconsumer(QueueKeys(prefix, q).stream, GROUP, self.rt.name)
+        """Remove this daemon's consumer from every group in which it owns nothing.
+
+        Only then: XGROUP DELCONSUMER would drop owned entries from the PEL while they
+        stay in the stream, where no one would ever see them again.
+        """
+        rt = self.rt
+        prefix = rt.config.redis.prefix
+        for q in sorted(self.groups | set(rt.config.queues)):
+            try:
+                gone = await scripts.FORGET_CONSUMER(rt.redis, [QueueKeys(prefix, q).stream],
+                                                     [GROUP, rt.name])
+            except Exception as e:
+                if not rt.is_redis_error(e):
+                    raise
+                continue
+            if not gone:
+                log.warning("this daemon still owns entries in %s: the reaper recovers them", q)
+
+    async def _orphans(self) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Entries in this consumer's PEL that it does not hold: an XREADGROUP whose
+        reply was lost (a dropped connection, a cancelled fetch) delivered them.
+        Entries deleted from the stream meanwhile are acked away."""
+        rt = self.rt
+        prefix = rt.config.redis.prefix
+        out = []
+        for q in sorted(self.groups | set(rt.config.queues)):
+            stream = QueueKeys(prefix, q).stream
+            start: Any = "0"
+            while True:
+                try:
+                    reply: Any = await rt.redis.xreadgroup(GROUP, rt.name, {stream: start},
+                                                           count=500)
+                except ResponseError as e:  # no stream or group (yet): nothing of ours
+                    if "NOGROUP" not in str(e):
+                        raise
+                    break
+                raw = reply if isinstance(reply, dict) else dict(reply or [])
+                entries = raw.get(stream.encode()) or []
+                if not entries:
+                    break
+                held = self.held.get(q, {})
+                gone = []
+                for eid, fields in entries:
+                    if eid in held:
+                        continue
+                    if not fields:
+                        gone.append(eid)
+                    else:
+                        out.append((q, eid, fields))
+                if gone:
+                    await rt.redis.xack(stream, GROUP, *gone)
+                start = entries[-1][0]
+        return out
 
     # ------------------------------------------------------------ fetching
 
@@ -358,35 +440,12 @@ class Pool:
                 backoff.reset()
 
     async def _adopt_orphans(self) -> None:
-        """Entries in this consumer's PEL that it does not hold (an XREADGROUP whose
-        reply was lost delivered them): take them now instead of waiting for the
-        visibility timeout."""
-        rt = self.rt
-        prefix = rt.config.redis.prefix
-        for q in list(self.groups):
-            stream = QueueKeys(prefix, q).stream
-            start: Any = "0"
-            while True:
-                reply: Any = await rt.redis.xreadgroup(GROUP, rt.name, {stream: start},
-                                                       count=500)
-                raw = reply if isinstance(reply, dict) else dict(reply or [])
-                entries = raw.get(stream.encode()) or []
-                if not entries:
-                    break
-                held = self.held.get(q, {})
-                gone = []
-                for eid, fields in entries:
-                    if eid in held:
-                        continue
-                    if not fields:
-                        gone.append(eid)
-                        continue
-                    log.warning("taking back entry %s of %s delivered by a lost fetch reply",
-                                eid.decode(), q)
-                    self._take(q, eid, fields)
-                if gone:
-                    await rt.redis.xack(stream, GROUP, *gone)
-                start = entries[-1][0]
+        """After a failed fetch: run the entries its lost reply delivered to us now,
+        instead of leaving them to the visibility timeout."""
+        for q, eid, fields in await self._orphans():
+            log.warning("taking back entry %s of %s delivered by a lost fetch reply",
+                        eid.decode(), q)
+            self._take(q, eid, fields)
 
     async def _ensure_group(self, q: str) -> None:
         stream = QueueKeys(self.rt.config.redis.prefix, q).stream
@@ -528,11 +587,27 @@ class Pool:
             self.deadlines[me] = time.monotonic() + task.timeout_s
         try:
             result = await self._call(task, env)
-            payload = orjson.dumps({"status": "succeeded", "task": env.task, "result": result,
-                                    "attempts": env.attempt + 1, "lost": env.lost,
-                                    "enq": env.enq_ms, "started": started, "finished": _ms()})
+            try:
+                payload = orjson.dumps({"status": "succeeded", "task": env.task,
+                                        "result": result, "attempts": env.attempt + 1,
+                                        "lost": env.lost, "enq": env.enq_ms,
+                                        "started": started, "finished": _ms()})
+            except TypeError as e:
+                # the handler did its work; running it again would repeat its effects
+                self._dead(d, env, "bad_result", f"result is not JSON-serialisable: {e}",
+                           tb=None, attempts=env.attempt + 1, started=started)
+                rt.metrics.job_done(d.queue, env.task, "dead", time.perf_counter() - t0)
+                return
         except asyncio.CancelledError:
             if not self._timed_out(me):
+                if not task.is_async and self.threads_busy:
+                    # a thread cannot be stopped: handing the job back would let another
+                    # worker run it while this thread still does. It stays ours in the
+                    # PEL; when this process exits, the reaper recovers it.
+                    log.warning("job %s is still running in a thread: left to the reaper",
+                                env.id)
+                    self._abandon(d)
+                    raise
                 # drain timeout or forced stop: back for immediate redelivery, no attempt used
                 self._handback(d, env)
                 raise
@@ -557,6 +632,9 @@ class Pool:
                               lost=env.lost, ts_ms=_ms(), result=result)
         finally:
             self.deadlines.pop(me, None)
+            if me in self.timed_out:  # the handler swallowed our deadline's cancellation
+                self.timed_out.discard(me)
+                me.uncancel()
             _current.reset(token)
             self.limiter.release(task, env.id)  # no-op unless it holds a slot; never blocks
 
@@ -567,7 +645,16 @@ class Pool:
         # stop waiting and count a timeout; the thread finishes on its own (documented).
         ctx = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(ctx.run, task.fn, **env.args))
+            self.executor, functools.partial(self._in_thread, ctx, task.fn, env.args))
+
+    def _in_thread(self, ctx: contextvars.Context, fn: Any, args: dict[str, Any]) -> Any:
+        with self._threads_lock:
+            self.threads_busy += 1
+        try:
+            return ctx.run(fn, **args)
+        finally:
+            with self._threads_lock:
+                self.threads_busy -= 1
 
     def _timed_out(self, me: asyncio.Task[None]) -> bool:
         """Was this cancellation our deadline (and nothing else)? Then swallow it."""
@@ -709,8 +796,9 @@ class Pool:
     def _stale(self, q: str, s: Settle) -> None:
         """The entry was no longer ours (the reaper took it back): outcome discarded."""
         self._stale_logged += 1
-        log.warning("job %s in %s was reclaimed while this daemon held it; its outcome (%s) "
-                    "was discarded and the job runs again", s.job_id, q, s.op)
+        log.warning("job %s in %s was already settled (a retried flush whose first reply was "
+                    "lost), or reclaimed while this daemon held it (then it runs again); "
+                    "outcome %s not applied", s.job_id, q, s.op)
 
     # ------------------------------------------------------------ leases
 

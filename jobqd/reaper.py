@@ -43,6 +43,7 @@ from jobqd.runtime import Backoff, Runtime
 log = logging.getLogger("jobqd.reaper")
 
 CLAIM_BATCH = 100
+MAX_SCAN_CALLS = 100  # per queue and round: up to ~100,000 pending entries looked at
 SPREAD_S = 1.0  # reclaimed jobs of one dead consumer come back spread over this window
 
 
@@ -69,25 +70,33 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
                 continue
             for c in consumers:
                 name = _s(c["name"])
-                if name in alive or name == rt.name:
+                if name in alive or name in (rt.name, rt.reaper_name):
+                    continue
+                # silent in the group too: a live owner renews its leases (XCLAIM JUSTID
+                # resets the idle time) far more often than heartbeat.timeout_s. This
+                # also covers a daemon that started after `alive` was read.
+                if int(c["idle"]) <= timeout_ms:
                     continue
                 if int(c["pending"]) > 0:
                     await _reclaim_consumer(rt, qk, q, name, counts)
-                elif int(c["idle"]) > timeout_ms:
-                    await r.xgroup_delconsumer(qk.stream, GROUP, name)
+                elif await scripts.FORGET_CONSUMER(r, [qk.stream], [GROUP, name]):
                     log.info("removed dead consumer %s from %s", name, q)
         start = "0-0"
-        while True:
+        for _ in range(MAX_SCAN_CALLS):  # XAUTOCLAIM scans <= 10 x COUNT entries a call
             try:
-                reply = await r.xautoclaim(qk.stream, GROUP, rt.name,
+                reply = await r.xautoclaim(qk.stream, GROUP, rt.reaper_name,
                                            int(cfg.reaper.visibility_timeout_s * 1000),
                                            start_id=start, count=CLAIM_BATCH)
             except ResponseError:
                 break
             start, entries = _s(reply[0]), reply[1]
-            if entries:
-                await _hand_back(rt, q, entries, "stalled", counts)
-            if start == "0-0" or not entries:
+            gone = [e[0] for e in entries if e and e[0] is not None and e[1] is None]
+            if gone:  # Redis 6.2 claims deleted entries as nil: ack them away
+                await r.xack(qk.stream, GROUP, *gone)
+            live = [e for e in entries if e and e[1] is not None]
+            if live:
+                await _hand_back(rt, q, live, "stalled", counts)
+            if start == "0-0":
                 break
     return counts
 
@@ -101,7 +110,7 @@ async def _reclaim_consumer(rt: Runtime, qk: QueueKeys, q: str, name: str,
         if not rows:
             return
         ids: list[Any] = [row["message_id"] for row in rows]
-        entries = await r.xclaim(qk.stream, GROUP, rt.name, 0, ids)
+        entries = await r.xclaim(qk.stream, GROUP, rt.reaper_name, 0, ids)
         present = {e[0] for e in entries if e and e[1] is not None}
         gone = [i for i in ids if i not in present]
         if gone:  # pending but deleted from the stream: nothing left to run
@@ -153,6 +162,19 @@ async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
         await settle(rt.redis, cfg, {q: out})
 
 
+async def _forget_reaper_consumer(rt: Runtime) -> None:
+    """At exit: drop the reaper's consumer from groups where it owns nothing."""
+    for q in rt.config.queues:
+        try:
+            await asyncio.wait_for(scripts.FORGET_CONSUMER(
+                rt.redis, [QueueKeys(rt.config.redis.prefix, q).stream],
+                [GROUP, rt.reaper_name]), 2.0)
+        except Exception as e:
+            if isinstance(e, ResponseError | TimeoutError) or rt.is_redis_error(e):
+                continue
+            raise
+
+
 async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
     g = GlobalKeys(rt.config.redis.prefix)
     backoff = Backoff()
@@ -188,6 +210,7 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
                 continue
             await rt.sleep(interval, stop)
     finally:
+        await _forget_reaper_consumer(rt)
         if held:
             try:
                 await asyncio.wait_for(

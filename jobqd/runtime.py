@@ -66,6 +66,11 @@ class Runtime:
     pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
     events: JobEvents | None = None  # job lifecycle sink (the ledger), if configured
 
+    @property
+    def reaper_name(self) -> str:
+        """The consumer the reaper claims into (never the pool's own consumer)."""
+        return self.name + ":reaper"
+
     def stop(self, reason: str = "requested") -> None:
         """The one stop path (SIGTERM, SIGINT, a crashed component, tests). Idempotent."""
         if not self.stop_event.is_set():

@@ -49,7 +49,9 @@ DLQ_REPLAY = _load("dlq_replay")
 DLQ_REMOVE = _load("dlq_remove")
 LOCK = _load("lock")
 HEARTBEAT = _load("heartbeat")
-ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT)
+FORGET_CONSUMER = _load("forget_consumer")
+ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
+       FORGET_CONSUMER)
 
 
 async def preload(r: aredis.Redis) -> None:

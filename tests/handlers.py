@@ -130,3 +130,15 @@ async def limit_probe(key: str, sleep_s: float = 0.0) -> None:
                 _, (sec2, usec2) = await p.execute()
             await r.rpush(key + ":log", f"{at_once}|{sec * 1000 + usec // 1000}|"
                                         f"{sec2 * 1000 + usec2 // 1000}")
+
+
+async def swallow_cancel(seconds: float) -> str:
+    """Ignores cancellation (badly written handler) for up to `seconds`, then returns."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        try:
+            await asyncio.sleep(end - loop.time())
+        except asyncio.CancelledError:
+            continue
+    return "swallowed"
