@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 from jobqd import Client, config
 from jobqd.daemon import Daemon
 from jobqd.exitcodes import ExitCode
+from jobqd.runtime import Runtime
 
 REDIS_URL = os.environ.get("JOBQD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("JOBQD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -158,6 +159,33 @@ async def start_daemon(write_config: Callable[..., Path]) -> AsyncIterator[Calla
     for d in started:
         if d.task is not None and not d.task.done():
             await d.stop()
+
+
+@pytest.fixture
+async def make_rt(write_config: Callable[..., Path]) -> AsyncIterator[Callable[..., Runtime]]:
+    """make_rt(**overrides) -> a Runtime on this test's prefix (no daemon running)."""
+    made: list[Runtime] = []
+
+    def make(**over: Any) -> Runtime:
+        rt = Runtime(config=config.load(write_config(**over)),
+                     redis=aredis.Redis.from_url(REDIS_URL))
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        await rt.redis.aclose()
+
+
+async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0,
+                   what: str = "condition") -> None:
+    """Poll an async predicate until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio as aredis
 
 from jobqd import Client, JobNotFound, config, ledger, outbox, pg
 from jobqd.daemon import Daemon
 from jobqd.runtime import Runtime
-from tests.conftest import PG_DSN, REDIS_URL, InProcessDaemon
+from tests.conftest import PG_DSN, InProcessDaemon, wait_for
 
 
 class LedgerDaemon(Daemon):
@@ -57,20 +56,12 @@ async def ledger_daemon(write_config: Callable[..., Path], pg_schema: str,
 
 
 @pytest.fixture
-async def make_rt(write_config: Callable[..., Path], pg_schema: str,
-                  ) -> AsyncIterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
+def ledger_rt(make_rt: Callable[..., Runtime], pg_schema: str) -> Callable[..., Runtime]:
     def make(**over: Any) -> Runtime:
         pgc = {"dsn": PG_DSN, "schema": pg_schema, "ledger": True, **over.pop("postgres", {})}
-        cfg = config.load(write_config(postgres=pgc, **over))
-        rt = Runtime(config=cfg, redis=aredis.Redis.from_url(REDIS_URL))
-        made.append(rt)
-        return rt
+        return make_rt(postgres=pgc, **over)
 
-    yield make
-    for rt in made:
-        await rt.redis.aclose()
+    return make
 
 
 @pytest.fixture
@@ -80,15 +71,6 @@ async def db(pg_schema: str) -> AsyncIterator[asyncpg.Connection]:
     yield conn
     await conn.close()
 
-
-async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 20.0,
-                   what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_lifecycle_is_recorded_and_status_falls_back_to_the_ledger(
@@ -142,9 +124,9 @@ async def test_lifecycle_is_recorded_and_status_falls_back_to_the_ledger(
     assert d.daemon.ledger.dropped == 0
 
 
-async def test_running_and_scheduled_states(make_rt: Callable[..., Runtime],
+async def test_running_and_scheduled_states(ledger_rt: Callable[..., Runtime],
                                             db: asyncpg.Connection) -> None:
-    rt = make_rt()
+    rt = ledger_rt()
     lg = ledger.Ledger(rt)
     jid = "01ARZ3NDEKTSV4RRFFQ69G5FAV-default"
     t = time.time() * 1000
@@ -169,10 +151,10 @@ async def test_running_and_scheduled_states(make_rt: Callable[..., Runtime],
     await lg.db.close()
 
 
-async def test_a_late_older_event_does_not_override(make_rt: Callable[..., Runtime],
+async def test_a_late_older_event_does_not_override(ledger_rt: Callable[..., Runtime],
                                                     db: asyncpg.Connection) -> None:
     # a job retried on daemon A and finished on daemon B: B's batch lands first
-    rt = make_rt()
+    rt = ledger_rt()
     a, b = ledger.Ledger(rt), ledger.Ledger(rt)
     jid = "01ARZ3NDEKTSV4RRFFQ69G5FAW-default"
     t = time.time() * 1000
@@ -190,9 +172,9 @@ async def test_a_late_older_event_does_not_override(make_rt: Callable[..., Runti
     await b.db.close()
 
 
-async def test_buffer_is_bounded_and_drops_oldest(make_rt: Callable[..., Runtime],
+async def test_buffer_is_bounded_and_drops_oldest(ledger_rt: Callable[..., Runtime],
                                                   db: asyncpg.Connection) -> None:
-    rt = make_rt()
+    rt = ledger_rt()
     lg = ledger.Ledger(rt, max_buffer=10)
     for i in range(25):
         lg.record("started", f"01ARZ3NDEKTSV4RRFFQ69G{i:04d}-default", "default", "record",
@@ -206,12 +188,12 @@ async def test_buffer_is_bounded_and_drops_oldest(make_rt: Callable[..., Runtime
 
 
 async def test_postgres_down_buffers_without_blocking_then_stop(
-        make_rt: Callable[..., Runtime]) -> None:
+        ledger_rt: Callable[..., Runtime]) -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    rt = make_rt(postgres={"dsn": f"postgresql://postgres@127.0.0.1:{port}/test"})
+    rt = ledger_rt(postgres={"dsn": f"postgresql://postgres@127.0.0.1:{port}/test"})
     lg = ledger.Ledger(rt)
     stop = asyncio.Event()
     task = asyncio.create_task(lg.run(stop))
@@ -227,9 +209,9 @@ async def test_postgres_down_buffers_without_blocking_then_stop(
     assert lg.dropped == 100  # counted, not silently lost
 
 
-async def test_stop_drains_everything(make_rt: Callable[..., Runtime],
+async def test_stop_drains_everything(ledger_rt: Callable[..., Runtime],
                                       db: asyncpg.Connection) -> None:
-    rt = make_rt()
+    rt = ledger_rt()
     lg = ledger.Ledger(rt)
     stop = asyncio.Event()
     task = asyncio.create_task(lg.run(stop))
@@ -250,9 +232,9 @@ async def test_stop_drains_everything(make_rt: Callable[..., Runtime],
           f"flush {n / elapsed:,.0f} events/s ({n} one-event jobs)")
 
 
-async def test_prune_by_retention(make_rt: Callable[..., Runtime],
+async def test_prune_by_retention(ledger_rt: Callable[..., Runtime],
                                   db: asyncpg.Connection) -> None:
-    rt = make_rt(postgres={"ledger_retention_days": 7})
+    rt = ledger_rt(postgres={"ledger_retention_days": 7})
     lg = ledger.Ledger(rt)
     t = time.time() * 1000
     for i in range(3):
@@ -266,10 +248,10 @@ async def test_prune_by_retention(make_rt: Callable[..., Runtime],
     await lg.db.close()
 
 
-async def test_ledger_marks_outbox_rows_finished(make_rt: Callable[..., Runtime],
+async def test_ledger_marks_outbox_rows_finished(ledger_rt: Callable[..., Runtime],
                                                  db: asyncpg.Connection, pg_schema: str,
                                                  prefix: str) -> None:
-    rt = make_rt()
+    rt = ledger_rt()
     row_id = await outbox.enqueue(db, "record", {}, prefix=prefix, schema=pg_schema)
     jid = "01ARZ3NDEKTSV4RRFFQ69G5FAX-default"
     await db.execute("UPDATE outbox SET published_at = now(), job_id = $1", jid)
@@ -286,9 +268,9 @@ async def test_ledger_marks_outbox_rows_finished(make_rt: Callable[..., Runtime]
     await lg.db.close()
 
 
-async def test_nul_characters_do_not_poison_a_batch(make_rt: Callable[..., Runtime],
+async def test_nul_characters_do_not_poison_a_batch(ledger_rt: Callable[..., Runtime],
                                                     db: asyncpg.Connection) -> None:
-    rt = make_rt()
+    rt = ledger_rt()
     lg = ledger.Ledger(rt)
     t = time.time() * 1000
     lg.record("dead", "01ARZ3NDEKTSV4RRFFQ69G5FAY-default", "default", "record", attempt=1,

@@ -32,19 +32,6 @@ async def pgconn() -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-@pytest.fixture
-async def make_rt(write_config: Callable[..., Path]) -> AsyncIterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**over: Any) -> Runtime:
-        cfg = config.load(write_config(**over))
-        rt = Runtime(config=cfg, redis=aredis.Redis.from_url(REDIS_URL))
-        made.append(rt)
-        return rt
-
-    yield make
-    for rt in made:
-        await rt.redis.aclose()
 
 
 async def test_migrate_is_idempotent(pgconn: asyncpg.Connection, pg_schema: str) -> None:

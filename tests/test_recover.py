@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import redis.asyncio as aredis
 from jobqd import config, ledger, ops, outbox, pg
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
-from tests.conftest import PG_DSN, REDIS_URL, ROOT, DaemonProcess
+from tests.conftest import PG_DSN, REDIS_URL, ROOT, DaemonProcess, wait_for
 
 # `jobqd run` without depending on the CLI module: load the config, run the daemon.
 _RUNNER = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
@@ -89,15 +89,6 @@ class Relay:
         await asyncio.wait_for(self.task, 10)
         await self.rt.redis.aclose()
 
-
-async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0,
-                   what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def delete_prefix(r: aredis.Redis, prefix: str, match: str | None = None) -> int:
