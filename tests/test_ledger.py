@@ -5,54 +5,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
-from jobqd import Client, JobNotFound, config, ledger, outbox, pg
-from jobqd.daemon import Daemon
+from jobqd import Client, JobNotFound, ledger, outbox, pg
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, InProcessDaemon, wait_for
-
-
-class LedgerDaemon(Daemon):
-    """A daemon with the ledger wired in (as daemon.py does once integrated)."""
-
-    ledger: ledger.Ledger | None = None
-
-    def _last_components(self, rt: Runtime, guarded: Callable[[str, Awaitable[Any]],
-                         Coroutine[Any, Any, None]],
-                         stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
-        comps = list(super()._last_components(rt, guarded, stop))
-        if isinstance(rt.events, ledger.Ledger):  # already wired by the daemon itself
-            self.ledger = rt.events
-            return comps
-        self.ledger = ledger.Ledger(rt)
-        rt.events = self.ledger
-        return [*comps, guarded("ledger", self.ledger.run(stop))]
-
-
-@pytest.fixture
-async def ledger_daemon(write_config: Callable[..., Path], pg_schema: str,
-                        ) -> AsyncIterator[Callable[..., Awaitable[InProcessDaemon]]]:
-    started: list[InProcessDaemon] = []
-
-    async def start(**over: Any) -> InProcessDaemon:
-        cfg = config.load(write_config(
-            postgres={"dsn": PG_DSN, "schema": pg_schema, "ledger": True}, **over))
-        d = InProcessDaemon(cfg)
-        d.daemon = LedgerDaemon(cfg, install_signals=False, watch_config=False,
-                                on_ready=d._ready)
-        started.append(await d.start())
-        return d
-
-    yield start
-    for d in started:
-        if d.task is not None and not d.task.done():
-            await d.stop()
 
 
 @pytest.fixture
@@ -74,9 +35,12 @@ async def db(pg_schema: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def test_lifecycle_is_recorded_and_status_falls_back_to_the_ledger(
-        ledger_daemon: Callable[..., Awaitable[InProcessDaemon]], client: Client,
+        start_daemon: Callable[..., Awaitable[InProcessDaemon]], pg_schema: str, client: Client,
         db: asyncpg.Connection, prefix: str) -> None:
-    d = await ledger_daemon(results={"ttl_s": 1})
+    d = await start_daemon(postgres={"dsn": PG_DSN, "schema": pg_schema, "ledger": True},
+                           results={"ttl_s": 1})
+    lg = d.daemon.rt.events  # the daemon wires the ledger itself
+    assert isinstance(lg, ledger.Ledger)
     key = f"{prefix}:runs"
     ok = await client.enqueue("record", {"key": key, "value": {"answer": 42}})
     retried = await client.enqueue("fail_times", {"key": key, "times": 1})
@@ -118,10 +82,8 @@ async def test_lifecycle_is_recorded_and_status_falls_back_to_the_ledger(
     info2 = await ledger.lookup(cfg, retried.id)
     assert info2 is not None and info2.status == "succeeded" and info2.attempts == 2
     assert await ledger.lookup(cfg, "01ARZ3NDEKTSV4RRFFQ69G5FAV-default") is None
-    assert d.daemon.ledger is not None
-    assert await d.daemon.ledger.lookup(ok.id) == info  # the daemon's own pool
-    assert isinstance(d.daemon, LedgerDaemon) and d.daemon.ledger is not None
-    assert d.daemon.ledger.dropped == 0
+    assert await lg.lookup(ok.id) == info  # the daemon's own pool
+    assert lg.dropped == 0
 
 
 async def test_running_and_scheduled_states(ledger_rt: Callable[..., Runtime],
