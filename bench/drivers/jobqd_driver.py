@@ -36,6 +36,16 @@ async def hold(i: int, hold: float) -> None:
     await c.async_hold(i, hold)
 
 
+def _postgres_section() -> str:
+    """bench/jobqd_variants.py sets these to measure PostgreSQL heartbeats / the ledger."""
+    dsn = os.environ.get("JOBQD_BENCH_PG_DSN")
+    if not dsn:
+        return ""
+    schema = os.environ.get("JOBQD_BENCH_PG_SCHEMA", "jobqd_bench")
+    ledger = "true" if os.environ.get("JOBQD_BENCH_LEDGER") == "1" else "false"
+    return f'postgres: {{dsn: "{dsn}", schema: {schema}, ledger: {ledger}}}\n'
+
+
 def _config(url: str, concurrency: int) -> Any:
     from jobqd import config
 
@@ -53,7 +63,7 @@ tasks:
         )
         + """
 log: {level: WARNING}
-"""
+""" + _postgres_section()
     )
     fd, path = tempfile.mkstemp(suffix=".yaml", prefix="jobqd-bench-")
     with os.fdopen(fd, "w") as f:
