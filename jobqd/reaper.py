@@ -162,6 +162,22 @@ async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
         await settle(rt.redis, cfg, {q: out})
 
 
+async def _holder_is_dead(rt: Runtime, store: HeartbeatStore, lock: str) -> bool:
+    """Is the reaper lock held by a daemon whose heartbeat is stale? Then release it
+    (compare-and-delete on its token), instead of waiting up to 3 x reaper.interval_s
+    for it to expire: a killed reaper must not delay the recovery of its own jobs."""
+    holder = await rt.redis.get(lock)
+    if holder is None:
+        return True
+    alive = await store.alive(rt.config.heartbeat.timeout_s)
+    if alive is None or _s(holder) in alive:  # the blip rule: unsure means alive
+        return False
+    released = await scripts.LOCK(rt.redis, [lock], [_s(holder), 0, "release"])
+    if released:
+        log.warning("the reaper %s stopped beating: taking over its lock", _s(holder))
+    return bool(released)
+
+
 async def _forget_reaper_consumer(rt: Runtime) -> None:
     """At exit: drop the reaper's consumer from groups where it owns nothing."""
     for q in rt.config.queues:
@@ -192,11 +208,14 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
                                          [rt.name, int(interval * 3000), "acquire"])
                 if reachable_since is None:
                     reachable_since = loop.time()
+                settled = loop.time() - reachable_since >= rt.config.heartbeat.timeout_s
+                if not got and settled and await _holder_is_dead(rt, store, g.reaper_lock):
+                    got = await scripts.LOCK(rt.redis, [g.reaper_lock],
+                                             [rt.name, int(interval * 3000), "acquire"])
                 if got and not held:
                     log.info("this daemon is now the reaper")
                 held = bool(got)
                 if held:
-                    settled = loop.time() - reachable_since >= rt.config.heartbeat.timeout_s
                     counts = await reap_once(rt, store, liveness=settled)
                     if any(counts.values()):
                         log.info("reaper round: %s", counts)

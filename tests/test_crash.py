@@ -232,3 +232,28 @@ def test_cannot_connect_exit_code(write_config: Callable[..., Any],
     d = spawn(cfg)
     assert d.wait(40) == 69
     assert "cannot connect to redis" in d.log()
+
+
+def test_killed_reaper_does_not_delay_its_own_recovery_by_its_lock(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
+        prefix: str, sync_r: redis.Redis) -> None:
+    # reaper.interval_s 3: the lock lives 9 s; heartbeat.timeout_s 2 says dead sooner
+    cfg = write_config(consumers=8, heartbeat={"interval_s": 0.5, "timeout_s": 2},
+                       reaper={"interval_s": 3, "visibility_timeout_s": 60})
+    a = spawn(cfg)
+    a.wait_ready(prefix)
+    wait_until(lambda: sync_r.get(f"{prefix}:reaper:lock") is not None, 10, "A is the reaper")
+    b = spawn(cfg)
+    b.wait_ready(prefix)
+    key = f"{prefix}:runs"
+    with SyncClient(REDIS_URL, prefix) as c:
+        ids = [j.id for j in c.enqueue_many("sleep", [{"seconds": 30, "key": key}] * 4)]
+        wait_until(lambda: sync_r.hlen(key + ":started") >= 4, 10, "jobs running")
+        on_a = [i for i in ids if (c.status(i).worker or "").split(":")[1] == str(a.pid)]
+        assert on_a, "no job landed on A"
+        a.kill()
+        killed = time.monotonic()
+        wait_until(lambda: all(c.status(i).lost == 1 for i in on_a), 15, "A's jobs reclaimed")
+        took = time.monotonic() - killed
+    assert took < 2 + 3 + 1.5, took  # timeout + one round, not the 9 s lock
+    assert sync_r.get(f"{prefix}:reaper:lock").decode().split(":")[1] == str(b.pid)
