@@ -1097,10 +1097,26 @@ def write_chart(path: Path, data: dict[str, Any]) -> str | None:
         width = 0.8 / len(keys)
         for i, (k, lab) in enumerate(zip(keys, labels, strict=False)):
             vals = [results[n]["metrics"].get(k, {}).get("median") for n in names]
-            ys = [v if v is not None else 0 for v in vals]
+            # a recovery that gave up is drawn at its time limit, hatched: "> limit",
+            # never as an empty bar that would read as the best result
+            gave_up = [k == "recovery_s" and v is None and bool(
+                results[n]["metrics"].get(k, {}).get("extra")) for n, v in zip(names, vals,
+                                                                                 strict=False)]
+            limits = [results[n]["metrics"][k]["extra"][-1]["timeout_s"] if g else None
+                      for n, g in zip(names, gave_up, strict=False)]
+            ys = [v if v is not None else (lim or 0) for v, lim in zip(vals, limits, strict=False)]
             bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, ys, width, label=lab)
-            for b, v in zip(bars, vals, strict=False):
-                if v is None:
+            for b, g, lim in zip(bars, gave_up, limits, strict=False):
+                if g:
+                    b.set_hatch("//")
+                    b.set_alpha(0.5)
+                    ax.annotate(f"> {lim:.0f} s\nnot recovered",
+                                (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+            if any(gave_up):
+                ax.set_ylim(0, max(ys) * 1.3)  # room for the "> limit" labels
+            for b, v, g in zip(bars, vals, gave_up, strict=False):
+                if v is None and not g:
                     ax.annotate(
                         "n/a",
                         (b.get_x() + b.get_width() / 2, 0),
