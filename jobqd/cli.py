@@ -203,7 +203,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         time.sleep(args.interval_s)
         queues = c.queues()
         elapsed = time.monotonic() - t0
-        workers = _workers(c, cfg)
+        workers = _workers(cfg)
     if args.json:
         _out({"queues": [dict(q.to_dict(), rate_per_s=(q.done - first.get(q.name, q.done))
                               / elapsed) for q in queues], "workers": workers})
@@ -231,31 +231,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _workers(c: SyncClient, cfg: config.Config) -> list[dict[str, Any]]:
-    from jobqd.keys import GlobalKeys  # noqa: PLC0415
+def _workers(cfg: config.Config) -> list[dict[str, Any]]:
+    """Live workers (heartbeat younger than heartbeat.timeout_s), from either store."""
 
-    if cfg.postgres.dsn:  # heartbeats live in PostgreSQL
-        from jobqd import pg  # noqa: PLC0415
+    async def read() -> list[dict[str, object]]:
+        if cfg.postgres.dsn:  # heartbeats live in PostgreSQL
+            from jobqd import pg  # noqa: PLC0415
 
-        rows = asyncio.run(pg.list_workers(cfg))
-        return sorted((dict(w) for w in rows if (age := w.get("heartbeat_age_s")) is not None
-                       and float(age) < cfg.heartbeat.timeout_s),  # type: ignore[arg-type]
-                      key=lambda i: str(i["name"]))
+            return await pg.list_workers(cfg)
+        import redis.asyncio as aredis  # noqa: PLC0415
 
-    g = GlobalKeys(cfg.redis.prefix)
-    sec, usec = c.redis.time()
-    now_ms = sec * 1000 + usec // 1000
-    beats: dict[Any, float] = dict(
-        c.redis.zrange(g.heartbeats, 0, -1, withscores=True))  # type: ignore[arg-type]
-    out = []
-    for name, raw in c.redis.hgetall(g.workers).items():
-        info = orjson.loads(raw)
-        info["name"] = name.decode() if isinstance(name, bytes) else name
-        last = beats.get(name)
-        info["heartbeat_age_s"] = None if last is None else (now_ms - last) / 1000.0
-        if last is not None and now_ms - last < cfg.heartbeat.timeout_s * 1000:
-            out.append(info)
-    return sorted(out, key=lambda i: i["name"])
+        from jobqd.heartbeat import RedisHeartbeats  # noqa: PLC0415
+        from jobqd.runtime import Runtime  # noqa: PLC0415
+
+        r = aredis.Redis.from_url(cfg.redis_url)
+        try:
+            return await RedisHeartbeats(Runtime(config=cfg, redis=r)).workers()
+        finally:
+            await r.aclose()
+
+    rows = asyncio.run(read())
+    live = [dict(w) for w in rows if isinstance(age := w.get("heartbeat_age_s"), int | float)
+            and age < cfg.heartbeat.timeout_s]
+    return sorted(live, key=lambda w: str(w["name"]))
 
 
 # ---------------------------------------------------------------- parser
