@@ -216,8 +216,9 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def wait_ready(self, prefix: str, timeout: float = 20.0) -> None:
-        """Ready = this process's consumer has beaten its heartbeat."""
+    def wait_ready(self, prefix: str | None = None, timeout: float = 20.0) -> None:
+        """Ready = the daemon logged "ready" (consumers run, port bound); with `prefix`,
+        also its consumer's heartbeat is in Redis (not with PostgreSQL heartbeats)."""
         r = redis.Redis.from_url(REDIS_URL)
         deadline = time.monotonic() + timeout
         try:
@@ -225,8 +226,10 @@ class DaemonProcess:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-                names = [n.decode() for n in r.zrange(f"{prefix}:hb", 0, -1)]
-                if any(f":{self.pid}:" in n for n in names):
+                logged = '"msg":"ready' in self.log()
+                beaten = prefix is None or any(
+                    f":{self.pid}:" in n.decode() for n in r.zrange(f"{prefix}:hb", 0, -1))
+                if logged and beaten:
                     return
                 time.sleep(0.05)
         finally:

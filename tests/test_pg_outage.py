@@ -82,17 +82,6 @@ def private_pg(tmp_path: Path) -> Iterator[PrivatePostgres]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def wait_ready_pg(d: DaemonProcess, timeout: float = 20) -> None:
-    # heartbeats live in PostgreSQL here; the daemon logs "ready" when it serves
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if '"ready' in d.log():
-            return
-        assert d.proc is not None and d.proc.poll() is None, d.log()
-        time.sleep(0.05)
-    raise AssertionError(d.log())
-
-
 @pytest.mark.timeout(150)
 def test_postgres_stopped_20s_nothing_reclaimed_nothing_crashes(
         private_pg: PrivatePostgres, write_config: Callable[..., Path],
@@ -101,8 +90,8 @@ def test_postgres_stopped_20s_nothing_reclaimed_nothing_crashes(
                        heartbeat={"interval_s": 0.5, "timeout_s": 2},
                        reaper={"interval_s": 0.5, "visibility_timeout_s": 60})
     a, b = spawn(cfg), spawn(cfg)
-    wait_ready_pg(a)
-    wait_ready_pg(b)
+    a.wait_ready()
+    b.wait_ready()
     key = f"{prefix}:runs"
     r = redis.Redis.from_url(REDIS_URL)
     try:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,56 +14,7 @@ import redis.asyncio as aredis
 from jobqd import config, ledger, ops, outbox, pg
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
-from tests.conftest import PG_DSN, REDIS_URL, ROOT, DaemonProcess, wait_for
-
-# `jobqd run` without depending on the CLI module: load the config, run the daemon.
-_RUNNER = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
-           "from jobqd import config; from jobqd.daemon import run_daemon; "
-           "sys.exit(int(run_daemon(config.load(sys.argv[1]))))")
-
-
-class PgDaemonProcess(DaemonProcess):
-    """A daemon subprocess whose readiness is its heartbeat row in PostgreSQL."""
-
-    def start(self) -> PgDaemonProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBQD_TEST_REDIS_URL": REDIS_URL}
-        env.pop("NOTIFY_SOCKET", None)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(ROOT))
-        return self
-
-    async def ready(self, schema: str, timeout: float = 20.0) -> None:
-        conn = await asyncpg.connect(PG_DSN)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-                n = await conn.fetchval(f'SELECT count(*) FROM "{schema}".workers '
-                                        "WHERE name LIKE $1", f"%:{self.pid}:%")
-                if n:
-                    return
-                await asyncio.sleep(0.05)
-        finally:
-            await conn.close()
-        raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.log()}")
-
-
-@pytest.fixture
-def spawn_pg(tmp_path: Path) -> Iterator[Callable[[Path], PgDaemonProcess]]:
-    procs: list[PgDaemonProcess] = []
-
-    def start(config_path: Path) -> PgDaemonProcess:
-        p = PgDaemonProcess(config_path, tmp_path / f"daemon-{len(procs)}.log").start()
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        p.stop()
+from tests.conftest import PG_DSN, REDIS_URL, DaemonProcess, wait_for
 
 
 @pytest.fixture
@@ -107,14 +54,14 @@ async def all_published(db: asyncpg.Connection) -> bool:
 
 async def test_redis_data_loss_recovered_exactly_once(
         db: asyncpg.Connection, pg_schema: str, prefix: str, r: aredis.Redis,
-        write_config: Callable[..., Path], spawn_pg: Callable[[Path], PgDaemonProcess]) -> None:
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess]) -> None:
     pgc = {"dsn": PG_DSN, "schema": pg_schema}
     idle_cfg = write_config(consumers=0, postgres=pgc)  # routes, runs nothing
     cfg = config.load(write_config(postgres=pgc))
     runs = [f"runs-{prefix}-{i}" for i in range(50)]  # one counter per business item
 
-    daemon = spawn_pg(idle_cfg)
-    await daemon.ready(pg_schema)
+    daemon = spawn(idle_cfg)
+    daemon.wait_ready()
     relay = Relay(cfg)
     async with db.transaction():
         await outbox.enqueue_many(db, "record", [{"key": k} for k in runs], prefix=prefix,
@@ -133,8 +80,8 @@ async def test_redis_data_loss_recovered_exactly_once(
     second = await outbox.recover(cfg)
     assert second["requeued"] == 0 and second["pending"] == 50
 
-    daemon = spawn_pg(write_config(postgres=pgc))
-    await daemon.ready(pg_schema)
+    daemon = spawn(write_config(postgres=pgc))
+    daemon.wait_ready()
     relay = Relay(cfg)
 
     async def all_ran() -> bool:
