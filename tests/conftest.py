@@ -300,5 +300,18 @@ def pg_schema() -> Iterator[str]:
     asyncio.run(run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
 
 
+@pytest.fixture
+async def db(pg_schema: str) -> AsyncIterator[Any]:
+    """An asyncpg connection on this test's schema, migrated."""
+    import asyncpg
+
+    from jobqd import pg
+
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    await pg.migrate(conn, pg_schema)
+    yield conn
+    await conn.close()
+
+
 def dedent(s: str) -> str:
     return textwrap.dedent(s).lstrip()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
-from jobqd import Client, JobNotFound, ledger, outbox, pg
+from jobqd import Client, JobNotFound, ledger, outbox
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, InProcessDaemon, wait_for
 
@@ -23,14 +23,6 @@ def ledger_rt(make_rt: Callable[..., Runtime], pg_schema: str) -> Callable[..., 
         return make_rt(postgres=pgc, **over)
 
     return make
-
-
-@pytest.fixture
-async def db(pg_schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
-    await pg.migrate(conn, pg_schema)
-    yield conn
-    await conn.close()
 
 
 

@@ -12,18 +12,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aredis
 
-from jobqd import Client, ops, outbox, pg
+from jobqd import Client, ops, outbox
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, wait_for
-
-
-@pytest.fixture
-async def db(pg_schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(PG_DSN)
-    await pg.migrate(conn, pg_schema)
-    yield conn
-    await conn.close()
 
 
 class Relay:

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 import redis.asyncio as aredis
 
-from jobqd import config, ledger, ops, outbox, pg
+from jobqd import config, ledger, ops, outbox
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, REDIS_URL, DaemonProcess, wait_for
-
-
-@pytest.fixture
-async def db(pg_schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
-    await pg.migrate(conn, pg_schema)
-    yield conn
-    await conn.close()
 
 
 class Relay:
