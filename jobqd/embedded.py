@@ -10,7 +10,6 @@ a unix socket under ``state_dir`` (no TCP port), keeps an AOF with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -87,17 +86,16 @@ class EmbeddedRedis:
         raise EmbeddedError(f"embedded redis-server did not answer within {timeout_s:g}s")
 
     async def stop(self) -> None:
+        """SIGTERM: Redis' own graceful shutdown (it flushes the AOF). Not the SHUTDOWN
+        command: the client would retry it, with backoff, once the server is gone."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
-        r = aredis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=0.5)
-        with contextlib.suppress(Exception):
-            await r.shutdown(nosave=False)  # flushes the AOF
-        with contextlib.suppress(Exception):
-            await r.aclose()
+        proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), 5.0)
+            await asyncio.wait_for(proc.wait(), 10.0)
         except TimeoutError:
+            log.error("embedded redis-server did not stop on SIGTERM within 10 s: killing it")
             proc.kill()
             await proc.wait()
         log.info("embedded redis-server stopped")
