@@ -147,6 +147,7 @@ class Daemon:
         rt = self.rt = Runtime(config=self.cfg, redis=r)
         if self._pending_stop:
             rt.stop(self._pending_stop)
+        store = heartbeat.make_store(rt)
         try:
             await publish.publish(rt)
             await weights.publish(rt)
@@ -154,16 +155,11 @@ class Daemon:
                 from jobqd.ledger import Ledger  # noqa: PLC0415 - only with PostgreSQL
 
                 rt.events = Ledger(rt)
-            store = heartbeat.make_store(rt)
-            starter = getattr(store, "start", None)
-            if starter is not None:
-                await starter()
+            await store.start()
             return await self._supervise(rt, store)
         finally:
-            closer = getattr(locals().get("store"), "close", None)
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    await closer()
+            with contextlib.suppress(Exception):
+                await store.close()
             await r.aclose()
             await self._stop_embedded()
 

@@ -32,6 +32,10 @@ log = logging.getLogger("jobqd.heartbeat")
 
 
 class HeartbeatStore(Protocol):
+    async def start(self) -> None: ...  # connect (and migrate); may not raise on a blip
+
+    async def close(self) -> None: ...
+
     async def beat(self, name: str, info: dict[str, object]) -> None: ...
 
     async def alive(self, timeout_s: float) -> set[str] | None: ...
@@ -45,6 +49,12 @@ class RedisHeartbeats:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.g = GlobalKeys(rt.config.redis.prefix)
+
+    async def start(self) -> None:  # the daemon's Redis connection is already up
+        return None
+
+    async def close(self) -> None:
+        return None
 
     async def beat(self, name: str, info: dict[str, object]) -> None:
         await scripts.HEARTBEAT(self.rt.redis, [self.g.heartbeats, self.g.workers],
@@ -127,6 +137,4 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
         try:
             await asyncio.wait_for(store.remove(rt.name), 2.0)
         except Exception as e:  # best effort: the reaper forgets silent workers anyway
-            if isinstance(e, asyncio.CancelledError):
-                raise
             log.debug("could not deregister heartbeat: %s", e)

@@ -37,6 +37,7 @@ from jobqd import scripts
 from jobqd.heartbeat import HeartbeatStore
 from jobqd.jobs import BadJob, decode_job
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+from jobqd.ops import s
 from jobqd.pool import Settle, death_record, settle
 from jobqd.runtime import Backoff, Runtime
 
@@ -45,10 +46,6 @@ log = logging.getLogger("jobqd.reaper")
 CLAIM_BATCH = 100
 MAX_SCAN_CALLS = 100  # per queue and round: up to ~100,000 pending entries looked at
 SPREAD_S = 1.0  # reclaimed jobs of one dead consumer come back spread over this window
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 async def reap_once(rt: Runtime, store: HeartbeatStore, *,
@@ -69,7 +66,7 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
             except ResponseError:  # no stream or group yet
                 continue
             for c in consumers:
-                name = _s(c["name"])
+                name = s(c["name"])
                 if name in alive or name in (rt.name, rt.reaper_name):
                     continue
                 # silent in the group too: a live owner renews its leases (XCLAIM JUSTID
@@ -89,7 +86,7 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
                                            start_id=start, count=CLAIM_BATCH)
             except ResponseError:
                 break
-            start, entries = _s(reply[0]), reply[1]
+            start, entries = s(reply[0]), reply[1]
             gone = [e[0] for e in entries if e and e[0] is not None and e[1] is None]
             if gone:  # Redis 6.2 claims deleted entries as nil: ack them away
                 await r.xack(qk.stream, GROUP, *gone)
@@ -170,11 +167,11 @@ async def _holder_is_dead(rt: Runtime, store: HeartbeatStore, lock: str) -> bool
     if holder is None:
         return True
     alive = await store.alive(rt.config.heartbeat.timeout_s)
-    if alive is None or _s(holder) in alive:  # the blip rule: unsure means alive
+    if alive is None or s(holder) in alive:  # the blip rule: unsure means alive
         return False
-    released = await scripts.LOCK(rt.redis, [lock], [_s(holder), 0, "release"])
+    released = await scripts.LOCK(rt.redis, [lock], [s(holder), 0, "release"])
     if released:
-        log.warning("the reaper %s stopped beating: taking over its lock", _s(holder))
+        log.warning("the reaper %s stopped beating: taking over its lock", s(holder))
     return bool(released)
 
 
