@@ -25,9 +25,9 @@ Data flow (one daemon)::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
-import functools
 import logging
 import random
 import threading
@@ -65,6 +65,7 @@ class Delivery:
     queue: str
     eid: bytes
     fields: dict[bytes, bytes]
+    thread: concurrent.futures.Future[Any] | None = None  # a sync handler's run, once started
 
 
 @dataclass(slots=True)
@@ -586,7 +587,7 @@ class Pool:
         if task.timeout_s is not None:
             self.deadlines[me] = time.monotonic() + task.timeout_s
         try:
-            result = await self._call(task, env)
+            result = await self._call(task, env, d)
             try:
                 payload = orjson.dumps({"status": "succeeded", "task": env.task,
                                         "result": result, "attempts": env.attempt + 1,
@@ -600,7 +601,7 @@ class Pool:
                 return
         except asyncio.CancelledError:
             if not self._timed_out(me):
-                if not task.is_async and self.threads_busy:
+                if d.thread is not None and not d.thread.done():
                     # a thread cannot be stopped: handing the job back would let another
                     # worker run it while this thread still does. It stays ours in the
                     # PEL; when this process exits, the reaper recovers it.
@@ -638,14 +639,14 @@ class Pool:
             _current.reset(token)
             self.limiter.release(task, env.id)  # no-op unless it holds a slot; never blocks
 
-    async def _call(self, task: TaskConfig, env: Envelope) -> Any:
+    async def _call(self, task: TaskConfig, env: Envelope, d: Delivery) -> Any:
         if task.is_async:
             return await task.fn(**env.args)
         # A plain def runs in a thread. A thread cannot be killed: at the deadline we
         # stop waiting and count a timeout; the thread finishes on its own (documented).
         ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(self._in_thread, ctx, task.fn, env.args))
+        d.thread = self.executor.submit(self._in_thread, ctx, task.fn, env.args)
+        return await asyncio.wrap_future(d.thread)
 
     def _in_thread(self, ctx: contextvars.Context, fn: Any, args: dict[str, Any]) -> Any:
         with self._threads_lock:
