@@ -188,6 +188,18 @@ async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0,
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def wait_status(c: Client, job_id: str, want: str, timeout: float = 15.0) -> Any:
+    """Poll a job's status until it is `want` (bounded); returns its JobInfo."""
+    deadline = time.monotonic() + timeout
+    info = None
+    while time.monotonic() < deadline:
+        info = await c.status(job_id)
+        if info.status == want:
+            return info
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{job_id} is {info}, wanted {want} within {timeout}s")
+
+
 @pytest.fixture
 async def client(prefix: str) -> AsyncIterator[Client]:
     async with Client(REDIS_URL, prefix) as c:

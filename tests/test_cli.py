@@ -15,7 +15,7 @@ from jobqd import Client
 from jobqd.cli import main
 from jobqd.exitcodes import ExitCode
 
-from .conftest import PG_DSN
+from .conftest import PG_DSN, wait_status
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -23,14 +23,6 @@ async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str,
     out, err = capsys.readouterr()
     return code, out, err
 
-
-async def wait_done(c: Client, job_id: str, status: str = "succeeded") -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if (await c.status(job_id)).status == status:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{job_id} not {status}")
 
 
 async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
@@ -41,7 +33,7 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     code, out, _ = await cli(capsys, "-c", cfg, "enqueue", "record", '{"key": "k", "value": 5}')
     assert code == ExitCode.OK
     job_id = out.strip()
-    await wait_done(client, job_id)
+    await wait_status(client, job_id, "succeeded")
     code, out, _ = await cli(capsys, "-c", cfg, "status", job_id)
     st = json.loads(out)
     assert code == 0 and st["id"] == job_id and st["status"] == "succeeded"
@@ -51,7 +43,7 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     dead_id = out.strip()
     code, out2, _ = await cli(capsys, "-c", cfg, "enqueue", "fail_now", "--idempotency-key", "x")
     assert out2.strip() == dead_id
-    await wait_done(client, dead_id, "dead")
+    await wait_status(client, dead_id, "dead")
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "list", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["id"] for r in rows] == [dead_id]
@@ -62,10 +54,10 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     assert json.loads(out)["reason"] == "failed"
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "replay", dead_id)
     assert code == 0 and dead_id in out
-    await wait_done(client, dead_id, "dead")
+    await wait_status(client, dead_id, "dead")
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "replay", "--all")
     assert "replayed 1 jobs" in out
-    await wait_done(client, dead_id, "dead")
+    await wait_status(client, dead_id, "dead")
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "purge")
     assert "purged 1" in out
     code, out, err = await cli(capsys, "-c", cfg, "dlq", "show", dead_id)
@@ -119,7 +111,7 @@ async def test_weights_and_stats(start_daemon: Callable[..., Any],
     code, _, _ = await cli(capsys, "-c", cfg, "weights", "set", "zzz=1")
     assert code == ExitCode.UNKNOWN_TASK
     jobs = await client.enqueue_many("noop", [{}] * 5)
-    await wait_done(client, jobs[-1].id)
+    await wait_status(client, jobs[-1].id, "succeeded")
     code, out, _ = await cli(capsys, "-c", cfg, "stats", "--interval-s", "0.1")
     assert code == 0 and "ACCEPTING" in out and d.daemon.rt.name in out
     code, out, _ = await cli(capsys, "-c", cfg, "stats", "--json", "--interval-s", "0.1")
@@ -148,7 +140,7 @@ async def test_migrate_and_status_from_the_ledger(start_daemon: Callable[..., An
     assert "up to date" in out
     d = await start_daemon(postgres=pg, results={"ttl_s": 0.5})
     job = await client.enqueue("record", {"key": "k", "value": "kept"})
-    await wait_done(client, job.id)
+    await wait_status(client, job.id, "succeeded")
     await d.stop()  # flushes the ledger
     time.sleep(0.6)  # the Redis record expires
     code, out, _ = await cli(capsys, "-c", cfg, "status", job.id)

@@ -21,18 +21,7 @@ from jobqd import (
 )
 from jobqd.keys import GROUP, QueueKeys
 
-from .conftest import REDIS_URL
-
-
-async def wait_for_status(c: Client, job_id: str, want: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    info = None
-    while time.monotonic() < deadline:
-        info = await c.status(job_id)
-        if info.status == want:
-            return info
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{job_id} is {info}, wanted {want}")
+from .conftest import REDIS_URL, wait_status
 
 
 async def test_enqueue_run_succeeded(start_daemon: Callable[..., Any], client: Client,
@@ -40,7 +29,7 @@ async def test_enqueue_run_succeeded(start_daemon: Callable[..., Any], client: C
     await start_daemon()
     job = await client.enqueue("record", {"key": f"{prefix}:runs", "value": {"x": [1, 2]}})
     assert job.created and job.queue == "default" and job.id.endswith("-default")
-    info = await wait_for_status(client, job.id, "succeeded")
+    info = await wait_status(client, job.id, "succeeded")
     assert info.result == {"x": [1, 2]}
     assert info.attempts == 1 and info.task == "record" and info.queue == "default"
     assert info.enqueued_at <= info.started_at <= info.finished_at
@@ -73,7 +62,7 @@ async def test_running_status_names_the_worker(start_daemon: Callable[..., Any],
                                                client: Client) -> None:
     d = await start_daemon()
     job = await client.enqueue("sleep", {"seconds": 1.0})
-    info = await wait_for_status(client, job.id, "running")
+    info = await wait_status(client, job.id, "running")
     assert info.worker == d.daemon.rt.name and info.attempts == 1
 
 
@@ -106,7 +95,7 @@ async def test_retries_then_succeeds(start_daemon: Callable[..., Any], client: C
                                      prefix: str, r: aredis.Redis) -> None:
     await start_daemon()
     job = await client.enqueue("fail_times", {"key": f"{prefix}:n", "times": 2})
-    info = await wait_for_status(client, job.id, "succeeded")
+    info = await wait_status(client, job.id, "succeeded")
     assert info.attempts == 3 and info.result == "ok on attempt 3"
     assert await r.hget(f"{prefix}:n", job.id) == b"3"
 
@@ -116,7 +105,7 @@ async def test_dead_letter_after_max_retries_and_replay(start_daemon: Callable[.
                                                         r: aredis.Redis) -> None:
     await start_daemon()
     job = await client.enqueue("always_fail", {"key": f"{prefix}:n"})
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.attempts == 3  # max_retries 2: three attempts in all
     assert info.reason == "max_retries" and "ValueError: boom" in (info.error or "")
     assert "Traceback" in (info.traceback or "")
@@ -129,7 +118,7 @@ async def test_dead_letter_after_max_retries_and_replay(start_daemon: Callable[.
     # replay: attempts reset, runs again (and dies again, three more attempts)
     assert await client.dlq_replay(job.id) == job.id
     assert await client.dlq_list() == [] or True
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert await r.hget(f"{prefix}:n", job.id) == b"6"
     assert await client.dlq_purge() == 1
     assert await client.dlq_list() == []
@@ -141,7 +130,7 @@ async def test_fail_goes_straight_to_dlq(start_daemon: Callable[..., Any],
                                          client: Client) -> None:
     await start_daemon()
     job = await client.enqueue("fail_now", {"reason": "invalid address"})
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.attempts == 1 and info.reason == "failed" and info.error == "invalid address"
 
 
@@ -149,10 +138,10 @@ async def test_retry_with_explicit_delay(start_daemon: Callable[..., Any],
                                          client: Client) -> None:
     await start_daemon()
     job = await client.enqueue("retry_once", {"delay_s": 0.6})
-    info = await wait_for_status(client, job.id, "scheduled")
+    info = await wait_status(client, job.id, "scheduled")
     assert info.attempts == 1 and info.scheduled_for is not None
     t0 = time.time()
-    info = await wait_for_status(client, job.id, "succeeded")
+    info = await wait_status(client, job.id, "succeeded")
     assert info.result == 2
     assert info.started_at >= t0 + 0.3
 
@@ -161,7 +150,7 @@ async def test_unserialisable_result_is_a_failure(start_daemon: Callable[..., An
                                                   client: Client) -> None:
     await start_daemon()
     job = await client.enqueue("unserialisable")
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.reason == "bad_result" and "not JSON-serialisable" in (info.error or "")
 
 
@@ -172,7 +161,7 @@ async def test_delayed_job_not_run_early(start_daemon: Callable[..., Any], clien
     job = await client.enqueue("record", {"key": f"{prefix}:runs"}, delay_s=1.0)
     await asyncio.sleep(0.8)
     assert await r.hget(f"{prefix}:runs", job.id) is None
-    info = await wait_for_status(client, job.id, "succeeded")
+    info = await wait_status(client, job.id, "succeeded")
     assert info.started_at >= t0 + 1.0 - 0.01  # the Redis clock decides; same host here
     assert info.started_at < t0 + 2.5
 
@@ -200,7 +189,7 @@ async def test_idempotency_runs_once_with_daemon(start_daemon: Callable[..., Any
                                                  r: aredis.Redis) -> None:
     await start_daemon()
     a = await client.enqueue("record", {"key": f"{prefix}:runs"}, idempotency_key="k")
-    await wait_for_status(client, a.id, "succeeded")
+    await wait_status(client, a.id, "succeeded")
     b = await client.enqueue("record", {"key": f"{prefix}:runs"}, idempotency_key="k")
     assert b.id == a.id and not b.created
     await asyncio.sleep(0.2)
@@ -218,7 +207,7 @@ async def test_garbage_entries_dead_lettered_and_later_jobs_run(
     await r.xadd(stream, {"j": '{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-default", "task": "nope"}'})
     await r.xadd(stream, {"j": b"\xff\xfe"})
     good = await client.enqueue("record", {"key": f"{prefix}:runs"})
-    await wait_for_status(client, good.id, "succeeded")
+    await wait_status(client, good.id, "succeeded")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(await client.dlq_list()) < 5:
         await asyncio.sleep(0.05)
@@ -237,7 +226,7 @@ async def test_sync_handler_runs_in_a_thread(start_daemon: Callable[..., Any], c
                                              prefix: str, r: aredis.Redis) -> None:
     await start_daemon()
     job = await client.enqueue("record_sync", {"key": f"{prefix}:runs", "value": 7})
-    info = await wait_for_status(client, job.id, "succeeded")
+    info = await wait_status(client, job.id, "succeeded")
     assert info.result == 7
     threads = await r.lrange(f"{prefix}:runs:threads", 0, -1)
     assert threads and threads[0].startswith(b"jobqd-sync")
@@ -249,7 +238,7 @@ async def test_sync_handlers_run_concurrently(start_daemon: Callable[..., Any],
     t0 = time.monotonic()
     jobs = await client.enqueue_many("sleep_sync", [{"seconds": 0.5}] * 4)
     for j in jobs:
-        await wait_for_status(client, j.id, "succeeded")
+        await wait_status(client, j.id, "succeeded")
     assert time.monotonic() - t0 < 1.8  # four in parallel, not 2 s in a row
 
 
@@ -354,7 +343,7 @@ async def test_consumer_group_recreated_after_stream_loss(start_daemon: Callable
     await r.delete(stream)  # as after a Redis flush: the group is gone too
     await asyncio.sleep(0.1)
     job = await client.enqueue("record", {"key": f"{prefix}:runs"})
-    await wait_for_status(client, job.id, "succeeded", timeout=15)
+    await wait_status(client, job.id, "succeeded", timeout=15)
     groups = await r.xinfo_groups(stream)
     assert [g["name"] for g in groups] == [GROUP.encode()]
 
@@ -366,7 +355,7 @@ async def test_async_timeout_is_a_failure_then_dead(start_daemon: Callable[..., 
                                         "retry_backoff": {"base_s": 0.01, "max_s": 0.02}}})
     t0 = time.monotonic()
     job = await client.enqueue("sleep", {"seconds": 5})
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.reason == "timeout" and info.error == "timed out after 0.2s"
     assert info.attempts == 2
     assert time.monotonic() - t0 < 2.0  # two 0.2 s attempts, not two 5 s ones
@@ -377,10 +366,10 @@ async def test_sync_timeout_stops_waiting_and_does_not_block_drain(
     d = await start_daemon(tasks={"sleep_sync": {"handler": "tests.handlers:sleep_sync",
                                                  "timeout_s": 0.2, "max_retries": 0}})
     job = await client.enqueue("sleep_sync", {"seconds": 3})
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.reason == "timeout"
     other = await client.enqueue("noop")  # the pool is not stuck behind the thread
-    await wait_for_status(client, other.id, "succeeded")
+    await wait_status(client, other.id, "succeeded")
     t0 = time.monotonic()
     assert await d.stop() == 0
     assert time.monotonic() - t0 < 2.0  # the stuck thread does not hold the drain
@@ -391,7 +380,7 @@ async def test_handler_raising_timeout_error_is_an_ordinary_error(
     await start_daemon(tasks={"raise_timeout": {"handler": "tests.handlers:raise_timeout",
                                                 "max_retries": 0}})
     job = await client.enqueue("raise_timeout")
-    info = await wait_for_status(client, job.id, "dead")
+    info = await wait_status(client, job.id, "dead")
     assert info.reason == "max_retries" and "TimeoutError: socket timed out" in (info.error or "")
 
 
@@ -402,7 +391,7 @@ async def test_drain_cancel_is_a_handback_not_a_timeout(start_daemon: Callable[.
                            tasks={"sleep": {"handler": "tests.handlers:sleep",
                                             "timeout_s": 0.5}})
     job = await client.enqueue("sleep", {"seconds": 5})
-    await wait_for_status(client, job.id, "running")
+    await wait_status(client, job.id, "running")
     assert await d.stop() == 0
     info = await client.status(job.id)
     assert info.status == "queued" and info.attempts == 0  # handed back, no attempt used
@@ -415,7 +404,7 @@ async def test_short_retry_is_not_held_back_by_the_scheduler_poll(
     for _ in range(5):
         t0 = time.monotonic()
         job = await client.enqueue("retry_once", {"delay_s": 0.05})
-        await wait_for_status(client, job.id, "succeeded")
+        await wait_status(client, job.id, "succeeded")
         durations.append(time.monotonic() - t0)
     # the pool wakes the scheduler: ~0.05 s, not the 0.5 s poll
     assert sorted(durations)[2] < 0.3, durations

@@ -6,7 +6,6 @@ types, bodies that match the response schemas."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,13 @@ from schemathesis.specs.openapi.checks import (
 
 from jobqd import Client, openapi
 
+from .conftest import wait_status
 from .test_http import TOKEN, serve
 
 EXAMPLES_PER_OPERATION = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
+
 
 
 def fuzz(base_url: str, headers: dict[str, str],
@@ -60,12 +61,6 @@ def fuzz(base_url: str, headers: dict[str, str],
             assert response.status_code == want, (method, path, data, response.text)
     return tested
 
-
-async def wait_status(c: Client, job_id: str, want: str) -> None:
-    deadline = time.monotonic() + 10
-    while (await c.status(job_id)).status != want:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
 
 
 async def test_openapi_document_matches_the_handlers(start_daemon: Callable[..., Any],

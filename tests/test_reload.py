@@ -31,7 +31,7 @@ from jobqd import Client, UnknownQueue, UnknownTask, config, publish
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 
-from .conftest import REDIS_URL, DaemonProcess, InProcessDaemon, base_config
+from .conftest import REDIS_URL, DaemonProcess, InProcessDaemon, base_config, wait_status
 
 TASKS: dict[str, Any] = {
     "record": {"handler": "tests.handlers:record"},
@@ -120,15 +120,6 @@ async def wait_reloads(rt: Runtime, result: str, n: int, timeout: float = 5.0) -
         await asyncio.sleep(0.02)
     assert reloads(rt, result) == n, (result, reloads(rt, result), n)
 
-
-async def wait_status(c: Client, job_id: str, want: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await c.status(job_id)
-        if info.status == want:
-            return info
-        assert time.monotonic() < deadline, info
-        await asyncio.sleep(0.02)
 
 
 async def get_json(d: InProcessDaemon, path: str) -> tuple[int, Any]:

@@ -16,17 +16,7 @@ from jobqd.publish import publish
 from jobqd.reaper import reap_once
 from jobqd.runtime import Runtime
 
-from .conftest import REDIS_URL
-
-
-async def wait_status(c: Client, job_id: str, want: str, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = await c.status(job_id)
-        if info.status == want:
-            return info
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{job_id}: {await c.status(job_id)}")
+from .conftest import REDIS_URL, wait_status
 
 
 async def test_drain_hands_back_entries_a_lost_fetch_delivered(
