@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aredis
 
-from jobqd import Client, PayloadTooLarge, config
+from jobqd import Client, PayloadTooLarge
 from jobqd.keys import GROUP, QueueKeys
 from jobqd.publish import publish
 from jobqd.reaper import reap_once
 from jobqd.runtime import Runtime
 
-from .conftest import REDIS_URL, wait_status
+from .conftest import wait_status
 
 
 async def test_drain_hands_back_entries_a_lost_fetch_delivered(
@@ -82,48 +82,35 @@ class _Alive:
 
 
 async def test_visibility_scan_reaches_stalled_entries_behind_1000_live_ones(
-        write_config: Callable[..., Any], prefix: str, r: aredis.Redis) -> None:
+        make_rt: Callable[..., Runtime], client: Client, prefix: str, r: aredis.Redis) -> None:
     """F5: XAUTOCLAIM looks at <= 10 x COUNT entries a call; keep scanning to the end."""
-    cfg = config.load(write_config(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},
-                                   reaper={"visibility_timeout_s": 0.35}))
-    redis = aredis.Redis.from_url(REDIS_URL)
-    rt = Runtime(config=cfg, redis=redis)
-    try:
-        await publish(rt)
-        stream = QueueKeys(prefix, "default").stream
-        async with Client(REDIS_URL, prefix) as c:
-            jobs = await c.enqueue_many("noop", [{}] * 1101)
-        reply = await r.xreadgroup(GROUP, "live-worker", {stream: ">"}, count=2000)
-        eids = [e[0] for e in reply[0][1]]
-        await asyncio.sleep(0.5)  # every entry idle past the visibility timeout...
-        await r.xclaim(stream, GROUP, "live-worker", 0, eids[:1100], justid=True)  # ...renewed
-        counts = await reap_once(rt, _Alive({"live-worker"}))  # type: ignore[arg-type]
-        assert counts["stalled"] == 1
-        async with Client(REDIS_URL, prefix) as c:
-            info = await c.status(jobs[-1].id)
-            assert info.status == "queued" and info.lost == 1
-            assert (await c.status(jobs[0].id)).lost == 0
-    finally:
-        await redis.aclose()
+    rt = make_rt(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},
+                 reaper={"visibility_timeout_s": 0.35})
+    await publish(rt)
+    stream = QueueKeys(prefix, "default").stream
+    jobs = await client.enqueue_many("noop", [{}] * 1101)
+    reply = await r.xreadgroup(GROUP, "live-worker", {stream: ">"}, count=2000)
+    eids = [e[0] for e in reply[0][1]]
+    await asyncio.sleep(0.5)  # every entry idle past the visibility timeout...
+    await r.xclaim(stream, GROUP, "live-worker", 0, eids[:1100], justid=True)  # ...renewed
+    counts = await reap_once(rt, _Alive({"live-worker"}))  # type: ignore[arg-type]
+    assert counts["stalled"] == 1
+    info = await client.status(jobs[-1].id)
+    assert info.status == "queued" and info.lost == 1
+    assert (await client.status(jobs[0].id)).lost == 0
 
 
 async def test_reaper_spares_a_consumer_that_is_active_in_the_group(
-        write_config: Callable[..., Any], prefix: str, r: aredis.Redis) -> None:
+        make_rt: Callable[..., Runtime], client: Client, prefix: str, r: aredis.Redis) -> None:
     """F2: missing from the heartbeat snapshot but active in the group: not dead."""
-    cfg = config.load(write_config())
-    redis = aredis.Redis.from_url(REDIS_URL)
-    rt = Runtime(config=cfg, redis=redis)
-    try:
-        await publish(rt)
-        stream = QueueKeys(prefix, "default").stream
-        async with Client(REDIS_URL, prefix) as c:
-            await c.enqueue_many("noop", [{}] * 3)
-        await r.xreadgroup(GROUP, "just-started", {stream: ">"}, count=10)
-        counts = await reap_once(rt, _Alive(set()))  # type: ignore[arg-type]
-        assert counts["worker_lost"] == 0
-        assert (await r.xpending(stream, GROUP))["consumers"][0]["name"] == b"just-started"
-    finally:
-        await redis.aclose()
+    rt = make_rt()
+    await publish(rt)
+    stream = QueueKeys(prefix, "default").stream
+    await client.enqueue_many("noop", [{}] * 3)
+    await r.xreadgroup(GROUP, "just-started", {stream: ">"}, count=10)
+    counts = await reap_once(rt, _Alive(set()))  # type: ignore[arg-type]
+    assert counts["worker_lost"] == 0
+    assert (await r.xpending(stream, GROUP))["consumers"][0]["name"] == b"just-started"
 
 
 async def test_timeouts_keep_working_after_a_handler_swallowed_one(
