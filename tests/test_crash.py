@@ -154,6 +154,11 @@ def test_sigterm_short_job_finishes_long_job_handed_back(
                    "both running")
         t0 = time.monotonic()
         a.signal(signal.SIGTERM)
+        time.sleep(1.2)  # mid-drain: the long job still runs; heartbeats go on to the end
+        beat_ms = sync_r.zscore(f"{prefix}:hb", next(
+            n for n in sync_r.zrange(f"{prefix}:hb", 0, -1) if f":{a.pid}:" in n.decode()))
+        sec, usec = sync_r.time()
+        assert beat_ms is not None and sec * 1000 + usec // 1000 - beat_ms < 1000
         code = a.wait(20)
         elapsed = time.monotonic() - t0
         assert code == 0, a.log()

@@ -8,13 +8,17 @@ it disturbs no one else.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -67,6 +71,14 @@ class PrivatePostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
 
+def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 @pytest.fixture
 def private_pg(tmp_path: Path) -> Iterator[PrivatePostgres]:
     bindir = _pg_bin()
@@ -86,10 +98,14 @@ def private_pg(tmp_path: Path) -> Iterator[PrivatePostgres]:
 def test_postgres_stopped_20s_nothing_reclaimed_nothing_crashes(
         private_pg: PrivatePostgres, write_config: Callable[..., Path],
         spawn: Callable[[Path], DaemonProcess], prefix: str) -> None:
-    cfg = write_config(consumers=4, postgres={"dsn": private_pg.dsn},
-                       heartbeat={"interval_s": 0.5, "timeout_s": 2},
-                       reaper={"interval_s": 0.5, "visibility_timeout_s": 60})
-    a, b = spawn(cfg), spawn(cfg)
+    def cfg(port: int) -> Path:
+        return write_config(consumers=4, postgres={"dsn": private_pg.dsn},
+                            heartbeat={"interval_s": 0.5, "timeout_s": 2},
+                            reaper={"interval_s": 0.5, "visibility_timeout_s": 60},
+                            http={"listen": f"127.0.0.1:{port}"})
+
+    port_a = _free_port()
+    a, b = spawn(cfg(port_a)), spawn(cfg(_free_port()))
     a.wait_ready()
     b.wait_ready()
     key = f"{prefix}:runs"
@@ -101,6 +117,7 @@ def test_postgres_stopped_20s_nothing_reclaimed_nothing_crashes(
             while time.monotonic() < deadline and r.hlen(key + ":started") < 6:
                 time.sleep(0.05)
             assert r.hlen(key + ":started") == 6
+            assert _readyz(port_a)[0] == 200
             private_pg.stop()
             t0 = time.monotonic()
             short: list[str] = []
@@ -109,7 +126,13 @@ def test_postgres_stopped_20s_nothing_reclaimed_nothing_crashes(
                 time.sleep(1)
                 assert a.proc is not None and a.proc.poll() is None, a.log()
                 assert b.proc is not None and b.proc.poll() is None, b.log()
+            status, body = _readyz(port_a)  # the operator is told the truth meanwhile
+            assert status == 503 and "postgres" in body["problems"], body
             private_pg.start()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and _readyz(port_a)[0] != 200:
+                time.sleep(0.2)
+            assert _readyz(port_a)[0] == 200
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not all(
                     c.status(j).status == "succeeded" for j in long + short):
