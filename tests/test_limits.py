@@ -187,8 +187,11 @@ async def test_slots_of_a_dead_daemon_expire_with_their_lease(daemons: Callable[
         assert time.monotonic() - t0 < 2.0, "slot of a dead holder never freed"
         await asyncio.sleep(0.02)
     assert time.monotonic() - t0 >= 0.2
-    assert await alive.acquire(t, "d") is None  # both slots were freed
-    assert await alive.acquire(t, "e") is not None
+    # both slots are freed ("b" was taken a round trip after "a": its lease ends a bit later)
+    while await alive.acquire(t, "d") is not None:
+        assert time.monotonic() - t0 < 2.0, "second slot of a dead holder never freed"
+        await asyncio.sleep(0.02)
+    assert await alive.acquire(t, "e") is not None  # and the cap holds again
 
 
 async def test_renewed_slots_do_not_expire(daemons: Callable[..., Limiter]) -> None:
