@@ -142,6 +142,8 @@ class LogConfig:
     level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
     format: Literal["auto", "json", "text"] = "auto"  # auto: text on a TTY, JSON lines otherwise
     payloads: bool = False  # include job args in failure logs
+    jobs: Literal["all", "failures", "none"] = "all"  # log each job's outcome (INFO)
+    jobs_per_s: float = 100.0  # at most this many outcome lines a second; the rest counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,8 +520,13 @@ class _Validator:
         fmt = self.string(sec, "log", "format", LogConfig)
         if fmt not in ("auto", "json", "text"):
             raise self.err("log.format", f"must be auto, json or text, got {fmt!r}")
+        jobs = self.string(sec, "log", "jobs", LogConfig)
+        if jobs not in ("all", "failures", "none"):
+            raise self.err("log.jobs", f"must be all, failures or none, got {jobs!r}")
         log = LogConfig(level=level, format=fmt,
-                        payloads=self.boolean(sec, "log", "payloads", False))
+                        payloads=self.boolean(sec, "log", "payloads", False), jobs=jobs,
+                        jobs_per_s=self.num(sec, "log", "jobs_per_s", LogConfig, minimum=0,
+                                            exclusive=False))
         self.done(sec, "log")
 
         self.done(top, "")

@@ -39,11 +39,12 @@ from jobqd import (
     sdnotify,
     weights,
 )
+from jobqd.aio import Backoff, wait_first
 from jobqd.config import Config
 from jobqd.embedded import EmbeddedError, EmbeddedRedis
 from jobqd.exitcodes import ExitCode
 from jobqd.pool import Pool
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.daemon")
 
@@ -228,12 +229,9 @@ class Daemon:
                          stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
         """Components that close after everything else: the HTTP port, the watchdog."""
         handback = rt.config.shutdown.handback_timeout_s
-        extra: list[Coroutine[Any, Any, None]] = []
-        run_events = getattr(rt.events, "run", None)
-        if run_events is not None:  # the ledger: flushed after the pool's final events
-            extra.append(guarded("ledger", run_events(stop)))
         return [
-            *extra,
+            # the ledger (if any): flushed after the pool's final events
+            guarded("events", rt.events.run(stop)),
             guarded("http", http.run(rt, stop, on_bound=self._http_on_bound,
                                      shutdown_timeout_s=min(2.0, handback / 2))),
             guarded("watchdog", sdnotify.run_watchdog(self.notifier, stop,
@@ -258,13 +256,13 @@ class Daemon:
             await rt.consumers_started.wait()
             await self.http_bound.wait()
 
-        started = asyncio.ensure_future(up())
-        stopped = asyncio.ensure_future(rt.stop_event.wait())
+        started = asyncio.Event()
+        waiter = asyncio.ensure_future(up())
+        waiter.add_done_callback(lambda _t: started.set())
         try:
-            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await wait_first(started, rt.stop_event)
         finally:
-            started.cancel()
-            stopped.cancel()
+            waiter.cancel()
         if not rt.stop_event.is_set():
             self.notifier.ready(self._status_line(rt))
             log.info("ready: %s", self._status_line(rt))

@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable
 
 from jobqd import ops
+from jobqd.aio import sleep_or_stop
+from jobqd.deps import is_redis_error
 from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.gauges")
@@ -38,7 +40,7 @@ async def run(rt: Runtime, snapshot: Callable[[], dict[str, int]], stop: asyncio
         try:
             await refresh(rt, snapshot)
         except Exception as e:
-            if not rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             log.debug("gauge refresh failed: %s", e)
-        await rt.sleep(INTERVAL_S, stop)
+        await sleep_or_stop(INTERVAL_S, stop)

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import orjson
 
 from jobqd import __version__, scripts
+from jobqd.aio import sleep_or_stop
+from jobqd.deps import is_outage, is_redis_error
 from jobqd.keys import GlobalKeys
 from jobqd.runtime import Runtime
 
@@ -74,7 +76,7 @@ class RedisHeartbeats:
                     p.hdel(self.g.workers, *old)
                     await p.execute()
         except Exception as e:
-            if not self.rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             return None
         return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
@@ -127,12 +129,12 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
                     log.info("heartbeat store reachable again")
                 failing = False
             except Exception as e:
-                if not rt.is_redis_error(e) and type(e).__module__.split(".")[0] != "asyncpg":
+                if not is_outage(e):
                     raise
                 if not failing:
                     log.warning("cannot write heartbeat (%s); jobs keep running", e)
                 failing = True
-            await rt.sleep(rt.config.heartbeat.interval_s, stop)
+            await sleep_or_stop(rt.config.heartbeat.interval_s, stop)
     finally:
         try:
             await asyncio.wait_for(store.remove(rt.name), 2.0)

@@ -400,8 +400,7 @@ async def job_status(request: web.Request) -> web.Response:
         info = await st.run(ops.status(st.runtime.config.redis.prefix, job_id))
     except JobNotFound:
         # the Redis record expired (results.ttl_s): the ledger remembers longer
-        lookup = getattr(st.runtime.events, "lookup", None)
-        found = await lookup(job_id) if lookup is not None else None
+        found = await st.runtime.events.lookup(job_id)
         if found is None:
             raise ApiError(404, f"no job {job_id!r}") from None
         info = found

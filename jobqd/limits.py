@@ -28,17 +28,18 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import Counter
-from redis.exceptions import NoScriptError
 
+from jobqd import scripts
+from jobqd.aio import Backoff
 from jobqd.config import TaskConfig
+from jobqd.deps import is_redis_error
 from jobqd.keys import GlobalKeys
-from jobqd.runtime import Backoff, Runtime
-from jobqd.scripts import _load
+from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.limits")
 
-ACQUIRE = _load("limit_acquire")
-RENEW = _load("limit_renew")
+ACQUIRE = scripts.LIMIT_ACQUIRE
+RENEW = scripts.LIMIT_RENEW
 
 LEASE_HEARTBEATS = 3  # a slot's lease: this many heartbeat.interval_s
 # A job refused for concurrency waits at least CONCURRENCY_WAIT_S (uniform in the
@@ -89,6 +90,10 @@ class Limiter:
 
     # ------------------------------------------------------------ acquire
 
+    def applies(self, task: TaskConfig) -> bool:
+        """Does this task have a limit (and so cost a round trip before it starts)?"""
+        return limited(task)
+
     def lease_ms(self) -> int:
         return max(1, round(LEASE_HEARTBEATS * self.rt.config.heartbeat.interval_s * 1000))
 
@@ -118,7 +123,7 @@ class Limiter:
                 self._queue_release(name, job_id)
             raise
         except Exception as e:
-            if not self.rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             if conc:
                 self._queue_release(name, job_id)
@@ -196,7 +201,7 @@ class Limiter:
                 except Exception as e:  # never let a release failure escape the task
                     tries += 1
                     n = sum(len(ids) for ids in batch.values())
-                    if tries < RELEASE_TRIES and self.rt.is_redis_error(e):
+                    if tries < RELEASE_TRIES and is_redis_error(e):
                         for name, ids in batch.items():
                             again = ids - self.held.get(name, set())
                             if again:
@@ -253,21 +258,13 @@ class Limiter:
             lease = self.lease_ms()
             r = self.rt.redis
             try:
-                replies: list[Any] = []
-                for attempt in range(2):
-                    async with r.pipeline(transaction=False) as p:
-                        for name, ids in calls:
-                            p.evalsha(RENEW.sha, 1, keys.task_running(name), lease, *ids)
-                        replies = await p.execute(raise_on_error=False)
-                    if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
-                        await r.script_load(RENEW.source)
-                        continue
-                    break
+                replies = await scripts.pipelined(r, [
+                    (RENEW, [keys.task_running(name)], [lease, *ids]) for name, ids in calls])
                 for x in replies:
                     if isinstance(x, Exception):
                         raise x
             except Exception as e:
-                if not self.rt.is_redis_error(e):
+                if not is_redis_error(e):
                     raise
                 log.warning("renewing limit slots failed (%s: %s)", type(e).__name__, e)
                 return 0

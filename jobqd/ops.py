@@ -398,7 +398,9 @@ class DeadJob:
         return JobInfo(id=self.ref, status="dead", task=d["task"], queue=self.queue,
                        attempts=d["attempts"], lost=d["lost"], error=d["error"],
                        reason=d["reason"], traceback=d["traceback"],
-                       enqueued_at=d["enqueued_at"], finished_at=d["died_at"], args=d["args"])
+                       enqueued_at=d["enqueued_at"], finished_at=d["died_at"], args=d["args"],
+                       started_at=_ms_to_s(self.death.get("started")),
+                       worker=self.death.get("worker"))
 
 
 def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:

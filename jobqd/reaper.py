@@ -28,18 +28,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from jobqd import scripts
+from jobqd.aio import Backoff, sleep_or_stop
+from jobqd.deps import is_redis_error
 from jobqd.heartbeat import HeartbeatStore
-from jobqd.jobs import BadJob, decode_job
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.ops import s
-from jobqd.pool import Settle, death_record, settle
-from jobqd.runtime import Backoff, Runtime
+from jobqd.outcomes import Dead, Delivery, HandedBack, Outcome
+from jobqd.runtime import Runtime
+from jobqd.settle import Settle, Settler, try_decode
 
 log = logging.getLogger("jobqd.reaper")
 
@@ -54,6 +56,7 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
     cfg = rt.config
     r = rt.redis
     counts = {"worker_lost": 0, "stalled": 0, "dead": 0}
+    rnd = _Round(rt, Settler(rt.metrics, rt.events, rt.reaper_name, lambda: rt.config), counts)
     alive = await store.alive(cfg.heartbeat.timeout_s) if liveness else None
     if alive is None and liveness:
         log.warning("heartbeat store unreachable: no reclaim by liveness this round")
@@ -75,7 +78,7 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
                 if int(c["idle"]) <= timeout_ms:
                     continue
                 if int(c["pending"]) > 0:
-                    await _reclaim_consumer(rt, qk, q, name, counts)
+                    await _reclaim_consumer(rnd, qk, q, name)
                 elif await scripts.FORGET_CONSUMER(r, [qk.stream], [GROUP, name]):
                     log.info("removed dead consumer %s from %s", name, q)
         start = "0-0"
@@ -92,71 +95,67 @@ async def reap_once(rt: Runtime, store: HeartbeatStore, *,
                 await r.xack(qk.stream, GROUP, *gone)
             live = [e for e in entries if e and e[1] is not None]
             if live:
-                await _hand_back(rt, q, live, "stalled", counts)
+                await _hand_back(rnd, q, live, "stalled")
             if start == "0-0":
                 break
     return counts
 
 
-async def _reclaim_consumer(rt: Runtime, qk: QueueKeys, q: str, name: str,
-                            counts: dict[str, int]) -> None:
-    r = rt.redis
+@dataclass(slots=True)
+class _Round:
+    rt: Runtime
+    settler: Settler
+    counts: dict[str, int]
+
+
+async def _reclaim_consumer(rnd: _Round, qk: QueueKeys, q: str, name: str) -> None:
+    r = rnd.rt.redis
     while True:
         rows = await r.xpending_range(qk.stream, GROUP, min="-", max="+", count=CLAIM_BATCH,
                                       consumername=name)
         if not rows:
             return
         ids: list[Any] = [row["message_id"] for row in rows]
-        entries = await r.xclaim(qk.stream, GROUP, rt.reaper_name, 0, ids)
+        entries = await r.xclaim(qk.stream, GROUP, rnd.rt.reaper_name, 0, ids)
         present = {e[0] for e in entries if e and e[1] is not None}
         gone = [i for i in ids if i not in present]
         if gone:  # pending but deleted from the stream: nothing left to run
             await r.xack(qk.stream, GROUP, *gone)
         log.warning("consumer %s is dead: reclaiming %d jobs from %s", name, len(present), q)
-        await _hand_back(rt, q, [e for e in entries if e and e[1] is not None], "worker_lost",
-                         counts)
+        await _hand_back(rnd, q, [e for e in entries if e and e[1] is not None], "worker_lost")
         if len(rows) < CLAIM_BATCH:
             return
 
 
-async def _hand_back(rt: Runtime, q: str, entries: list[Any], reason: str,
-                     counts: dict[str, int]) -> None:
+async def _hand_back(rnd: _Round, q: str, entries: list[Any], reason: str) -> None:
+    """Give the claimed entries back to the queue (``lost + 1``), or dead-letter a job
+    whose worker was lost `reaper.max_deliveries` times."""
+    rt, counts = rnd.rt, rnd.counts
     cfg = rt.config
     out: list[Settle] = []
     for eid, fields in entries:
         if fields is None:
             continue
-        raw = fields.get(b"j")
-        try:
-            env = decode_job(raw if raw is not None else b"")
-        except BadJob:
-            env = None
-        if env is None:
-            out.append(Settle("D", eid, "", b"{}", death_record(
-                None, q, rt.name, "malformed", "malformed entry found by the reaper")))
-            continue
-        lost = env.lost + 1
-        if lost >= cfg.reaper.max_deliveries:
-            log.error("job %s dead: its worker was lost %d times", env.id, lost,
-                      extra={"job_id": env.id, "task": env.task, "queue": q})
-            out.append(Settle("D", eid, env.id, env.next(lost=lost), death_record(
-                env, q, rt.name, "worker_lost", f"worker lost {lost} times ({reason})",
-                attempts=env.attempt, lost=lost)))
-            counts["dead"] += 1
-            rt.metrics.job_done(q, env.task, "dead", 0.0)
-            if rt.events is not None:
-                rt.events.record("dead", env.id, q, env.task, attempt=env.attempt, lost=lost,
-                                 ts_ms=time.time() * 1000, error=f"worker lost {lost} times",
-                                 reason="worker_lost")
-        elif len(entries) > 1:
-            delay_ms = round(random.uniform(0, SPREAD_S) * 1000)
-            out.append(Settle("R", eid, env.id, env.next(lost=lost), delay_ms))
+        d = Delivery(q, eid, fields)
+        env = try_decode(d)
+        outcome: Outcome
+        if env is None:  # not a job: to the dead-letter queue, not counted as a reclaim
+            outcome = Dead("malformed", "malformed entry found by the reaper")
         else:
-            out.append(Settle("B", eid, env.id, env.next(lost=lost), 0))
-        counts[reason] += 1
-        rt.metrics.reclaimed.labels(reason).inc()
+            lost = env.lost + 1
+            if lost >= cfg.reaper.max_deliveries:
+                outcome = Dead("worker_lost", f"worker lost {lost} times ({reason})", lost=lost)
+                counts["dead"] += 1
+            else:
+                delay = random.uniform(0, SPREAD_S) if len(entries) > 1 else 0.0
+                outcome = HandedBack(lost=lost, delay_s=delay)
+            counts[reason] += 1
+            rt.metrics.reclaimed.labels(reason).inc()
+        s = rnd.settler.build(outcome, d, env)
+        if s is not None:
+            out.append(s)
     if out:
-        await settle(rt.redis, cfg, {q: out})
+        await rnd.settler.settle(rt.redis, cfg, {q: out})
 
 
 async def _holder_is_dead(rt: Runtime, store: HeartbeatStore, lock: str) -> bool:
@@ -183,7 +182,7 @@ async def _forget_reaper_consumer(rt: Runtime) -> None:
                 rt.redis, [QueueKeys(rt.config.redis.prefix, q).stream],
                 [GROUP, rt.reaper_name]), 2.0)
         except Exception as e:
-            if isinstance(e, ResponseError | TimeoutError) or rt.is_redis_error(e):
+            if isinstance(e, ResponseError | TimeoutError) or is_redis_error(e):
                 continue
             raise
 
@@ -218,13 +217,13 @@ async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
                         log.info("reaper round: %s", counts)
                 backoff.reset()
             except Exception as e:
-                if not rt.is_redis_error(e):
+                if not is_redis_error(e):
                     raise
                 reachable_since = None
                 log.warning("reaper cannot reach redis: %s", e)
-                await rt.sleep(backoff.next(), stop)
+                await sleep_or_stop(backoff.next(), stop)
                 continue
-            await rt.sleep(interval, stop)
+            await sleep_or_stop(interval, stop)
     finally:
         await _forget_reaper_consumer(rt)
         if held:

@@ -7,34 +7,22 @@ unit of work (a job keeps the config it started with).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import redis.asyncio as aredis
-from redis.exceptions import RedisError
 
+from jobqd.aio import Backoff, sleep_or_stop
 from jobqd.config import Config
+from jobqd.deps import is_redis_error
+from jobqd.events import JobEvents, NoEvents
 from jobqd.metrics import Metrics
 
 log = logging.getLogger("jobqd")
-
-
-class JobEvents(Protocol):
-    """A sink for job lifecycle events (the PostgreSQL ledger implements it).
-
-    `record` is called on the hot path: it must not block or do I/O itself
-    (buffer, and flush in batches from a background task).
-    """
-
-    def record(self, event: str, job_id: str, queue: str, task: str, *, attempt: int,
-               lost: int, ts_ms: float, enq_ms: float | None = None, error: str | None = None,
-               reason: str | None = None, result: Any = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -64,7 +52,7 @@ class Runtime:
     # set when this daemon schedules a retry or deferral: the scheduler re-plans its sleep
     scheduler_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
-    events: JobEvents | None = None  # job lifecycle sink (the ledger), if configured
+    events: JobEvents = field(default_factory=NoEvents)  # job lifecycle sink (the ledger)
 
     @property
     def reaper_name(self) -> str:
@@ -82,32 +70,8 @@ class Runtime:
         self.config = new
         self.config_changed.set()
 
-    @staticmethod
-    def is_redis_error(e: BaseException) -> bool:
-        return isinstance(e, RedisError | OSError | ConnectionError | TimeoutError)
-
-    @staticmethod
-    async def sleep(seconds: float, stop: asyncio.Event) -> bool:
-        """Sleep up to `seconds`; return True at once when `stop` is set."""
-        if stop.is_set():
-            return True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
-        return stop.is_set()
+    is_redis_error = staticmethod(is_redis_error)  # jobqd.deps, the one classifier
+    sleep = staticmethod(sleep_or_stop)  # jobqd.aio
 
 
-class Backoff:
-    """Capped exponential backoff for reconnect loops (never a busy loop)."""
-
-    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.n = 0
-
-    def next(self) -> float:
-        d = float(min(self.max_s, self.first_s * 2.0**self.n))
-        self.n += 1
-        return d
-
-    def reset(self) -> None:
-        self.n = 0
+__all__ = ["Backoff", "Health", "JobEvents", "Runtime"]

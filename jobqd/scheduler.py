@@ -13,8 +13,10 @@ import asyncio
 import logging
 
 from jobqd import scripts
+from jobqd.aio import Backoff, wait_first
+from jobqd.deps import is_redis_error
 from jobqd.keys import QueueKeys
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.scheduler")
 
@@ -46,7 +48,7 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
             wait = await promote_once(rt)
             backoff.reset()
         except Exception as e:
-            if not rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             wait = backoff.next()
             log.warning("scheduler cannot reach redis (%s); retrying in %.1fs", e, wait)
@@ -56,10 +58,5 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
 async def _sleep(rt: Runtime, seconds: float, stop: asyncio.Event) -> None:
     """Sleep until the next due job, a stop, or this daemon scheduling a new one."""
     wake = rt.scheduler_wakeup
-    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+    await wait_first(stop, wake, timeout_s=seconds)
     wake.clear()

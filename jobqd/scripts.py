@@ -1,18 +1,26 @@
-"""Lua scripts, loaded once and called by SHA (EVALSHA), reloaded on NOSCRIPT.
+"""Every Lua script, and the Redis plumbing written once.
 
-The scripts live in ``jobqd/lua/`` and are documented in docs/architecture.md.
+* Scripts live in ``jobqd/lua/`` (documented in docs/architecture.md), are loaded
+  once (`preload`) and called by SHA. After a Redis restart empties the script
+  cache, a NOSCRIPT reply reloads them and the call is retried once: `Script`
+  for a single call (async and sync), `pipelined` for many in one round trip.
+* `ensure_group`: create a stream's consumer group (and the stream) unless it
+  exists.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+
+from jobqd.keys import GROUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,19 +29,76 @@ class Script:
     source: str
     sha: str
 
-    async def __call__(self, r: aredis.Redis, keys: list[str], args: list[Any]) -> Any:
+    async def __call__(self, r: aredis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
             return await r.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await r.script_load(self.source)
             return await r.evalsha(self.sha, len(keys), *keys, *args)
 
-    def call_sync(self, r: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+    def call_sync(self, r: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
             return r.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             r.script_load(self.source)
             return r.evalsha(self.sha, len(keys), *keys, *args)
+
+
+Call = tuple[Script, Sequence[Any], Sequence[Any]]  # script, keys, args
+
+
+async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """Run many script calls in one pipelined round trip (not a transaction).
+
+    NOSCRIPT-safe: when any call finds the script cache empty (Redis restarted),
+    every script is loaded again and the whole pipeline retried once. Replies come
+    back in order; an error reply is returned in its place (never raised), so the
+    caller decides per call.
+    """
+    replies: list[Any] = []
+    for attempt in range(2):
+        async with r.pipeline(transaction=False) as p:
+            for script, keys, args in calls:
+                p.evalsha(script.sha, len(keys), *keys, *args)
+            replies = await p.execute(raise_on_error=False)
+        if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+            await preload(r)
+            continue
+        break
+    return replies
+
+
+def pipelined_sync(r: redis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """`pipelined` for a blocking client."""
+    replies: list[Any] = []
+    for attempt in range(2):
+        with r.pipeline(transaction=False) as p:
+            for script, keys, args in calls:
+                p.evalsha(script.sha, len(keys), *keys, *args)
+            replies = p.execute(raise_on_error=False)
+        if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+            preload_sync(r)
+            continue
+        break
+    return replies
+
+
+async def ensure_group(r: aredis.Redis, stream: str) -> None:
+    """Create the consumer group (and the stream) unless the group exists."""
+    try:
+        await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+def ensure_group_sync(r: redis.Redis, stream: str) -> None:
+    """`ensure_group` for a blocking client."""
+    try:
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
 
 
 def _load(name: str) -> Script:
@@ -50,8 +115,10 @@ DLQ_REMOVE = _load("dlq_remove")
 LOCK = _load("lock")
 HEARTBEAT = _load("heartbeat")
 FORGET_CONSUMER = _load("forget_consumer")
+LIMIT_ACQUIRE = _load("limit_acquire")
+LIMIT_RENEW = _load("limit_renew")
 ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
-       FORGET_CONSUMER)
+       FORGET_CONSUMER, LIMIT_ACQUIRE, LIMIT_RENEW)
 
 
 async def preload(r: aredis.Redis) -> None:
@@ -60,3 +127,10 @@ async def preload(r: aredis.Redis) -> None:
         for s in ALL:
             p.script_load(s.source)
         await p.execute()
+
+
+def preload_sync(r: redis.Redis) -> None:
+    with r.pipeline(transaction=False) as p:
+        for s in ALL:
+            p.script_load(s.source)
+        p.execute()

@@ -1,11 +1,7 @@
 """Weighted fair scheduling across queues, and the weight-refresh loop.
 
-`SmoothWRR` is nginx's smooth weighted round-robin: deterministic, and over
-any window of W picks (W = sum of weights) each queue gets exactly its weight,
-interleaved rather than in bursts. The fetcher asks it for one pick per free
-consumer slot, so the order of job starts follows the weights while fetching
-stays batched. Only queues that currently have work take part
-(work-conserving); a queue whose weight is 0 is paused.
+The fetcher (`jobqd.fetch.SmoothWRR`) orders job starts by these weights; a
+queue whose weight is 0 is paused.
 
 Runtime weights live in Redis (``<prefix>:weights``); the YAML gives the
 initial values. On start and on every reload a queue whose YAML weight changed
@@ -18,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from jobqd import ops
@@ -28,36 +24,6 @@ if TYPE_CHECKING:
     from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.weights")
-
-
-class SmoothWRR:
-    def __init__(self) -> None:
-        self.current: dict[str, int] = {}
-
-    def picks(self, n: int, weights: Mapping[str, int], active: Iterable[str]) -> list[str]:
-        """The next `n` queues to start a job from, among `active` ones with weight > 0."""
-        live = [q for q in active if weights.get(q, 0) > 0]
-        if not live or n <= 0:
-            return []
-        cur = self.current
-        for q in list(cur):  # forget queues that left the active set: no saved-up burst
-            if q not in live:
-                del cur[q]
-        total = sum(weights[q] for q in live)
-        out = []
-        for _ in range(n):
-            best = None
-            best_w = 0
-            for q in live:
-                w = cur.get(q, 0) + weights[q]
-                cur[q] = w
-                if best is None or w > best_w:
-                    best, best_w = q, w
-            assert best is not None
-            cur[best] -= total
-            out.append(best)
-        return out
-
 
 _warned: set[tuple[str, str, str]] = set()
 

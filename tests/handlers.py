@@ -142,3 +142,31 @@ async def swallow_cancel(seconds: float) -> str:
         except asyncio.CancelledError:
             continue
     return "swallowed"
+
+
+async def fail_any(**kwargs: Any) -> None:
+    """Takes any args (however deep), always fails: its retry re-encodes the job."""
+    raise ValueError("fails whatever it is given")
+
+
+async def fail_fs_name() -> None:
+    """An error whose text is not valid UTF-8: an ordinary Linux file name."""
+    raise FileNotFoundError(2, "No such file", os.fsdecode(b"/tmp/caf\xe9-\xff.txt"))
+
+
+class _BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken")
+
+
+async def fail_broken_str() -> None:
+    raise _BrokenStr()
+
+
+async def retry_bad_delay(delay: str) -> None:
+    """Retry(delay_s=inf|nan|huge): `delay` is a string because JSON has no inf/nan."""
+    raise Retry(delay_s=float(delay))
+
+
+async def needs_a(a: int) -> int:
+    return a

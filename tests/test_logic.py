@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 
 from jobqd.config import BackoffConfig, TaskConfig, mask_url
+from jobqd.execute import backoff_delay
+from jobqd.fetch import SmoothWRR
 from jobqd.ids import new_job_id, new_ulid, queue_of
 from jobqd.jobs import BadJob, decode_job, encode_args, encode_job
-from jobqd.pool import backoff_delay
-from jobqd.weights import SmoothWRR
 
 
 def test_swrr_exact_shares_in_every_window() -> None:

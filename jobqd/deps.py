@@ -1,0 +1,44 @@
+"""The one classifier of dependency errors.
+
+A component that talks to Redis or PostgreSQL asks here whether an exception
+means "the dependency is unreachable or refusing" (log, back off, retry: never
+crash the daemon for it) or "a bug" (let it crash loudly). Nothing else in the
+package decides this by itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from redis.exceptions import RedisError
+
+_NETWORK = (OSError, ConnectionError, TimeoutError)  # socket-level, from either client
+
+
+def is_redis_error(e: BaseException) -> bool:
+    """Redis unreachable, timing out or refusing (OOM, READONLY, LOADING...)."""
+    return isinstance(e, (RedisError, *_NETWORK))
+
+
+def is_postgres_error(e: BaseException) -> bool:
+    """A connection-level failure of PostgreSQL (worth a reconnect and a retry)."""
+    if isinstance(e, _NETWORK):
+        return True
+    asyncpg = sys.modules.get("asyncpg")  # never imported just to classify an error
+    if asyncpg is None:
+        return False
+    ex = asyncpg.exceptions
+    return isinstance(e, asyncpg.InterfaceError | asyncpg.PostgresConnectionError
+                      | ex.OperatorInterventionError  # 57xxx: admin shutdown...
+                      | ex.InsufficientResourcesError  # 53xxx: too many connections
+                      | ex.InternalClientError)
+
+
+def is_outage(e: BaseException) -> bool:
+    """Redis or PostgreSQL unreachable: retry with backoff instead of crashing."""
+    return is_redis_error(e) or is_postgres_error(e)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Redis refused a write because it is at `maxmemory` (policy noeviction)."""
+    return isinstance(e, RedisError) and str(e).startswith("OOM ")

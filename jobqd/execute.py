@@ -1,0 +1,210 @@
+"""Run one job and say what happened, as a value (`jobqd.outcomes`).
+
+`Executor.run` decodes the entry, finds the handler, takes the task's limit slot,
+runs the handler under the config the job started with, and returns an outcome:
+succeeded, retried (after a delay), dead (with a reason), handed back, deferred
+or abandoned. It never settles, counts or logs an outcome itself (that is
+`jobqd.settle`) and never calls back into the pool, so a decision here can be
+tested without Redis and without sleeping.
+
+Cancellation: the consumer running a job can be cancelled by the pool's
+deadline tick (the job's `timeout_s`) or by the drain (or a forced stop). The
+canceller marks the run first (`Running.timed_out`), so the reason is decided
+in exactly one place (`outcomes.after_cancel`). `run` turns the CancelledError
+into an outcome; the consumer re-raises it afterwards whenever a cancellation
+other than our own deadline is pending (`Task.cancelling()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jobqd.config import Config, TaskConfig
+from jobqd.errors import Fail, Retry
+from jobqd.jobs import BadJob, CurrentJob, Envelope, _current, decode_job
+from jobqd.outcomes import (
+    MAX_ERROR_CHARS,
+    Abandoned,
+    Dead,
+    Deferred,
+    Delivery,
+    FailureKind,
+    HandedBack,
+    Outcome,
+    Succeeded,
+    after_cancel,
+    after_failure,
+    error_text,
+    retry_delay,
+    safe_text,
+    traceback_text,
+)
+
+
+class Limits(Protocol):
+    """Per-task concurrency and rate limits (`jobqd.limits.Limiter`)."""
+
+    def applies(self, task: TaskConfig) -> bool: ...
+
+    async def acquire(self, task: TaskConfig, job_id: str) -> float | None: ...
+
+    def release(self, task: TaskConfig, job_id: str) -> None: ...
+
+
+class StartSink(Protocol):
+    """Told when a job's handler starts (metrics and the ledger)."""
+
+    def started(self, run: Running) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Running:
+    """One delivery between hand-off and outcome: what the pool needs to stop it."""
+
+    delivery: Delivery
+    consumer: asyncio.Task[Any]
+    env: Envelope | None = None
+    task: TaskConfig | None = None
+    started_ms: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # monotonic; the pool's deadline tick cancels after it
+    timed_out: bool = False  # set by the deadline tick just before it cancels `consumer`
+    thread: concurrent.futures.Future[Any] | None = None  # a sync handler's run
+
+    def thread_running(self) -> bool:
+        return self.thread is not None and not self.thread.done()
+
+    @property
+    def duration_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def backoff_delay(task: TaskConfig, failed_attempts: int) -> float:
+    """Exponential backoff with full jitter: min(base * 2**n, max) * random()."""
+    b = task.retry_backoff
+    return min(b.base_s * 2.0 ** min(failed_attempts, 62), b.max_s) * random.random()
+
+
+def bad_args(fn: Any, args: dict[str, Any]) -> str | None:
+    """Why `fn(**args)` cannot bind (missing/unexpected arguments), or None."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(**args)
+    except TypeError as e:
+        return safe_text(str(e), MAX_ERROR_CHARS)
+    return None
+
+
+class Executor:
+    def __init__(self, limits: Limits, starts: StartSink,
+                 threads: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.limits = limits
+        self.starts = starts
+        self.threads = threads
+
+    async def run(self, run: Running, cfg: Config) -> Outcome:
+        """Run `run.delivery` under `cfg` (the config it starts with); never raises
+        except for a bug. See the module docstring for cancellation."""
+        d = run.delivery
+        raw = d.fields.get(b"j")
+        if raw is None:
+            return Dead("malformed", "entry has no 'j' field")
+        try:
+            env = run.env = decode_job(raw)
+        except BadJob as e:
+            return Dead("malformed", safe_text(str(e), MAX_ERROR_CHARS))
+        task = cfg.tasks.get(env.task)
+        if task is None:
+            return Dead("unknown_task", safe_text(
+                f"no handler for task {env.task!r} in this daemon's config", MAX_ERROR_CHARS))
+        run.task = task
+        if self.limits.applies(task):
+            try:
+                wait = await self.limits.acquire(task, env.id)
+            except asyncio.CancelledError:  # drain: not started, back with no attempt used
+                return HandedBack()
+            if wait is not None:  # over its limit: back through the delayed set
+                return Deferred(wait)
+        try:
+            return await self._run_handler(run, task, env)
+        finally:
+            self.limits.release(task, env.id)  # no-op unless it holds a slot; never blocks
+
+    async def _run_handler(self, run: Running, task: TaskConfig, env: Envelope) -> Outcome:
+        me = run.consumer
+        run.started_ms = now_ms()
+        self.starts.started(run)
+        token = _current.set(CurrentJob(id=env.id, task=env.task, queue=run.delivery.queue,
+                                        attempt=env.attempt + 1,
+                                        enqueued_at=env.enq_ms / 1000))
+        attempts = env.attempt + 1
+        if task.timeout_s is not None:
+            run.deadline = time.monotonic() + task.timeout_s
+        cancel_seen = False
+        try:
+            result = await self._call(task, env, run)
+        except asyncio.CancelledError:
+            cancel_seen = True
+            own = run.timed_out and me.uncancel() == 0
+            decision = after_cancel(own_timeout=own, thread_running=run.thread_running())
+            if decision == "hand_back":
+                return HandedBack()
+            if decision == "abandon":
+                return Abandoned("still running in a thread")
+            return self._failure(task, env, "timeout",
+                                 f"timed out after {task.timeout_s:g}s", None)
+        except Retry as e:
+            requested = retry_delay(e.delay_s)
+            reason = safe_text(str(e.reason), MAX_ERROR_CHARS)
+            if requested is None and e.delay_s is not None:
+                return self._failure(task, env, "error", safe_text(
+                    f"Retry(delay_s={e.delay_s!r}): delay_s must be a finite number of seconds "
+                    f"from 0 to a year; retried with the task's backoff", MAX_ERROR_CHARS), None)
+            return self._failure(task, env, "retry", reason, None, requested=requested)
+        except Fail as e:
+            return Dead("failed", safe_text(str(e.reason), MAX_ERROR_CHARS), attempts=attempts)
+        except Exception as e:
+            if isinstance(e, TypeError):
+                why = bad_args(task.fn, env.args)
+                if why is not None:  # a misspelt argument never gets better by retrying
+                    return Dead("bad_args", f"the job's args do not fit {task.handler}: {why}",
+                                attempts=attempts)
+            return self._failure(task, env, "error", error_text(e), traceback_text(e))
+        else:
+            return Succeeded(result)
+        finally:
+            run.deadline = None
+            if run.timed_out and not cancel_seen:
+                me.uncancel()  # the handler swallowed our deadline's cancellation
+            _current.reset(token)
+
+    def _failure(self, task: TaskConfig, env: Envelope, kind: FailureKind, error: str,
+                 tb: str | None, *, requested: float | None = None) -> Outcome:
+        return after_failure(kind, error, tb, attempts=env.attempt + 1,
+                             max_retries=task.max_retries,
+                             backoff_s=backoff_delay(task, env.attempt),
+                             requested_delay=requested)
+
+    async def _call(self, task: TaskConfig, env: Envelope, run: Running) -> Any:
+        if task.is_async:
+            return await task.fn(**env.args)
+        # A plain def runs in a thread. A thread cannot be killed: at the deadline we
+        # stop waiting and count a timeout; the thread finishes on its own (documented).
+        ctx = contextvars.copy_context()
+        fn = task.fn
+        run.thread = self.threads.submit(lambda: ctx.run(fn, **env.args))
+        return await asyncio.wrap_future(run.thread)

@@ -1,0 +1,179 @@
+"""Batched fetching for the pool: SWRR-ordered reads, the blocking read when
+every queue is empty, and the PEL scan that finds orphaned entries.
+
+`Fetcher.fetch` returns the deliveries in the order their jobs should start;
+it never hands them to anyone itself (the pool does).
+
+* It asks for `free` entries in one pipelined round trip, one XREADGROUP per
+  queue, the counts following smooth weighted round-robin over the queues that
+  have work; empty queues are probed with COUNT 1 in the same pipeline.
+* When every queue is empty, one blocking XREADGROUP covers all streams
+  (`BLOCK_MS`): it never busy-polls.
+* `orphans`: entries in this consumer's PEL that the pool does not hold (an
+  XREADGROUP whose reply was lost delivered them). Entries deleted from the
+  stream meanwhile are acked away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Container, Iterable, Mapping
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import ResponseError
+
+from jobqd import scripts
+from jobqd.keys import GROUP, QueueKeys
+from jobqd.outcomes import Delivery
+
+BLOCK_MS = 2000  # longest blocking XREADGROUP when every queue is empty
+ORPHAN_SCAN_COUNT = 500
+
+
+class SmoothWRR:
+    """nginx's smooth weighted round-robin: deterministic, and over any window of W
+    picks (W = sum of weights) each queue gets exactly its weight, interleaved rather
+    than in bursts. The fetcher asks for one pick per free consumer slot, so the
+    order of job starts follows the weights while fetching stays batched. Only
+    queues that currently have work take part (work-conserving)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, int] = {}
+
+    def picks(self, n: int, weights: Mapping[str, int], active: Iterable[str]) -> list[str]:
+        """The next `n` queues to start a job from, among `active` ones with weight > 0."""
+        live = [q for q in active if weights.get(q, 0) > 0]
+        if not live or n <= 0:
+            return []
+        cur = self.current
+        for q in list(cur):  # forget queues that left the active set: no saved-up burst
+            if q not in live:
+                del cur[q]
+        total = sum(weights[q] for q in live)
+        out = []
+        for _ in range(n):
+            best = None
+            best_w = 0
+            for q in live:
+                w = cur.get(q, 0) + weights[q]
+                cur[q] = w
+                if best is None or w > best_w:
+                    best, best_w = q, w
+            assert best is not None
+            cur[best] -= total
+            out.append(best)
+        return out
+
+
+def _nogroup(e: BaseException) -> bool:
+    return isinstance(e, ResponseError) and "NOGROUP" in str(e)
+
+
+class Fetcher:
+    def __init__(self, r: aredis.Redis, consumer: str) -> None:
+        self.r = r
+        self.consumer = consumer
+        self.wrr = SmoothWRR()
+        self.empty: set[str] = set()  # queues the last read found empty
+        self.groups: set[str] = set()  # queues whose group we made sure of
+
+    async def fetch(self, prefix: str, queues: Iterable[str], weights: Mapping[str, int],
+                    free: int) -> list[Delivery]:
+        """Up to `free` deliveries from the queues with weight > 0, in start order."""
+        live = [q for q in queues if weights.get(q, 0) > 0]
+        if not live:  # every queue paused
+            await asyncio.sleep(BLOCK_MS / 1000)
+            return []
+        for q in live:
+            if q not in self.groups:
+                await scripts.ensure_group(self.r, QueueKeys(prefix, q).stream)
+                self.groups.add(q)
+        active = [q for q in live if q not in self.empty]
+        if not active:
+            return await self._blocking(prefix, live, free)
+        picks = self.wrr.picks(free, weights, active)
+        counts = Counter(picks)
+        probes = [q for q in live if q in self.empty]
+        order = list(counts) + probes
+        async with self.r.pipeline(transaction=False) as p:
+            for q in order:
+                p.xreadgroup(GROUP, self.consumer, {QueueKeys(prefix, q).stream: ">"},
+                             count=counts.get(q, 1))
+            replies = await p.execute(raise_on_error=False)
+        got: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        for q, reply in zip(order, replies, strict=True):
+            if isinstance(reply, Exception):
+                if _nogroup(reply):  # the stream went away (Redis lost it): recreate
+                    self.groups.discard(q)
+                    continue
+                raise reply
+            entries = reply[0][1] if reply else []
+            got[q] = list(reversed(entries))  # pop() from the end in stream order
+            if q in counts and len(entries) < counts[q]:
+                self.empty.add(q)
+            elif q not in counts and entries:
+                self.empty.discard(q)
+        out: list[Delivery] = []
+        for q in picks:  # job starts follow the SWRR order
+            lst = got.get(q)
+            if lst:
+                eid, fields = lst.pop()
+                out.append(Delivery(q, eid, fields))
+        for q in order:  # probes, and anything left over
+            out.extend(Delivery(q, eid, fields) for eid, fields in reversed(got.get(q, [])))
+        return out
+
+    async def _blocking(self, prefix: str, queues: list[str], free: int) -> list[Delivery]:
+        streams: dict[Any, Any] = {QueueKeys(prefix, q).stream: ">" for q in queues}
+        try:
+            reply = await self.r.xreadgroup(GROUP, self.consumer, streams, count=free,
+                                            block=BLOCK_MS)
+        except ResponseError as e:
+            if not _nogroup(e):
+                raise
+            self.groups.clear()
+            return []
+        raw: Any = reply or []  # RESP2: [[stream, entries], ...]; RESP3: {stream: entries}
+        by_stream: dict[bytes, Any] = raw if isinstance(raw, dict) else dict(raw)
+        out: list[Delivery] = []
+        for q in queues:
+            entries = by_stream.get(QueueKeys(prefix, q).stream.encode())
+            if entries:
+                self.empty.discard(q)
+                out.extend(Delivery(q, eid, fields) for eid, fields in entries)
+        return out
+
+    async def orphans(self, prefix: str, queues: Iterable[str],
+                      held: Mapping[str, Container[bytes]]) -> list[Delivery]:
+        """Entries in our PEL that we do not hold (see the module docstring)."""
+        out: list[Delivery] = []
+        for q in sorted(self.groups | set(queues)):
+            stream = QueueKeys(prefix, q).stream
+            start: Any = "0"
+            mine = held.get(q, ())
+            while True:
+                try:
+                    reply: Any = await self.r.xreadgroup(GROUP, self.consumer, {stream: start},
+                                                         count=ORPHAN_SCAN_COUNT)
+                except ResponseError as e:  # no stream or group (yet): nothing of ours
+                    if not _nogroup(e):
+                        raise
+                    break
+                raw = reply if isinstance(reply, dict) else dict(reply or [])
+                entries = raw.get(stream.encode()) or []
+                if not entries:
+                    break
+                gone = []
+                for eid, fields in entries:
+                    if eid in mine:
+                        continue
+                    if not fields:
+                        gone.append(eid)
+                    else:
+                        out.append(Delivery(q, eid, fields))
+                if gone:
+                    await self.r.xack(stream, GROUP, *gone)
+                start = entries[-1][0]
+        return out

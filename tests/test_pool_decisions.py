@@ -1,0 +1,363 @@
+"""The pool's decisions, driven without Redis and without sleeping: what
+`execute` returns for each way a job can end, how a cancellation is told apart
+(our deadline, a drain, a thread that cannot be stopped), and how `settle`
+turns each outcome into a settle record, guarding every encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import pytest
+
+from jobqd.config import LogConfig, TaskConfig
+from jobqd.errors import Fail, Retry
+from jobqd.events import NoEvents
+from jobqd.execute import Executor, Running, bad_args
+from jobqd.ids import new_job_id
+from jobqd.jobs import decode_job, encode_job
+from jobqd.metrics import Metrics
+from jobqd.outcomes import (
+    Abandoned,
+    Dead,
+    Deferred,
+    Delivery,
+    HandedBack,
+    Retried,
+    Succeeded,
+    after_cancel,
+    after_failure,
+    error_text,
+    retry_delay,
+    safe_text,
+)
+from jobqd.settle import OutcomeLog, Settler
+
+# ---------------------------------------------------------------- pure decisions
+
+
+def test_after_cancel_tells_timeout_drain_and_thread_apart() -> None:
+    assert after_cancel(own_timeout=True, thread_running=False) == "timeout"
+    assert after_cancel(own_timeout=True, thread_running=True) == "timeout"
+    assert after_cancel(own_timeout=False, thread_running=False) == "hand_back"
+    assert after_cancel(own_timeout=False, thread_running=True) == "abandon"
+
+
+def test_after_failure_retries_until_the_budget_then_dead() -> None:
+    kw: dict[str, Any] = {"max_retries": 2, "backoff_s": 1.5, "requested_delay": None}
+    assert after_failure("error", "e", "tb", attempts=1, **kw) == Retried("error", "e", 1.5, "tb")
+    assert after_failure("error", "e", None, attempts=3, **kw) == Dead(
+        "max_retries", "e", None, attempts=3)
+    assert after_failure("timeout", "t", None, attempts=3, **kw).reason == "timeout"  # type: ignore[union-attr]
+    kw["requested_delay"] = 7.0
+    assert after_failure("retry", "r", None, attempts=1, **kw) == Retried("retry", "r", 7.0)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 1e300, "x", [1]])
+def test_retry_delay_refuses_unusable_values(value: Any) -> None:
+    assert retry_delay(value) is None
+
+
+def test_retry_delay_accepts_finite_ones() -> None:
+    assert retry_delay(None) is None
+    assert retry_delay(0) == 0.0
+    assert retry_delay(2.5) == 2.5
+
+
+def test_error_text_survives_surrogates_and_a_broken_str() -> None:
+    import os
+
+    name = os.fsdecode(b"/tmp/\xff.txt")
+    text = error_text(FileNotFoundError(2, "No such file", name))
+    text.encode("utf-8")  # encodable
+    assert "\\udcff" in text
+
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert error_text(Broken()).startswith("Broken: <str() of the exception failed")
+    assert len(safe_text("x" * 10_000, 2000)) == 2000
+
+
+def test_bad_args_names_the_argument() -> None:
+    def f(a: int, *, b: int = 0) -> None: ...
+
+    assert bad_args(f, {"a": 1}) is None
+    assert "c" in (bad_args(f, {"a": 1, "c": 2}) or "")
+    assert "a" in (bad_args(f, {}) or "")
+
+
+# ---------------------------------------------------------------- settle records
+
+CFG_LOG = LogConfig()
+
+
+class _Cfg:
+    log = CFG_LOG
+
+
+def _settler() -> Settler:
+    return Settler(Metrics(), NoEvents(), "w1", lambda: _Cfg())  # type: ignore[arg-type,return-value]
+
+
+def _delivery(args: Any = None, raw: bytes | None = None) -> Delivery:
+    jid = new_job_id("default")
+    j = raw if raw is not None else encode_job(jid, "t", args or {}, 1.0)
+    return Delivery("default", b"1-0", {b"j": j})
+
+
+def test_succeeded_is_a_result_record() -> None:
+    d = _delivery()
+    env = decode_job(d.fields[b"j"])
+    s = _settler().build(Succeeded({"x": 1}), d, env, started_ms=5.0)
+    assert s is not None and s.op == "S"
+    rec = orjson.loads(s.payload)
+    assert rec["result"] == {"x": 1} and rec["worker"] == "w1" and rec["started"] == 5.0
+
+
+def test_unencodable_result_is_dead_bad_result() -> None:
+    d = _delivery()
+    env = decode_job(d.fields[b"j"])
+    s = _settler().build(Succeeded(object()), d, env)
+    assert s is not None and s.op == "D"
+    assert orjson.loads(s.extra)["reason"] == "bad_result"
+
+
+def _deep(levels: int) -> bytes:
+    return b'{"id":"%s","task":"t","args":{"a":' % new_job_id("default").encode() \
+        + b"[" * levels + b"]" * levels + b'},"attempt":0,"lost":0,"enq":1}'
+
+
+def test_a_retry_of_a_job_that_cannot_be_re_encoded_is_dead_malformed_raw_kept() -> None:
+    raw = _deep(300)  # orjson reads 1024 levels, writes 254
+    d = _delivery(raw=raw)
+    env = decode_job(raw)
+    s = _settler().build(Retried("error", "boom", 1.0), d, env)
+    assert s is not None and s.op == "D" and s.payload == raw
+    death = orjson.loads(s.extra)
+    assert death["reason"] == "malformed" and "re-encoded" in death["error"]
+
+
+def test_a_reclaim_of_such_a_job_is_dead_too() -> None:
+    raw = _deep(300)
+    s = _settler().build(HandedBack(lost=1), _delivery(raw=raw), decode_job(raw))
+    assert s is not None and s.op == "D" and s.payload == raw
+
+
+def test_hand_back_defer_and_abandon() -> None:
+    d = _delivery()
+    env = decode_job(d.fields[b"j"])
+    st = _settler()
+    b = st.build(HandedBack(), d, env)
+    assert b is not None and b.op == "B" and b.payload == d.fields[b"j"]
+    r = st.build(HandedBack(lost=1, delay_s=0.5), d, env)
+    assert r is not None and r.op == "R" and r.extra == 500
+    assert orjson.loads(r.payload)["lost"] == 1
+    f = st.build(Deferred(0.0001), d, env)
+    assert f is not None and f.op == "R" and f.extra == 1 and f.report is None
+    assert st.build(Abandoned("thread"), d, env) is None
+
+
+def test_garbage_is_dead_malformed_with_its_fields() -> None:
+    d = Delivery("default", b"1-0", {b"x": b"\xff"})
+    s = _settler().build(HandedBack(), d, None)
+    assert s is not None and s.op == "D" and s.job_id == ""
+    assert orjson.loads(s.payload) == {"x": "\ufffd"}
+
+
+def test_error_text_with_surrogates_encodes_everywhere() -> None:
+    import os
+
+    d = _delivery()
+    env = decode_job(d.fields[b"j"])
+    err = os.fsdecode(b"\xff")
+    s = _settler().build(Dead("failed", err, tb=err), d, env)
+    assert s is not None
+    assert orjson.loads(s.extra)["error"] == "\\udcff"
+    r = _settler().build(Retried("error", err, 1.0), d, env)
+    assert r is not None and orjson.loads(r.payload)["err"] == "\\udcff"
+
+
+def test_outcome_log_modes_rate_and_reserved_names(caplog: pytest.LogCaptureFixture) -> None:
+    from jobqd.settle import Report
+
+    cfg = LogConfig(jobs="failures", jobs_per_s=3)
+
+    class C:
+        log = cfg
+
+    ol = OutcomeLog(lambda: C())  # type: ignore[arg-type,return-value]
+    assert not ol.allow(failure=False)
+    allowed = sum(ol.allow(failure=True) for _ in range(10))
+    assert allowed == 3 and ol.suppressed == 7
+    caplog.set_level(logging.INFO, "jobqd.jobs")
+    cfg2 = LogConfig(jobs="all", jobs_per_s=100, payloads=True)
+
+    class C2:
+        log = cfg2
+
+    ol2 = OutcomeLog(lambda: C2())  # type: ignore[arg-type,return-value]
+    ol2.write(Report("q", "t", "id1", "retried", 0.1, 1, 0, "boom", kind="error",
+                     args={"k": "v"}))  # `args` is reserved by LogRecord: sent as job_args
+    rec = [r for r in caplog.records if r.name == "jobqd.jobs"][-1]
+    assert rec.job_args == {"k": "v"} and rec.job_id == "id1"  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- execute
+
+
+class _NoLimits:
+    def applies(self, task: TaskConfig) -> bool:
+        return False
+
+    async def acquire(self, task: TaskConfig, job_id: str) -> float | None:
+        return None
+
+    def release(self, task: TaskConfig, job_id: str) -> None:
+        return None
+
+
+class _StartSink:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def started(self, run: Running) -> None:
+        self.event.set()
+
+
+def _cfg(fn: Any, **task: Any) -> Any:
+    t = TaskConfig(name="t", handler="tests:fn", fn=fn,
+                   is_async=asyncio.iscoroutinefunction(fn), **task)
+
+    class C:
+        tasks = {"t": t}
+        log = CFG_LOG
+
+    return C()
+
+
+async def _execute(fn: Any, args: dict[str, Any] | None = None, *,
+                   cancel: str | None = None, **task: Any) -> tuple[Any, asyncio.Task[Any]]:
+    """Run one job through an Executor in its own task (the consumer). `cancel`:
+    None, "timeout" (our deadline) or "drain", applied once the handler started."""
+    sink = _StartSink()
+    pool = ThreadPoolExecutor(2)
+    ex = Executor(_NoLimits(), sink, pool)
+    d = _delivery(args)
+    box: dict[str, Any] = {}
+
+    async def consumer() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        run = box["run"] = Running(d, me)
+        box["outcome"] = await ex.run(run, _cfg(fn, **task))
+
+    t = asyncio.create_task(consumer())
+    if cancel:
+        await sink.event.wait()
+        await asyncio.sleep(0)  # let the handler reach its await
+        if cancel == "timeout":
+            box["run"].timed_out = True
+        t.cancel()
+    await asyncio.wait({t})
+    pool.shutdown(wait=False)
+    return box.get("outcome"), t
+
+
+async def test_execute_success_and_each_failure_kind() -> None:
+    async def ok(x: int) -> int:
+        return x * 2
+
+    out, _ = await _execute(ok, {"x": 21})
+    assert out == Succeeded(42)
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    out, _ = await _execute(fails, max_retries=1)
+    assert isinstance(out, Retried) and out.kind == "error" and "ValueError: boom" in out.error
+    assert out.tb is not None and "Traceback" in out.tb
+
+    async def fail() -> None:
+        raise Fail("nope")
+
+    out, _ = await _execute(fail)
+    assert out == Dead("failed", "nope", attempts=1)
+
+    async def retry() -> None:
+        raise Retry(delay_s=3)
+
+    out, _ = await _execute(retry)
+    assert isinstance(out, Retried) and out.kind == "retry" and out.delay_s == 3
+
+
+@pytest.mark.parametrize("delay", [float("inf"), float("nan"), 1e300])
+async def test_execute_retry_with_an_unusable_delay_is_an_error_with_backoff(delay: float) -> None:
+    async def retry() -> None:
+        raise Retry(delay_s=delay)
+
+    out, _ = await _execute(retry)
+    assert isinstance(out, Retried) and out.kind == "error" and "delay_s" in out.error
+    assert 0 <= out.delay_s <= 60
+
+
+async def test_execute_bad_args_is_dead_at_once_but_an_inner_type_error_retries() -> None:
+    async def needs_a(a: int) -> None:
+        return None
+
+    out, _ = await _execute(needs_a, {"b": 1})
+    assert isinstance(out, Dead) and out.reason == "bad_args" and "b" in out.error
+
+    async def inner(a: int) -> None:
+        raise TypeError("unsupported operand")
+
+    out, _ = await _execute(inner, {"a": 1})
+    assert isinstance(out, Retried)
+
+
+async def test_execute_our_deadline_is_a_timeout_and_the_consumer_goes_on() -> None:
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    out, t = await _execute(hang, cancel="timeout", timeout_s=1.0, max_retries=0)
+    assert isinstance(out, Dead) and out.reason == "timeout"
+    assert not t.cancelled() and t.cancelling() == 0  # the cancellation was ours: swallowed
+
+
+async def test_execute_drain_is_a_hand_back_and_the_cancellation_stays_pending() -> None:
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    out, t = await _execute(hang, cancel="drain")
+    assert out == HandedBack()
+    assert t.cancelling() == 1  # the consumer re-raises it after settling
+
+
+async def test_execute_drain_while_a_thread_runs_abandons_the_job() -> None:
+    release = threading.Event()
+
+    def blocking() -> None:
+        release.wait(10)
+
+    try:
+        out, _ = await _execute(blocking, cancel="drain")
+        assert isinstance(out, Abandoned)
+    finally:
+        release.set()
+
+
+async def test_execute_malformed_and_unknown_task() -> None:
+    ex = Executor(_NoLimits(), _StartSink(), ThreadPoolExecutor(1))
+    me = asyncio.current_task()
+    assert me is not None
+    bad = Delivery("default", b"1-0", {b"j": b"not json"})
+    out = await ex.run(Running(bad, me), _cfg(lambda: None))
+    assert isinstance(out, Dead) and out.reason == "malformed"
+    other = Delivery("default", b"1-0", {b"j": encode_job(new_job_id("default"), "zz", {}, 1)})
+    out = await ex.run(Running(other, me), _cfg(lambda: None))
+    assert isinstance(out, Dead) and out.reason == "unknown_task"
