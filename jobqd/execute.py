@@ -97,16 +97,28 @@ def backoff_delay(task: TaskConfig, failed_attempts: int) -> float:
 
 
 def bad_args(fn: Any, args: dict[str, Any]) -> str | None:
-    """Why `fn(**args)` cannot bind (missing/unexpected arguments), or None."""
+    """Why `fn(**args)` cannot bind — naming every unexpected and missing
+    argument — or None when it can."""
     try:
         sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    try:
         sig.bind(**args)
-    except TypeError as e:
-        return safe_text(str(e), MAX_ERROR_CHARS)
-    return None
+    except (TypeError, ValueError):
+        pass
+    else:
+        return None
+    params = sig.parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unexpected = [] if takes_any else [
+        k for k in args if k not in params or params[k].kind not in named]
+    missing = [n for n, p in params.items()
+               if p.kind in named and p.default is inspect.Parameter.empty and n not in args]
+    parts = []
+    if unexpected:
+        parts.append("unexpected " + ", ".join(repr(k) for k in unexpected))
+    if missing:
+        parts.append("missing " + ", ".join(repr(k) for k in missing))
+    return safe_text("; ".join(parts) or "the arguments do not bind", MAX_ERROR_CHARS)
 
 
 class Executor:

@@ -73,7 +73,7 @@ class Settle:
     eid: bytes
     job_id: str
     payload: bytes
-    extra: Any  # S: unused (the result key is added by `settle`); R: delay ms; D: death json
+    extra: Any = None  # S: unused (`complete` adds the result key); R: delay ms; D: death json
     report: Report | None = None
 
 
@@ -171,6 +171,25 @@ class OutcomeLog:
             log.info("job %s", rep.outcome, extra=extra)
 
 
+@dataclass(slots=True)
+class _Ctx:
+    """The delivery an outcome is about, while its settle record is built."""
+
+    d: Delivery
+    env: Envelope
+    started_ms: float | None
+    duration_s: float
+    args: Any  # only with log.payloads
+
+    @property
+    def raw(self) -> bytes:
+        return self.d.fields.get(b"j", b"")
+
+    def report(self, outcome: str, attempt: int, lost: int, **kw: Any) -> Report:
+        return Report(self.d.queue, self.env.task, self.env.id, outcome, self.duration_s,
+                      attempt, lost, args=self.args, **kw)
+
+
 class Settler:
     """Builds settle records from outcomes and reports the ones Redis applied."""
 
@@ -187,77 +206,75 @@ class Settler:
     def build(self, outcome: Outcome, d: Delivery, env: Envelope | None, *,
               started_ms: float | None = None, duration_s: float = 0.0) -> Settle | None:
         """The settle record of an outcome (None for `Abandoned`: nothing to settle)."""
-        q = d.queue
         if env is None and not isinstance(outcome, Dead):  # e.g. handed back unstarted
             env = try_decode(d)
-        if env is None:
-            if not isinstance(outcome, Dead):  # not a job: only a dead letter can hold it
-                outcome = Dead("malformed", "entry is not a job")
-            death = death_record(None, q, self.worker, outcome.reason, outcome.error,
+        if env is None:  # not a job: only a dead letter can hold it
+            dead = outcome if isinstance(outcome, Dead) else Dead("malformed", "entry is not a job")
+            death = death_record(None, d.queue, self.worker, dead.reason, dead.error,
                                  started=started_ms)
-            return Settle("D", d.eid, "", raw_fields(d), death,
-                          Report(q, "", "", "dead", 0.0, 0, 0, outcome.error, outcome.reason))
-        raw = d.fields.get(b"j", b"")
-        attempt = env.attempt + 1
-        args = env.args if self.config().log.payloads else None
+            return Settle("D", d.eid, "", raw_fields(d), death, Report(
+                d.queue, "", "", "dead", 0.0, 0, 0, dead.error, dead.reason))
+        c = _Ctx(d, env, started_ms, duration_s,
+                 env.args if self.config().log.payloads else None)
         if isinstance(outcome, Succeeded):
-            try:
-                record = orjson.dumps({"status": "succeeded", "task": env.task,
-                                       "result": outcome.result, "attempts": attempt,
-                                       "lost": env.lost, "enq": env.enq_ms,
-                                       "started": started_ms, "finished": now_ms(),
-                                       "worker": self.worker})
-            except TypeError as e:  # the handler did its work: running it again repeats it
-                return self.build(Dead("bad_result", f"result is not JSON-serialisable: {e}",
-                                       attempts=attempt), d, env, started_ms=started_ms,
-                                  duration_s=duration_s)
-            return Settle("S", d.eid, env.id, record, None, Report(
-                q, env.task, env.id, "succeeded", duration_s, attempt, env.lost,
-                result=outcome.result, args=args))
+            return self._succeeded(outcome, c)
         if isinstance(outcome, Retried):
-            error = safe_text(outcome.error, MAX_ERROR_CHARS)
-            nxt = _reencode(env, attempt=attempt, err=error)
-            if nxt is None:
-                return self._unencodable(d, env, started_ms, duration_s)
-            return Settle("R", d.eid, env.id, nxt, round(outcome.delay_s * 1000), Report(
-                q, env.task, env.id, "retried", duration_s, attempt, env.lost, error,
-                kind=outcome.kind, args=args))
+            return self._retried(outcome, c)
         if isinstance(outcome, Dead):
-            attempts = env.attempt if outcome.attempts is None else outcome.attempts
-            lost = env.lost if outcome.lost is None else outcome.lost
-            payload = raw
-            if outcome.lost is not None and outcome.lost != env.lost:
-                payload = _reencode(env, lost=lost) or raw
-            death = death_record(env, q, self.worker, outcome.reason, outcome.error,
-                                 tb=outcome.tb, attempts=attempts, started=started_ms,
-                                 lost=lost)
-            return Settle("D", d.eid, env.id, payload, death, Report(
-                q, env.task, env.id, "dead", duration_s, attempts, lost,
-                safe_text(outcome.error, MAX_ERROR_CHARS), outcome.reason, args=args))
+            return self._dead(outcome, c)
         if isinstance(outcome, HandedBack):
-            payload = raw
-            if outcome.lost is not None and outcome.lost != env.lost:
-                nxt = _reencode(env, lost=outcome.lost)
-                if nxt is None:
-                    return self._unencodable(d, env, started_ms, duration_s)
-                payload = nxt
-            rep = Report(q, env.task, env.id, "handback", duration_s, env.attempt,
-                         env.lost if outcome.lost is None else outcome.lost)
-            if outcome.delay_s > 0:
-                return Settle("R", d.eid, env.id, payload, round(outcome.delay_s * 1000), rep)
-            return Settle("B", d.eid, env.id, payload, 0, rep)
-        if isinstance(outcome, Deferred):
-            return Settle("R", d.eid, env.id, raw, max(1, round(outcome.delay_s * 1000)),
-                          None)
+            return self._handed_back(outcome, c)
+        if isinstance(outcome, Deferred):  # same attempt, unchanged bytes
+            return Settle("R", d.eid, env.id, c.raw, max(1, round(outcome.delay_s * 1000)))
         return None  # Abandoned: it stays ours in the PEL; the reaper recovers it
 
-    def _unencodable(self, d: Delivery, env: Envelope, started_ms: float | None,
-                     duration_s: float) -> Settle:
-        return self.build(Dead("malformed", "the job cannot be re-encoded as JSON (too deeply "
+    def _succeeded(self, o: Succeeded, c: _Ctx) -> Settle:
+        env = c.env
+        try:
+            record = orjson.dumps({"status": "succeeded", "task": env.task, "result": o.result,
+                                   "attempts": env.attempt + 1, "lost": env.lost,
+                                   "enq": env.enq_ms, "started": c.started_ms,
+                                   "finished": now_ms(), "worker": self.worker})
+        except TypeError as e:  # the handler did its work: running it again repeats it
+            return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
+                                   attempts=env.attempt + 1), c)
+        return Settle("S", c.d.eid, env.id, record, None, c.report(
+            "succeeded", env.attempt + 1, env.lost, result=o.result))
+
+    def _retried(self, o: Retried, c: _Ctx) -> Settle:
+        env = c.env
+        error = safe_text(o.error, MAX_ERROR_CHARS)
+        nxt = _reencode(env, attempt=env.attempt + 1, err=error)
+        if nxt is None:
+            return self._unencodable(c)
+        return Settle("R", c.d.eid, env.id, nxt, round(o.delay_s * 1000), c.report(
+            "retried", env.attempt + 1, env.lost, error=error, kind=o.kind))
+
+    def _dead(self, o: Dead, c: _Ctx) -> Settle:
+        env = c.env
+        attempts = env.attempt if o.attempts is None else o.attempts
+        lost = env.lost if o.lost is None else o.lost
+        payload = c.raw if lost == env.lost else (_reencode(env, lost=lost) or c.raw)
+        death = death_record(env, c.d.queue, self.worker, o.reason, o.error, tb=o.tb,
+                             attempts=attempts, started=c.started_ms, lost=lost)
+        return Settle("D", c.d.eid, env.id, payload, death, c.report(
+            "dead", attempts, lost, error=safe_text(o.error, MAX_ERROR_CHARS), reason=o.reason))
+
+    def _handed_back(self, o: HandedBack, c: _Ctx) -> Settle:
+        env = c.env
+        lost = env.lost if o.lost is None else o.lost
+        payload = c.raw if lost == env.lost else _reencode(env, lost=lost)
+        if payload is None:
+            return self._unencodable(c)
+        rep = c.report("handback", env.attempt, lost)
+        if o.delay_s > 0:  # through the delayed set (the reaper spreads a dead consumer's)
+            return Settle("R", c.d.eid, env.id, payload, round(o.delay_s * 1000), rep)
+        return Settle("B", c.d.eid, env.id, payload, 0, rep)
+
+    def _unencodable(self, c: _Ctx) -> Settle:
+        return self._dead(Dead("malformed", "the job cannot be re-encoded as JSON (too deeply "
                                "nested, or text that is not valid UTF-8); its raw bytes are "
-                               "kept in this dead letter", attempts=env.attempt + 1),
-                          d, env, started_ms=started_ms, duration_s=duration_s) or Settle(
-            "D", d.eid, env.id, d.fields.get(b"j", b""), b"{}")
+                               "kept in this dead letter", attempts=c.env.attempt + 1), c)
 
     # ------------------------------------------------------------ settling
 
