@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -206,3 +207,14 @@ def test_stats_watch_redraws_until_ctrl_c(write_config: Callable[..., Path]) -> 
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
+
+
+def test_the_shipped_units_exec_start_parses() -> None:
+    """systemd/jobqd.service runs `jobqd run -c /etc/jobqd.yaml`: -c after the command
+    (the unit test that executes the line belongs to tests/test_systemd_unit.py)."""
+    unit = (ROOT / "systemd" / "jobqd.service").read_text()
+    [line] = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    assert Path(argv[0]).name == "jobqd"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "run" and args.config == "/etc/jobqd.yaml"
