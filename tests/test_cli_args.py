@@ -87,32 +87,36 @@ def test_group_without_subcommand_prints_its_help(capsys: pytest.CaptureFixture[
     assert code == ExitCode.USAGE and "usage: jobqd" in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["dlq", "replay", "01HZZZZZZZZZZZZZZZZZZZZZZZ-default", "--all"],
-    ["dlq", "replay"],
-    ["dlq", "replay", "01HZZZZZZZZZZZZZZZZZZZZZZZ-default", "--queue", "default"],
-    ["dlq", "purge"],
-    ["dlq", "purge", "--queue", "default"],
-    ["dlq", "purge", "01HZZZZZZZZZZZZZZZZZZZZZZZ-default", "--all"],
-    ["dlq", "list", "--limit", "0"],
-    ["dlq", "list", "--limit", "-3"],
-    ["dlq", "list", "--limit", "2", "--all"],
-    ["enqueue", "noop", "--delay-s", "inf"],
-    ["enqueue", "noop", "--delay-s", "nan"],
-    ["enqueue", "noop", "--delay-s", "-1"],
-    ["enqueue", "noop", "--delay-s", "1e12"],
-    ["enqueue", "noop", "--delay-s", "soon"],
-    ["stats", "--watch", "0"],
-    ["weights", "set", "default=x"],
+ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ-default"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["dlq", "replay", ID, "--all"], "not both"),
+    (["dlq", "replay"], "needs an ID or --all"),
+    (["dlq", "replay", ID, "--queue", "default"], "--queue goes with --all"),
+    (["dlq", "purge"], "needs an ID, or --all"),
+    (["dlq", "purge", "--queue", "default"], "needs an ID, or --all"),
+    (["dlq", "purge", ID, "--all"], "not both"),
+    (["dlq", "list", "--limit", "0"], "argument --limit: expected a whole number >= 1"),
+    (["dlq", "list", "--limit", "-3"], "argument --limit: expected a whole number >= 1"),
+    (["dlq", "list", "--limit", "2", "--all"], "not allowed with argument"),
+    (["enqueue", "noop", "--delay-s", "inf"], "delay_s must be between 0 and"),
+    (["enqueue", "noop", "--delay-s", "nan"], "delay_s must be between 0 and"),
+    (["enqueue", "noop", "--delay-s", "-1"], "delay_s must be between 0 and"),
+    (["enqueue", "noop", "--delay-s", "1e12"], "delay_s must be between 0 and"),
+    (["enqueue", "noop", "--delay-s", "soon"], "delay_s must be a number"),
+    (["stats", "--watch", "0"], "argument --watch"),
+    (["weights", "set", "default=x"], "expected QUEUE=WEIGHT"),
 ])
 def test_usage_errors_exit_64_without_a_traceback(capsys: pytest.CaptureFixture[str],
                                                   write_config: Callable[..., Path],
-                                                  argv: list[str]) -> None:
+                                                  argv: list[str], says: str) -> None:
     # a real config (unreachable Redis): a usage error must be found before any I/O
     cfg = str(write_config(redis={"url": "redis://127.0.0.1:1/0"}))
-    code, _, err = run_cli(capsys, *argv, "-c", cfg)
+    code, _, err = run_cli(capsys, "-c", cfg, *argv)
     assert code == ExitCode.USAGE, (argv, err)
-    assert "usage: jobqd" in err and "Traceback" not in err
+    assert "usage: jobqd" in err and says in err, err
+    assert "Traceback" not in err
 
 
 def test_delay_s_message_names_the_range(capsys: pytest.CaptureFixture[str]) -> None:
