@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
              "arguments; @FILE reads it from a file and - from stdin.",
              """jobqd enqueue hello '{"name": "world"}'
 echo '{"name": "from stdin"}' | jobqd enqueue hello - --delay-s 60""", fn=cmd_enqueue)
-    e.add_argument("task", metavar="TASK")
+    e.add_argument("task", metavar="TASK", help="a task named under tasks: in the config")
     e.add_argument("args_json", nargs="?", metavar="ARGS_JSON",
                    help="keyword arguments as a JSON object, @FILE, or - (stdin)")
     e.add_argument("--queue", metavar="Q", help="override the task's queue")

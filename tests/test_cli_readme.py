@@ -4,6 +4,7 @@ or a crash (70)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobqd.cli import main
+from jobqd.cli import build_parser, main
 from jobqd.exitcodes import ExitCode
 
 from .conftest import REDIS_URL, ROOT, DaemonProcess
@@ -156,3 +157,25 @@ def test_every_readme_command_runs_against_the_shipped_config(
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                        text=True, timeout=60, check=True)
     assert "critical=70" in p.stdout.splitlines() and "default=20" in p.stdout.splitlines()
+
+
+def test_every_help_example_parses() -> None:
+    """The examples in `jobqd COMMAND --help` are real command lines."""
+    parser = build_parser()
+    examples = [ln.strip() for ln in _help_texts(parser)]
+    argvs = [argv for line in examples for argv, _ in commands(line)]
+    assert len(argvs) >= 18
+    for argv in argvs:
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"jobqd {' '.join(argv)}: exit {e.code}") from None
+
+
+def _help_texts(parser: argparse.ArgumentParser) -> Iterator[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                text = sub.format_help()
+                yield from text.split("\nexample:\n", 1)[1].splitlines()
+                yield from _help_texts(sub)
