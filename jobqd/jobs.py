@@ -34,7 +34,8 @@ class BadJob(ValueError):
 def validate_delay_s(delay_s: float) -> float:
     """A job delay in seconds: finite, >= 0 and at most the HTTP API's cap; else ValueError.
 
-    Shared by the CLI (at argument parsing), so every entry point says the same thing.
+    The CLI checks ``--delay-s`` with it while parsing arguments; the message is the one
+    the HTTP API gives for ``delay_s`` (http.py), so both say the same thing.
     """
     from jobqd.openapi import MAX_DELAY_S  # noqa: PLC0415 - openapi imports config
 

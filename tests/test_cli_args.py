@@ -19,6 +19,7 @@ import pytest
 
 from jobqd.cli import build_parser, main
 from jobqd.exitcodes import ExitCode
+from jobqd.jobs import validate_delay_s
 
 from .conftest import ROOT
 
@@ -222,3 +223,15 @@ def test_the_shipped_units_exec_start_parses() -> None:
     assert Path(argv[0]).name == "jobqd"
     args = build_parser().parse_args(argv[1:])
     assert args.command == "run" and args.config == "/etc/jobqd.yaml"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), -0.5, 1e12, True,
+                                 "5"])
+def test_validate_delay_s_refuses(bad: Any) -> None:
+    with pytest.raises(ValueError, match="delay_s must be"):
+        validate_delay_s(bad)
+
+
+def test_validate_delay_s_accepts() -> None:
+    assert validate_delay_s(0) == 0.0 and validate_delay_s(60) == 60.0
+    assert validate_delay_s(10 * 365 * 86400) == 10 * 365 * 86400.0
