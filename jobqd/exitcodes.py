@@ -19,3 +19,4 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot connect to Redis / PostgreSQL at start
     SOFTWARE = 70  # EX_SOFTWARE: a component crashed (bug); systemd restarts it
     CONFIG = 78  # EX_CONFIG: the config file is missing, malformed or invalid
+    BROKEN_PIPE = 141  # CLI: stdout was closed by its reader (`| head`): 128 + SIGPIPE, quietly

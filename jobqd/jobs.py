@@ -15,6 +15,7 @@ the worker.
 from __future__ import annotations
 
 import contextvars
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,21 @@ STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "
 
 class BadJob(ValueError):
     """A stream entry that is not a valid job (garbage fields, bad JSON...)."""
+
+
+def validate_delay_s(delay_s: float) -> float:
+    """A job delay in seconds: finite, >= 0 and at most the HTTP API's cap; else ValueError.
+
+    The CLI checks ``--delay-s`` with it while parsing arguments; the message is the one
+    the HTTP API gives for ``delay_s`` (http.py), so both say the same thing.
+    """
+    from jobqd.openapi import MAX_DELAY_S  # noqa: PLC0415 - openapi imports config
+
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise ValueError(f"delay_s must be a number, got {type(delay_s).__name__}")
+    if not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_DELAY_S:
+        raise ValueError(f"delay_s must be between 0 and {MAX_DELAY_S:g}, got {delay_s!r}")
+    return float(delay_s)
 
 
 def dumps(obj: Any) -> bytes:

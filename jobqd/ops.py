@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -434,6 +434,21 @@ def dlq_list(prefix: str, queue: str | None = None, limit: int = 1000) -> Op:
     return out
 
 
+def dlq_totals(prefix: str, queues: Sequence[str]) -> Op:
+    """queue -> number of dead-letter entries (XLEN), in one round trip."""
+    if not queues:
+        return {}
+    lens = yield Pipe([cmd("XLEN", QueueKeys(prefix, q).dlq) for q in queues])
+    return {q: int(n) for q, n in zip(queues, lens, strict=True)}
+
+
+def dlq_page(prefix: str, queue: str, after: str | None, count: int) -> Op:
+    """Up to ``count`` dead-letter entries of one queue, after entry id ``after``."""
+    start = "-" if after is None else "(" + after
+    entries = yield cmd("XRANGE", QueueKeys(prefix, queue).dlq, start, "+", "COUNT", count)
+    return [dead_entry(queue, eid, flat) for eid, flat in entries]
+
+
 def _dlq_locate(prefix: str, ref: str) -> Op:
     """ref -> (queue, dlq entry id)."""
     if "/" in ref:
@@ -546,10 +561,13 @@ def weights_get(prefix: str) -> Op:
     return {k: int(v) for k, v in table.items()}
 
 
-def weights_set(prefix: str, changes: dict[str, int]) -> Op:
+def weights_set(prefix: str, changes: dict[str, int],
+                declared: Collection[str] = ()) -> Op:
+    """Set queue weights; a queue must be published by a daemon or in ``declared``
+    (the queues of the config file the caller was given)."""
     queues = yield from known_queues(prefix)
     for q, w in changes.items():
-        if q not in queues:
+        if q not in queues and q not in declared:
             raise UnknownQueue(q)
         if not isinstance(w, int) or isinstance(w, bool) or w < 0:
             raise ValueError(f"weight of {q!r} must be an integer >= 0, got {w!r}")

@@ -24,7 +24,6 @@ async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str,
     return code, out, err
 
 
-
 async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
                                             write_config: Callable[..., Path], client: Client,
                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,7 +33,7 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     assert code == ExitCode.OK
     job_id = out.strip()
     await wait_status(client, job_id, "succeeded")
-    code, out, _ = await cli(capsys, "-c", cfg, "status", job_id)
+    code, out, _ = await cli(capsys, "-c", cfg, "status", job_id, "--json")
     st = json.loads(out)
     assert code == 0 and st["id"] == job_id and st["status"] == "succeeded"
     assert st["attempts"] == 1 and st["result"] == 5
@@ -50,7 +49,7 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     assert {"id", "task", "queue", "reason", "error", "attempts"} <= set(rows[0])
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "list")
     assert "1 dead-letter entries" in out and "fail_now" in out
-    code, out, _ = await cli(capsys, "-c", cfg, "dlq", "show", dead_id)
+    code, out, _ = await cli(capsys, "-c", cfg, "dlq", "show", dead_id, "--json")
     assert json.loads(out)["reason"] == "failed"
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "replay", dead_id)
     assert code == 0 and dead_id in out
@@ -58,7 +57,7 @@ async def test_enqueue_status_dlq_roundtrip(start_daemon: Callable[..., Any],
     code, out, _ = await cli(capsys, "-c", cfg, "dlq", "replay", "--all")
     assert "replayed 1 jobs" in out
     await wait_status(client, dead_id, "dead")
-    code, out, _ = await cli(capsys, "-c", cfg, "dlq", "purge")
+    code, out, _ = await cli(capsys, "-c", cfg, "dlq", "purge", "--all", "--yes")
     assert "purged 1" in out
     code, out, err = await cli(capsys, "-c", cfg, "dlq", "show", dead_id)
     assert code == ExitCode.ERROR and "no job" in err
@@ -143,7 +142,7 @@ async def test_migrate_and_status_from_the_ledger(start_daemon: Callable[..., An
     await wait_status(client, job.id, "succeeded")
     await d.stop()  # flushes the ledger
     time.sleep(0.6)  # the Redis record expires
-    code, out, _ = await cli(capsys, "-c", cfg, "status", job.id)
+    code, out, _ = await cli(capsys, "-c", cfg, "status", job.id, "--json")
     st = json.loads(out)
     assert code == 0 and st["status"] == "succeeded" and st["result"] == "kept"
     code, out, _ = await cli(capsys, "-c", cfg, "recover")
