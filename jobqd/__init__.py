@@ -4,6 +4,8 @@ from jobqd.client import Client, SyncClient
 from jobqd.errors import (
     ConfigError,
     Fail,
+    JobCancelled,
+    JobFailed,
     JobNotFound,
     JobqdError,
     PayloadTooLarge,
@@ -22,6 +24,8 @@ __all__ = [
     "CurrentJob",
     "Fail",
     "Job",
+    "JobCancelled",
+    "JobFailed",
     "JobInfo",
     "JobNotFound",
     "JobqdError",

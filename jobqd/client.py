@@ -16,25 +16,29 @@ import redis.asyncio as aredis
 from jobqd import config as config_mod
 from jobqd import ops
 from jobqd.jobs import Job, JobInfo
+from jobqd.waiting import Waiter, outcome, wait_sync
 
 DEFAULT_IDEM_TTL_S = 86400.0  # config: idempotency_ttl_s
+DEFAULT_RESULTS_TTL_S = 3600.0  # config: results.ttl_s (how long a cancelled job's record stays)
 
 
 class _Base:
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
-                 idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S) -> None:
+                 idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
+                 results_ttl_s: float = DEFAULT_RESULTS_TTL_S) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.idem_ttl_ms = int(idempotency_ttl_s * 1000)
+        self.results_ttl_ms = int(results_ttl_s * 1000)
         self.routing = ops.Routing(prefix)
 
     def _enqueue_op(self, task: str, args_list: Sequence[Any], *, queue: str | None,
                     delay_s: float | None, idem: Sequence[str | None] | None, wait: bool,
-                    timeout_s: float | None) -> ops.Op:
+                    timeout_s: float | None, expires_s: float | None = None) -> ops.Op:
         return ops.waiting(
             lambda: ops.enqueue(self.prefix, self.routing, task, args_list, queue=queue,
                                 delay_s=delay_s, idempotency_keys=idem,
-                                idem_ttl_ms=self.idem_ttl_ms),
+                                idem_ttl_ms=self.idem_ttl_ms, expires_s=expires_s),
             wait, timeout_s)
 
 
@@ -47,17 +51,21 @@ class Client(_Base):
 
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
                  idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
+                 results_ttl_s: float = DEFAULT_RESULTS_TTL_S,
                  redis_client: aredis.Redis | None = None) -> None:
-        super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s)
+        super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
+                         results_ttl_s=results_ttl_s)
         self._owns = redis_client is None
         self.redis = redis_client or aredis.Redis.from_url(redis_url, decode_responses=False,
                                                            health_check_interval=30)
         self._run = ops.AsyncRunner(self.redis).run
+        self._waiter: Waiter | None = None
 
     @classmethod
     def from_config(cls, path: str | None = None) -> Client:
         cfg = config_mod.load(path or config_mod.default_path(), import_handlers=False)
-        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s)
+        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
+                   results_ttl_s=cfg.results.ttl_s)
 
     async def __aenter__(self) -> Self:
         return self
@@ -67,17 +75,22 @@ class Client(_Base):
         await self.close()
 
     async def close(self) -> None:
+        if self._waiter is not None:
+            await self._waiter.close()
         if self._owns:
             await self.redis.aclose()
 
     async def enqueue(self, task: str, args: dict[str, Any] | None = None, *,
                       queue: str | None = None, delay_s: float | None = None,
                       idempotency_key: str | None = None, wait: bool = False,
-                      timeout_s: float | None = None) -> Job:
-        """Enqueue one job. With ``wait=True`` a full queue is waited out (up to timeout_s)."""
+                      timeout_s: float | None = None, expires_s: float | None = None) -> Job:
+        """Enqueue one job. With ``wait=True`` a full queue is waited out (up to timeout_s);
+        that is not waiting for the job's result (see `wait`). A job not started within
+        ``expires_s`` of being due is never run: it ends dead, reason ``expired``."""
         idem = None if idempotency_key is None else [idempotency_key]
         jobs = await self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s,
-                                                idem=idem, wait=wait, timeout_s=timeout_s))
+                                                idem=idem, wait=wait, timeout_s=timeout_s,
+                                                expires_s=expires_s))
         return jobs[0]  # type: ignore[no-any-return]
 
     async def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
@@ -94,6 +107,36 @@ class Client(_Base):
     async def status(self, job_id: str) -> JobInfo:
         """The job's status; raises `JobNotFound` when no record of it is left."""
         return await self._run(ops.status(self.prefix, job_id))  # type: ignore[no-any-return]
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> Any:
+        """Wait until the job ends; return its result. Raises `JobFailed` (dead: its
+        reason, error and attempts), `JobCancelled`, `TimeoutError` at `timeout_s`.
+        Completion is pushed, not polled: any number of concurrent waits of one
+        client share one pub/sub connection."""
+        if self._waiter is None:
+            self._waiter = Waiter(self.redis, self.prefix)
+        return outcome(await self._waiter.wait(job_id, timeout_s))
+
+    async def cancel(self, job_id: str) -> ops.CancelResult:
+        """Cancel a job: a queued or scheduled one is removed and never runs; a running
+        one is stopped wherever it runs and ends `cancelled` (never retried). A job that
+        had already finished is left as it is (`.outcome == "finished"`)."""
+        res = await self._run(ops.cancel(self.prefix, [job_id], self.results_ttl_ms))
+        return res[0]  # type: ignore[no-any-return]
+
+    async def cancel_many(self, queue: str, *, task: str | None = None,
+                          scheduled_only: bool = False) -> dict[str, int]:
+        """Cancel every unfinished job of a queue (or of one task in it)."""
+        return await self._run(ops.cancel_many(  # type: ignore[no-any-return]
+            self.prefix, queue, self.results_ttl_ms, task=task, scheduled_only=scheduled_only))
+
+    async def pause(self, queue: str) -> None:
+        """No daemon starts the queue's jobs (within weights.refresh_interval_s); enqueues
+        are still accepted."""
+        await self._run(ops.set_paused(self.prefix, queue, True))
+
+    async def resume(self, queue: str) -> None:
+        await self._run(ops.set_paused(self.prefix, queue, False))
 
     async def dlq_list(self, queue: str | None = None, limit: int = 1000) -> list[ops.DeadJob]:
         return await self._run(ops.dlq_list(self.prefix, queue, limit))  # type: ignore[no-any-return]
@@ -128,8 +171,10 @@ class SyncClient(_Base):
 
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
                  idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
+                 results_ttl_s: float = DEFAULT_RESULTS_TTL_S,
                  redis_client: redis.Redis | None = None) -> None:
-        super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s)
+        super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
+                         results_ttl_s=results_ttl_s)
         self._owns = redis_client is None
         self.redis = redis_client or redis.Redis.from_url(redis_url, decode_responses=False,
                                                           health_check_interval=30)
@@ -138,7 +183,8 @@ class SyncClient(_Base):
     @classmethod
     def from_config(cls, path: str | None = None) -> SyncClient:
         cfg = config_mod.load(path or config_mod.default_path(), import_handlers=False)
-        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s)
+        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
+                   results_ttl_s=cfg.results.ttl_s)
 
     def __enter__(self) -> Self:
         return self
@@ -154,10 +200,10 @@ class SyncClient(_Base):
     def enqueue(self, task: str, args: dict[str, Any] | None = None, *,
                 queue: str | None = None, delay_s: float | None = None,
                 idempotency_key: str | None = None, wait: bool = False,
-                timeout_s: float | None = None) -> Job:
+                timeout_s: float | None = None, expires_s: float | None = None) -> Job:
         idem = None if idempotency_key is None else [idempotency_key]
         jobs = self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s, idem=idem,
-                                          wait=wait, timeout_s=timeout_s))
+                                          wait=wait, timeout_s=timeout_s, expires_s=expires_s))
         return jobs[0]  # type: ignore[no-any-return]
 
     def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
@@ -172,6 +218,24 @@ class SyncClient(_Base):
 
     def status(self, job_id: str) -> JobInfo:
         return self._run(ops.status(self.prefix, job_id))  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> Any:
+        return outcome(wait_sync(self.redis, self.prefix, job_id, timeout_s))
+
+    def cancel(self, job_id: str) -> ops.CancelResult:
+        res = self._run(ops.cancel(self.prefix, [job_id], self.results_ttl_ms))
+        return res[0]  # type: ignore[no-any-return]
+
+    def cancel_many(self, queue: str, *, task: str | None = None,
+                    scheduled_only: bool = False) -> dict[str, int]:
+        return self._run(ops.cancel_many(  # type: ignore[no-any-return]
+            self.prefix, queue, self.results_ttl_ms, task=task, scheduled_only=scheduled_only))
+
+    def pause(self, queue: str) -> None:
+        self._run(ops.set_paused(self.prefix, queue, True))
+
+    def resume(self, queue: str) -> None:
+        self._run(ops.set_paused(self.prefix, queue, False))
 
     def dlq_list(self, queue: str | None = None, limit: int = 1000) -> list[ops.DeadJob]:
         return self._run(ops.dlq_list(self.prefix, queue, limit))  # type: ignore[no-any-return]

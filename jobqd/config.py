@@ -104,6 +104,7 @@ class TaskConfig:
     retry_backoff: BackoffConfig = BackoffConfig()
     concurrency: int | None = None  # max running at once across all daemons; None: unlimited
     rate_limit: RateLimit | None = None  # "100/s", "1000/m", "10/h" across all daemons
+    expires_s: float | None = None  # a job not started this long after enqueue is dead: expired
     fn: Callable[..., Any] = field(default=lambda: None, compare=False, repr=False)
     is_async: bool = field(default=False, compare=False)
 
@@ -615,6 +616,7 @@ class _Validator:
             concurrency = self.num(t, key, "concurrency", None, integer=True, minimum=0,
                                    nullable=True)
             rate = self.rate_limit(t, key)
+            expires = self.num(t, key, "expires_s", TaskConfig, minimum=0, nullable=True)
             self.done(t, key)
             fn: Callable[..., Any] = _d(TaskConfig, "fn")
             is_async = False
@@ -623,8 +625,8 @@ class _Validator:
                 is_async = _is_async_callable(fn)
             out[name] = TaskConfig(name=name, handler=str(handler), queue=queue,
                                    timeout_s=timeout, max_retries=retries, retry_backoff=backoff,
-                                   concurrency=concurrency, rate_limit=rate, fn=fn,
-                                   is_async=is_async)
+                                   concurrency=concurrency, rate_limit=rate,
+                                   expires_s=expires, fn=fn, is_async=is_async)
         return MappingProxyType(out)
 
     def rate_limit(self, t: dict[str, Any], key: str) -> RateLimit | None:

@@ -103,3 +103,28 @@ class Fail(Exception):
     def __init__(self, reason: str = "failed") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class JobCancelled(JobqdError):
+    """The job was cancelled (`Client.cancel`, `jobqd cancel`, `DELETE /v1/jobs/{id}`).
+
+    Raised by `Client.wait` for a cancelled job, and by
+    `current_job().check_cancelled()` inside a handler whose job was cancelled
+    while it ran (raise it, or let it propagate: the job ends `cancelled`).
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} was cancelled")
+
+
+class JobFailed(JobqdError):
+    """`Client.wait`: the job ended dead (`reason`, `error`, `attempts` say why)."""
+
+    def __init__(self, job_id: str, reason: str | None, error: str | None,
+                 attempts: int) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        self.error = error
+        self.attempts = attempts
+        super().__init__(f"job {job_id} is dead ({reason}): {error}")

@@ -23,15 +23,17 @@ import contextvars
 import inspect
 import random
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from jobqd.config import Config, TaskConfig
-from jobqd.errors import Fail, Retry
-from jobqd.jobs import BadJob, CurrentJob, Envelope, _current, decode_job
+from jobqd.errors import Fail, JobCancelled, Retry
+from jobqd.jobs import BadJob, CurrentJob, Envelope, ProgressSink, _current, decode_job
 from jobqd.outcomes import (
     MAX_ERROR_CHARS,
     Abandoned,
+    Cancelled,
     Dead,
     Deferred,
     Delivery,
@@ -75,8 +77,19 @@ class Running:
     started_ms: float | None = None
     t0: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # monotonic; the pool's deadline tick cancels after it
-    timed_out: bool = False  # set by the deadline tick just before it cancels `consumer`
+    # set by the pool just before it cancels `consumer` for a reason of its own
+    stop_reason: Literal["timeout", "cancel"] | None = None
     thread: concurrent.futures.Future[Any] | None = None  # a sync handler's run
+    current: CurrentJob | None = None  # what the handler sees (its cancel flag, progress)
+
+    def cancel(self) -> None:
+        """Stop this job because it was cancelled: an async handler gets CancelledError
+        at its next await; a plain def sees `current_job().cancelled` turn true."""
+        if self.current is not None:
+            self.current._cancel.set()
+        if self.stop_reason is None and (self.task is None or self.task.is_async):
+            self.stop_reason = "cancel"
+            self.consumer.cancel()
 
     def thread_running(self) -> bool:
         return self.thread is not None and not self.thread.done()
@@ -123,10 +136,14 @@ def bad_args(fn: Any, args: dict[str, Any]) -> str | None:
 
 class Executor:
     def __init__(self, limits: Limits, starts: StartSink,
-                 threads: concurrent.futures.ThreadPoolExecutor) -> None:
+                 threads: concurrent.futures.ThreadPoolExecutor, *,
+                 cancelled: Container[str] = frozenset(),
+                 progress: ProgressSink | None = None) -> None:
         self.limits = limits
         self.starts = starts
         self.threads = threads
+        self.cancelled = cancelled  # job ids cancelled before they started here
+        self.progress = progress
 
     async def run(self, run: Running, cfg: Config) -> Outcome:
         """Run `run.delivery` under `cfg` (the config it starts with); never raises
@@ -144,6 +161,14 @@ class Executor:
             return Dead("unknown_task", safe_text(
                 f"no handler for task {env.task!r} in this daemon's config", MAX_ERROR_CHARS))
         run.task = task
+        if env.id in self.cancelled:
+            return Cancelled()
+        exp = env.exp_ms
+        if exp is None and task.expires_s is not None:
+            exp = env.enq_ms + task.expires_s * 1000.0
+        if exp is not None and now_ms() > exp:  # stale work is not done
+            return Dead("expired", f"not started before it expired ({(now_ms() - exp) / 1000:.1f}s "
+                        "ago)")
         if self.limits.applies(task):
             try:
                 wait = await self.limits.acquire(task, env.id)
@@ -160,9 +185,10 @@ class Executor:
         me = run.consumer
         run.started_ms = now_ms()
         self.starts.started(run)
-        token = _current.set(CurrentJob(id=env.id, task=env.task, queue=run.delivery.queue,
-                                        attempt=env.attempt + 1,
-                                        enqueued_at=env.enq_ms / 1000))
+        run.current = CurrentJob(id=env.id, task=env.task, queue=run.delivery.queue,
+                                 attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000,
+                                 _progress=self.progress)
+        token = _current.set(run.current)
         attempts = env.attempt + 1
         if task.timeout_s is not None:
             run.deadline = time.monotonic() + task.timeout_s
@@ -171,12 +197,14 @@ class Executor:
             result = await self._call(task, env, run)
         except asyncio.CancelledError:
             cancel_seen = True
-            own = run.timed_out and me.uncancel() == 0
-            decision = after_cancel(own_timeout=own, thread_running=run.thread_running())
+            own = run.stop_reason if run.stop_reason and me.uncancel() == 0 else None
+            decision = after_cancel(own=own, thread_running=run.thread_running())
             if decision == "hand_back":
                 return HandedBack()
             if decision == "abandon":
                 return Abandoned("still running in a thread")
+            if decision == "cancelled":
+                return Cancelled()
             return self._failure(task, env, "timeout",
                                  f"timed out after {task.timeout_s:g}s", None)
         except Retry as e:
@@ -189,6 +217,8 @@ class Executor:
             return self._failure(task, env, "retry", reason, None, requested=requested)
         except Fail as e:
             return Dead("failed", safe_text(str(e.reason), MAX_ERROR_CHARS), attempts=attempts)
+        except JobCancelled:  # check_cancelled() in the handler
+            return Cancelled()
         except Exception as e:
             if isinstance(e, TypeError):
                 why = bad_args(task.fn, env.args)
@@ -200,8 +230,8 @@ class Executor:
             return Succeeded(result)
         finally:
             run.deadline = None
-            if run.timed_out and not cancel_seen:
-                me.uncancel()  # the handler swallowed our deadline's cancellation
+            if run.stop_reason and not cancel_seen:  # (set only when the pool cancelled us)
+                me.uncancel()  # the handler swallowed our own cancellation
             _current.reset(token)
 
     def _failure(self, task: TaskConfig, env: Envelope, kind: FailureKind, error: str,

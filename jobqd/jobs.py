@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextvars
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
 from jobqd.ids import queue_of
 
-Status = Literal["queued", "scheduled", "running", "succeeded", "dead"]
-STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "dead")
+Status = Literal["queued", "scheduled", "running", "succeeded", "dead", "cancelled"]
+STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "dead",
+                                "cancelled")
+FINAL: frozenset[str] = frozenset({"succeeded", "dead", "cancelled"})
 
 
 class BadJob(ValueError):
@@ -64,11 +67,13 @@ def encode_args(args: Any) -> Any:
 
 def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float, *,
                attempt: int = 0, lost: int = 0, idem: str | None = None,
-               err: str | None = None) -> bytes:
+               err: str | None = None, exp_ms: float | None = None) -> bytes:
     env: dict[str, Any] = {"id": job_id, "task": task, "args": args, "attempt": attempt,
                            "lost": lost, "enq": enq_ms}
     if idem is not None:
         env["idem"] = idem
+    if exp_ms is not None:
+        env["exp"] = exp_ms
     if err is not None:
         env["err"] = err
     try:
@@ -88,6 +93,12 @@ class Envelope:
     lost: int
     enq_ms: float
     raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def exp_ms(self) -> float | None:
+        """Not to be started after this (ms since the epoch), if the producer said so."""
+        exp = self.raw.get("exp")
+        return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
     @property
     def queue(self) -> str:
@@ -149,11 +160,18 @@ class JobInfo:
     scheduled_for: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    worker: str | None = None  # the consumer running it, while running
+    worker: str | None = None  # the consumer running it (or that ran it)
     args: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None  # {"fraction", "message", "at"} while running
+    cancel_requested: bool = False  # running, and asked to stop
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
+
+
+class ProgressSink(Protocol):
+    def progress(self, job_id: str, queue: str, fraction: float, message: str | None) -> None:
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +183,31 @@ class CurrentJob:
     queue: str
     attempt: int  # 1 on the first try
     enqueued_at: float
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False,
+                                     compare=False)
+    _progress: ProgressSink | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job was cancelled while running (poll it in a long plain def)."""
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise `JobCancelled` if the job was cancelled; the job then ends `cancelled`."""
+        if self._cancel.is_set():
+            from jobqd.errors import JobCancelled  # noqa: PLC0415 - errors imports nothing
+
+            raise JobCancelled(self.id)
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the job is (0.0 to 1.0, and a short message). Cheap: writes
+        are coalesced to a few a second per job; `status` shows the latest."""
+        f = float(fraction)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"progress fraction must be from 0.0 to 1.0, got {fraction!r}")
+        if self._progress is not None:
+            self._progress.progress(self.id, self.queue, f,
+                                    None if message is None else str(message)[:500])
 
 
 _current: contextvars.ContextVar[CurrentJob | None] = contextvars.ContextVar(

@@ -49,6 +49,18 @@ class QueueKeys:
     def done(self) -> str:  # counter: entries settled (succeeded, retried, dead, handed back)
         return self.tag + ":n"
 
+    @property
+    def cancel(self) -> str:  # SET job ids asked to stop while running (cleared at settle)
+        return self.tag + ":cx"
+
+    @property
+    def waiters(self) -> str:  # SET job ids a client waits for (complete.lua PUBLISHes them)
+        return self.tag + ":w"
+
+    @property
+    def progress(self) -> str:  # HASH job id -> progress json, while running
+        return self.tag + ":pg"
+
     def result(self, job_id: str) -> str:  # STRING final record json, expires results.ttl_s
         return self.tag + ":r:" + job_id
 
@@ -87,6 +99,18 @@ class GlobalKeys:
     @property
     def reaper_lock(self) -> str:  # STRING owner token, PX reaper lease
         return self.prefix + ":reaper:lock"
+
+    @property
+    def paused(self) -> str:  # SET of paused queues (jobqd pause / resume)
+        return self.prefix + ":paused"
+
+    @property
+    def control(self) -> str:  # pub/sub channel: "cancel <job id>" to every daemon
+        return self.prefix + ":control"
+
+    @property
+    def done(self) -> str:  # pub/sub channel: "<job id> <status>" for waited-for jobs
+        return self.prefix + ":done"
 
     def task_tag(self, task: str) -> str:  # hash tag of one task's limit keys
         return "{" + self.prefix + ":task:" + task + "}"

@@ -209,7 +209,8 @@ BATCH = 500  # jobs per enqueue script call (bounds one script's run time)
 
 def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], *,
             queue: str | None, delay_s: float | None,
-            idempotency_keys: Sequence[str | None] | None, idem_ttl_ms: int) -> Op:
+            idempotency_keys: Sequence[str | None] | None, idem_ttl_ms: int,
+            expires_s: float | None = None) -> Op:
     """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
     if not isinstance(task, str) or not task:
         raise TypeError("task must be a non-empty string")
@@ -217,6 +218,8 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         raise ValueError("delay_s must be >= 0")
     if idempotency_keys is not None and len(idempotency_keys) != len(args_list):
         raise ValueError("idempotency_keys must have one entry per job")
+    if expires_s is not None and not (math.isfinite(expires_s) and expires_s > 0):
+        raise ValueError(f"expires_s must be a finite number of seconds > 0, got {expires_s!r}")
     delay_ms = max(0, round((delay_s or 0) * 1000))
     for refresh in (False, True):
         if refresh:
@@ -230,6 +233,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                 continue
         qk = QueueKeys(prefix, q)
         ts = now_ms()
+        exp_ms = None if expires_s is None else ts + delay_ms + expires_s * 1000.0
         calls: list[Cmd | Eval] = []
         jobs_meta: list[list[str]] = []
         for start in range(0, len(args_list), BATCH):
@@ -247,7 +251,8 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                         raise TypeError("idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
                     ki = len(keys) - 5
-                argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem),
+                argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,
+                                            exp_ms=exp_ms),
                          delay_ms, ki]
             jobs_meta.append(ids)
             calls.append(Eval(scripts.ENQUEUE, keys, argv))
@@ -327,10 +332,15 @@ def status(prefix: str, job_id: str) -> Op:
     q = queue_of(job_id)
     if q is None:
         raise JobNotFound(job_id)
-    qk = QueueKeys(prefix, q)
-    reply = yield Eval(scripts.STATUS, [qk.state, qk.stream, qk.delayed, qk.dlq,
-                                        qk.result(job_id)], [job_id, GROUP])
+    reply = yield status_call(prefix, q, job_id)
     return parse_status(job_id, q, reply)
+
+
+def status_call(prefix: str, q: str, job_id: str) -> Eval:
+    """The STATUS.lua call for one job (pipelined by `status`, `outbox`, waiting)."""
+    qk = QueueKeys(prefix, q)
+    return Eval(scripts.STATUS, [qk.state, qk.stream, qk.delayed, qk.dlq, qk.result(job_id),
+                                 qk.progress, qk.cancel], [job_id, GROUP])
 
 
 def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
@@ -339,12 +349,19 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
         raise JobNotFound(job_id)
     if tag == "R":
         rec = orjson.loads(reply[1])
+        if rec.get("status") == "cancelled":
+            job = rec.get("job") or {}
+            return JobInfo(id=job_id, status="cancelled", task=job.get("task"), queue=q,
+                           attempts=rec.get("attempts", job.get("attempt", 0)),
+                           lost=job.get("lost", 0),
+                           error=job.get("err"), enqueued_at=_ms_to_s(job.get("enq")),
+                           finished_at=_ms_to_s(rec.get("finished")), args=job.get("args"))
         return JobInfo(id=job_id, status=rec["status"], task=rec.get("task"), queue=q,
                        attempts=rec.get("attempts", 0), lost=rec.get("lost", 0),
                        result=rec.get("result"), error=rec.get("error"),
                        enqueued_at=_ms_to_s(rec.get("enq")),
                        started_at=_ms_to_s(rec.get("started")),
-                       finished_at=_ms_to_s(rec.get("finished")))
+                       finished_at=_ms_to_s(rec.get("finished")), worker=rec.get("worker"))
     if tag == "D":
         env = orjson.loads(reply[1])
         return JobInfo(id=job_id, status="scheduled", task=env.get("task"), queue=q,
@@ -358,11 +375,14 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
     env = orjson.loads(fields["j"])
     owner = reply[3]
     running = bool(owner)
+    progress = orjson.loads(reply[4]) if running and len(reply) > 4 and reply[4] else None
     return JobInfo(id=job_id, status="running" if running else "queued", task=env.get("task"),
                    queue=q, attempts=env.get("attempt", 0) + (1 if running else 0),
                    lost=env.get("lost", 0), error=env.get("err"),
                    enqueued_at=_ms_to_s(env.get("enq")),
-                   worker=s(owner[0]) if running else None, args=env.get("args"))
+                   worker=s(owner[0]) if running else None, args=env.get("args"),
+                   progress=progress,
+                   cancel_requested=running and len(reply) > 5 and bool(int(reply[5])))
 
 
 # ---------------------------------------------------------------- dead letters
@@ -590,6 +610,7 @@ class QueueStats:
     weight: int | None
     high_watermark: int | None
     low_watermark: int | None
+    paused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -600,6 +621,7 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
     if queues is None:
         queues = yield from known_queues(prefix)
     weights = yield from weights_get(prefix)
+    paused = set((yield from paused_queues(prefix)))
     calls: list[Cmd | Eval] = []
     for q in queues:
         qk = QueueKeys(prefix, q)
@@ -618,7 +640,8 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
             in_flight=pending, scheduled=int(zcard), dead=int(dead), done=int(done or 0),
             lag_s=lag,
             accepting=not full, weight=weights.get(q),
-            high_watermark=int(high) if high else None, low_watermark=int(low) if low else None))
+            high_watermark=int(high) if high else None, low_watermark=int(low) if low else None,
+            paused=q in paused))
     return out
 
 
@@ -644,3 +667,129 @@ def _pending_and_lag(prefix: str, queues: Sequence[str]) -> Op:
         lag = max(0.0, now - int(s(nxt[0][0]).split("-")[0]) / 1000.0) if nxt else 0.0
         out[q] = (pending.get(q, 0), lag)
     return out
+
+
+# ---------------------------------------------------------------- job control
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What `cancel` did: `cancelled` (removed: it never runs), `cancelling` (running:
+    the daemon holding it stops it, and it ends `cancelled`), or `finished` (it had
+    already ended: `status` says how; nothing changed)."""
+
+    job_id: str
+    outcome: str  # cancelled, cancelling, finished
+    status: str  # queued/scheduled (removed), running, or the final status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.job_id, "outcome": self.outcome, "status": self.status}
+
+
+def cancel(prefix: str, job_ids: Sequence[str], result_ttl_ms: int) -> Op:
+    """Cancel jobs (one pipelined round trip); returns list[CancelResult] in order.
+    Raises JobNotFound for an id no queue knows (after the others are done)."""
+    g = GlobalKeys(prefix)
+    calls: list[Cmd | Eval] = []
+    for jid in job_ids:
+        q = queue_of(jid)
+        if q is None:
+            raise JobNotFound(jid)
+        qk = QueueKeys(prefix, q)
+        calls.append(Eval(scripts.CANCEL, [qk.state, qk.stream, qk.delayed, qk.result(jid),
+                                           qk.cancel, qk.waiters],
+                          [jid, GROUP, result_ttl_ms, g.control, g.done]))
+    replies = (yield Pipe(calls)) if calls else []
+    out: list[CancelResult] = []
+    missing = []
+    for jid, reply in zip(job_ids, replies, strict=True):
+        tag = s(reply[0])
+        if tag == "N":
+            missing.append(jid)
+        elif tag == "CANCELLED":
+            out.append(CancelResult(jid, "cancelled", s(reply[1])))
+        elif tag == "CANCELLING":
+            out.append(CancelResult(jid, "cancelling", "running"))
+        else:
+            out.append(CancelResult(jid, "finished", s(reply[1])))
+    if missing:
+        err = JobNotFound(missing[0])
+        err.accepted = out  # what was done before the unknown id was found
+        raise err
+    return out
+
+
+CANCEL_SCAN = 500
+
+
+def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None = None,
+                scheduled_only: bool = False) -> Op:
+    """Cancel every job of a queue (or of one task in it) that has not finished:
+    scheduled ones, and unless `scheduled_only` queued and running ones. Pages
+    through the queue (never loads it whole); returns {outcome: count}."""
+    known = yield from known_queues(prefix)
+    if queue not in known:
+        raise UnknownQueue(queue)
+    qk = QueueKeys(prefix, queue)
+    counts = {"cancelled": 0, "cancelling": 0}
+
+    def matches(job_json: Any) -> str | None:
+        try:
+            env = decode_job(job_json)
+        except BadJob:
+            return None
+        return env.id if task is None or env.task == task else None
+
+    # scheduled: the state hash holds each one's job json
+    cursor = 0
+    while True:
+        cursor_raw, items = yield cmd("ZSCAN", qk.delayed, cursor, "COUNT", CANCEL_SCAN)
+        cursor = int(cursor_raw)
+        if items and not isinstance(items[0], list | tuple):  # RESP2 without the callback
+            items = list(zip(items[0::2], items[1::2], strict=True))
+        flat_ids = [s(member) for member, _score in items]
+        if flat_ids:
+            states = yield cmd("HMGET", qk.state, *flat_ids)
+            pick = [jid for jid, v in zip(flat_ids, states, strict=True)
+                    if v and s(v).startswith("d") and matches(s(v)[1:])]
+            for res in (yield from cancel(prefix, pick, result_ttl_ms)) if pick else []:
+                if res.outcome in counts:
+                    counts[res.outcome] += 1
+        if cursor == 0:
+            break
+    if scheduled_only:
+        return counts
+    start = "-"
+    while True:
+        entries = yield cmd("XRANGE", qk.stream, start, "+", "COUNT", CANCEL_SCAN)
+        if not entries:
+            break
+        pick = []
+        for _eid, flat in entries:
+            jid = matches(fields_dict(flat).get("j", b""))
+            if jid is not None:
+                pick.append(jid)
+        if pick:
+            try:
+                done = yield from cancel(prefix, pick, result_ttl_ms)
+            except JobNotFound as e:  # finished and gone meanwhile: count the rest
+                done = e.accepted
+            for res in done:
+                if res.outcome in counts:
+                    counts[res.outcome] += 1
+        start = "(" + s(entries[-1][0])
+    return counts
+
+
+def set_paused(prefix: str, queue: str, paused: bool) -> Op:
+    """Pause (no daemon starts the queue's jobs; enqueues are still accepted) or resume."""
+    known = yield from known_queues(prefix)
+    if queue not in known:
+        raise UnknownQueue(queue)
+    yield cmd("SADD" if paused else "SREM", GlobalKeys(prefix).paused, queue)
+    return paused
+
+
+def paused_queues(prefix: str) -> Op:
+    raw = yield cmd("SMEMBERS", GlobalKeys(prefix).paused)
+    return sorted(s(x) for x in raw)

@@ -68,7 +68,7 @@ import orjson
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
-from jobqd import ops, pg, scripts
+from jobqd import ops, pg
 from jobqd.config import Config
 from jobqd.errors import JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
 from jobqd.ids import queue_of
@@ -320,9 +320,7 @@ def statuses(prefix: str, job_ids: Sequence[str]) -> ops.Op:
         if q is None:
             out[jid] = None
             continue
-        qk = QueueKeys(prefix, q)
-        calls.append(ops.Eval(scripts.STATUS, [qk.state, qk.stream, qk.delayed, qk.dlq,
-                                               qk.result(jid)], [jid, GROUP]))
+        calls.append(ops.status_call(prefix, q, jid))
         known.append((jid, q))
     replies = (yield ops.Pipe(calls)) if calls else []
     for (jid, q), reply in zip(known, replies, strict=True):

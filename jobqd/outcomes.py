@@ -74,13 +74,18 @@ class Deferred:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Cancelled while it ran: it ends `cancelled` and is never retried."""
+
+
+@dataclass(frozen=True, slots=True)
 class Abandoned:
     """Cannot be settled now (a thread still runs it): left in our PEL for the reaper."""
 
     why: str
 
 
-Outcome = Succeeded | Retried | Dead | HandedBack | Deferred | Abandoned
+Outcome = Succeeded | Retried | Dead | HandedBack | Deferred | Cancelled | Abandoned
 
 
 def safe_text(s: str, limit: int | None = None) -> str:
@@ -140,15 +145,21 @@ def after_failure(kind: FailureKind, error: str, tb: str | None, *, attempts: in
     return Retried(kind, error, backoff_s if requested_delay is None else requested_delay, tb)
 
 
-def after_cancel(*, own_timeout: bool, thread_running: bool) -> Literal[
-        "timeout", "abandon", "hand_back"]:
+def after_cancel(*, own: Literal["timeout", "cancel"] | None, thread_running: bool
+                 ) -> Literal["timeout", "cancelled", "abandon", "hand_back"]:
     """Why a running job's consumer was cancelled, and so what happens to the job.
 
-    * our own deadline, and no other cancellation pending: a timeout failure;
+    `own`: the pool's own reason when it cancelled the consumer and no other
+    cancellation is pending — the job's deadline, or a `cancel` of the job.
+
+    * our own deadline: a timeout failure (retried or dead by the task's policy);
+    * a cancel of the job: it ends `cancelled`;
     * otherwise (drain, forced stop): hand it back for immediate redelivery,
       unless a thread still runs the handler: another worker would run it
       alongside that thread, so the job is abandoned to the reaper.
     """
-    if own_timeout:
+    if own == "timeout":
         return "timeout"
+    if own == "cancel":
+        return "cancelled"
     return "abandon" if thread_running else "hand_back"

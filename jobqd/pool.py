@@ -32,17 +32,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import orjson
 
 from jobqd.aio import Backoff
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
 from jobqd.execute import Executor, Running
 from jobqd.fetch import Fetcher
-from jobqd.keys import GROUP, QueueKeys
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.limits import Limiter
 from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
 from jobqd.runtime import Runtime
@@ -52,6 +55,7 @@ from jobqd.settle import Settle, Settler
 log = logging.getLogger("jobqd.pool")
 
 DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
+PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
 
 
 class Handoff:
@@ -134,7 +138,11 @@ class Pool:
         self.threads = ThreadPoolExecutor(max_workers=10_000, thread_name_prefix="jobqd-sync")
         self.limiter = Limiter(rt)  # per-task concurrency and rate limits (all daemons)
         self.fetcher = Fetcher(rt.redis, rt.name)
-        self.executor = Executor(self.limiter, _Starts(rt), self.threads)
+        self.cancelled: set[str] = set()  # held job ids cancelled before they started
+        self.progress_latest: dict[str, tuple[str, bytes]] = {}  # job id -> (queue, json)
+        self.progress_lock = threading.Lock()  # handlers in threads report progress too
+        self.executor = Executor(self.limiter, _Starts(rt), self.threads,
+                                 cancelled=self.cancelled, progress=self)
         self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config)
         self.tg: asyncio.TaskGroup | None = None
         self.fetch_task: asyncio.Task[None] | None = None
@@ -153,7 +161,9 @@ class Pool:
                 self.tg = tg
                 loops = [tg.create_task(self._ack_loop(), name="jobqd-acker"),
                          tg.create_task(self._renew_loop(), name="jobqd-lease-renewal"),
-                         tg.create_task(self._deadline_loop(), name="jobqd-timeouts")]
+                         tg.create_task(self._deadline_loop(), name="jobqd-timeouts"),
+                         tg.create_task(self._control_loop(), name="jobqd-control"),
+                         tg.create_task(self._progress_loop(), name="jobqd-progress")]
                 self.resize(self.capacity)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
@@ -310,6 +320,8 @@ class Pool:
                 continue
             cfg = rt.config
             weights = rt.weights or {q.name: q.weight for q in cfg.queues.values()}
+            if rt.paused:  # paused queues start nothing (their jobs stay queued)
+                weights = {q: 0 if q in rt.paused else w for q, w in weights.items()}
             try:
                 got = await self.fetcher.fetch(cfg.redis.prefix, cfg.queues, weights,
                                                self.capacity - self.n_held)
@@ -369,6 +381,11 @@ class Pool:
                 if self.retiring:
                     self.retiring -= 1
                 return
+            if self.rt.paused and d.queue in self.rt.paused:
+                # fetched just before the pause was seen (a blocking read in flight):
+                # back to the queue unstarted, no attempt used
+                self._outcome(d, None, HandedBack())
+                continue
             run = Running(d, me)
             self.consumers[me] = run
             self.running += 1
@@ -385,6 +402,8 @@ class Pool:
                 raise asyncio.CancelledError
 
     def _outcome(self, d: Delivery, run: Running | None, outcome: Outcome) -> None:
+        if run is not None and run.env is not None and self.cancelled:
+            self.cancelled.discard(run.env.id)
         if isinstance(outcome, Abandoned):
             log.warning("job entry %s of %s is %s: left to the reaper", d.eid.decode(),
                         d.queue, outcome.why)
@@ -406,11 +425,102 @@ class Pool:
             await asyncio.sleep(DEADLINE_TICK_S)
             now = time.monotonic()
             for t, run in list(self.consumers.items()):
-                if run is not None and run.deadline is not None and run.deadline <= now \
-                        and not run.timed_out:
+                if run is not None and run.deadline is not None and run.deadline <= now:
                     run.deadline = None
-                    run.timed_out = True
-                    t.cancel()
+                    if run.stop_reason is None:
+                        run.stop_reason = "timeout"
+                        t.cancel()
+
+    # ------------------------------------------------------------ cancel, progress
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Stop a job this daemon holds because it was cancelled (see `Running.cancel`);
+        a fetched job that has not started yet never starts. False: not held here."""
+        for run in self.consumers.values():
+            if run is not None and run.env is not None and run.env.id == job_id:
+                log.info("cancelling running job %s", job_id)
+                run.cancel()
+                return True
+        for d in self.buffer.items:
+            if d is not None and job_id.encode() in d.fields.get(b"j", b""):
+                self.cancelled.add(job_id)
+                return True
+        return False
+
+    async def _control_loop(self) -> None:
+        """Cancels, pushed on the control channel (within milliseconds). The cancel
+        set in Redis is the state: after every (re)subscribe, and on every lease
+        renewal, the held jobs are checked against it, so a daemon that was cut off
+        when the cancel was sent still honours it."""
+        rt = self.rt
+        backoff = Backoff()
+        channel = GlobalKeys(rt.config.redis.prefix).control
+        while True:
+            pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                await self._poll_cancels()
+                backoff.reset()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None:
+                        continue
+                    word, _, arg = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")
+                    if word == "cancel":
+                        self.cancel_job(arg)
+            except Exception as e:
+                if not is_redis_error(e):
+                    raise
+                delay = backoff.next()
+                log.warning("control channel lost (%s: %s); again in %.1fs",
+                            type(e).__name__, e, delay)
+                await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.reset())
+
+    async def _poll_cancels(self) -> None:
+        """The held jobs that are in their queue's cancel set: stop them."""
+        queues = [q for q, entries in self.held.items() if entries]
+        if not queues:
+            return
+        prefix = self.rt.config.redis.prefix
+        async with self.rt.redis.pipeline(transaction=False) as p:
+            for q in queues:
+                p.smembers(QueueKeys(prefix, q).cancel)
+            replies = await p.execute()
+        for ids in replies:
+            for raw in ids:
+                self.cancel_job(raw.decode())
+
+    def progress(self, job_id: str, queue: str, fraction: float, message: str | None) -> None:
+        """`current_job().progress(...)`: keep the latest; `_progress_loop` writes it."""
+        rec = orjson.dumps({"fraction": fraction, "message": message, "at": time.time()})
+        with self.progress_lock:
+            self.progress_latest[job_id] = (queue, rec)
+
+    async def _progress_loop(self) -> None:
+        """Write the latest progress of running jobs, coalesced: at most one write per
+        job every PROGRESS_FLUSH_S, one round trip for all of them."""
+        rt = self.rt
+        while True:
+            await asyncio.sleep(PROGRESS_FLUSH_S)
+            if not self.progress_latest:
+                continue
+            with self.progress_lock:
+                latest, self.progress_latest = self.progress_latest, {}
+            live = {r.env.id for r in self.consumers.values() if r is not None and r.env}
+            prefix = rt.config.redis.prefix
+            try:
+                async with rt.redis.pipeline(transaction=False) as p:
+                    for job_id, (q, rec) in latest.items():
+                        if job_id in live:  # finished meanwhile: complete.lua cleared it
+                            p.hset(QueueKeys(prefix, q).progress, job_id, rec)
+                    await p.execute()
+            except Exception as e:
+                if not is_redis_error(e):
+                    raise
+                log.warning("progress not written: %s", e)
 
     # ------------------------------------------------------------ acking
 
@@ -481,6 +591,11 @@ class Pool:
             held = {q: list(entries) for q, entries in self.held.items() if entries}
             if not held:
                 continue
+            try:
+                await self._poll_cancels()  # the backstop of the control channel
+            except Exception as e:
+                if not is_redis_error(e):
+                    raise
             try:
                 async with rt.redis.pipeline(transaction=False) as p:
                     for q, eids in held.items():

@@ -44,6 +44,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
     weights: dict[str, int] = field(default_factory=dict)
+    paused: frozenset[str] = frozenset()  # queues no daemon starts jobs from (jobqd pause)
     name: str = field(default_factory=lambda: (
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"))
     started_at: float = field(default_factory=time.time)

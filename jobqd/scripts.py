@@ -115,10 +115,11 @@ DLQ_REMOVE = _load("dlq_remove")
 LOCK = _load("lock")
 HEARTBEAT = _load("heartbeat")
 FORGET_CONSUMER = _load("forget_consumer")
+CANCEL = _load("cancel")
 LIMIT_ACQUIRE = _load("limit_acquire")
 LIMIT_RENEW = _load("limit_renew")
 ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
-       FORGET_CONSUMER, LIMIT_ACQUIRE, LIMIT_RENEW)
+       FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW)
 
 
 async def preload(r: aredis.Redis) -> None:

@@ -29,11 +29,12 @@ from jobqd import scripts
 from jobqd.config import Config
 from jobqd.events import JobEvents
 from jobqd.jobs import BadJob, Envelope, decode_job
-from jobqd.keys import GROUP, QueueKeys
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.metrics import Metrics
 from jobqd.outcomes import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
+    Cancelled,
     Dead,
     Deferred,
     Delivery,
@@ -69,7 +70,7 @@ class Report:
 
 @dataclass(slots=True)
 class Settle:
-    op: str  # S succeeded, R retry/defer, D dead, B hand back
+    op: str  # S succeeded, R retry/defer, D dead, B hand back, C cancelled
     eid: bytes
     job_id: str
     payload: bytes
@@ -226,6 +227,9 @@ class Settler:
             return self._handed_back(outcome, c)
         if isinstance(outcome, Deferred):  # same attempt, unchanged bytes
             return Settle("R", d.eid, env.id, c.raw, max(1, round(outcome.delay_s * 1000)))
+        if isinstance(outcome, Cancelled):
+            return Settle("C", d.eid, env.id, c.raw, env.attempt + 1,
+                          c.report("cancelled", env.attempt + 1, env.lost))
         return None  # Abandoned: it stays ours in the PEL; the reaper recovers it
 
     def _succeeded(self, o: Succeeded, c: _Ctx) -> Settle:
@@ -281,14 +285,18 @@ class Settler:
     async def settle(self, r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
                      ) -> list[tuple[str, list[Settle], str]]:
         """Run COMPLETE.lua for every queue's records in one round trip, then report
-        what Redis applied. Returns (queue, chunk, flags): '1' settled, '0' not
-        pending any more. Safe to repeat after a lost reply (each entry is gated on
-        its XACK, so nothing is reported twice)."""
+        what Redis applied. Returns (queue, chunk, flags): '1' settled, 'c' settled as
+        cancelled (it was cancelled meanwhile), '0' not pending any more. Safe to
+        repeat after a lost reply (each entry is gated on its XACK, so nothing is
+        reported twice)."""
         done = await complete(r, cfg, batch)
         for _q, chunk, flags in done:
             for s, flag in zip(chunk, flags, strict=True):
-                if flag == "1" and s.report is not None:
-                    self.report(s.report)
+                if s.report is None or flag == "0":
+                    continue
+                if flag == "c":  # a retry or hand-back of a job cancelled meanwhile
+                    s.report.outcome = "cancelled"
+                self.report(s.report)
         return done
 
     def report(self, rep: Report) -> None:
@@ -303,11 +311,15 @@ class Settler:
         self.outcome_log.write(rep)
 
 
+_RESULT_OPS = frozenset({"S", "C", "R", "B"})  # ops that write a final record, or may (cancel)
+
+
 async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
                    ) -> list[tuple[str, list[Settle], str]]:
     """COMPLETE.lua for every queue's records, chunked, in one pipelined round trip."""
     prefix = cfg.redis.prefix
     ttl_ms = int(cfg.results.ttl_s * 1000)
+    done_channel = GlobalKeys(prefix).done
     calls: list[scripts.Call] = []
     groups: list[tuple[str, list[Settle]]] = []
     for q, items in batch.items():
@@ -315,14 +327,15 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
         for i in range(0, len(items), ACK_CHUNK):
             chunk = items[i:i + ACK_CHUNK]
             keys: list[Any] = [qk.stream, qk.delayed, qk.state, qk.dlq, qk.conf, qk.full,
-                               qk.done]
-            argv: list[Any] = [GROUP, ttl_ms, len(chunk)]
+                               qk.done, qk.cancel, qk.waiters, qk.progress]
+            argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
             for s in chunk:
-                extra = s.extra
-                if s.op == "S":
+                rk = 0
+                if s.op in _RESULT_OPS and s.job_id:
                     keys.append(qk.result(s.job_id))
-                    extra = len(keys) - 7
-                argv += [s.op, s.eid, s.job_id, s.payload, extra]
+                    rk = len(keys) - 10
+                argv += [s.op, s.eid, s.job_id, s.payload,
+                         s.extra if s.extra is not None else "", rk]
             calls.append((scripts.COMPLETE, keys, argv))
             groups.append((q, chunk))
     replies = await scripts.pipelined(r, calls)

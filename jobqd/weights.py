@@ -64,13 +64,22 @@ async def publish(rt: Runtime) -> dict[str, int]:
 
 
 async def refresh(rt: Runtime) -> dict[str, int]:
-    key = GlobalKeys(rt.config.redis.prefix).weights
-    stored = _parse(await rt.redis.hgetall(key), key)
+    """Re-read the runtime weights and the paused queues (one round trip)."""
+    g = GlobalKeys(rt.config.redis.prefix)
+    async with rt.redis.pipeline(transaction=False) as p:
+        p.hgetall(g.weights)
+        p.smembers(g.paused)
+        raw, paused_raw = await p.execute()
+    stored = _parse(raw, g.weights)
     weights = {q.name: stored.get(q.name, q.weight) for q in rt.config.queues.values()}
     if weights != rt.weights:
         if rt.weights:
             log.info("weights changed", extra={"weights": weights})
         rt.weights = weights
+    paused = frozenset(ops.s(x) for x in paused_raw)
+    if paused != rt.paused:
+        log.info("paused queues: %s", ", ".join(sorted(paused)) or "none")
+        rt.paused = paused
     return weights
 
 

@@ -170,3 +170,25 @@ async def retry_bad_delay(delay: str) -> None:
 
 async def needs_a(a: int) -> int:
     return a
+
+
+def sync_until_cancelled(key: str, seconds: float = 10.0) -> str:
+    """A plain def that polls its cancel flag (how a long sync job honours a cancel)."""
+    job = current_job()
+    _sync.hincrby(key, job.id, 1)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        job.check_cancelled()
+        time.sleep(0.01)
+    return "ran to the end"
+
+
+async def progress_then_wait(key: str) -> str:
+    """Report progress, then wait until the test sets `key` (bounded)."""
+    current_job().progress(0.5, "half way")
+    async with _r() as r:
+        for _ in range(500):
+            if await r.exists(key):
+                break
+            await asyncio.sleep(0.02)
+    return "done"

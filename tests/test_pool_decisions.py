@@ -23,6 +23,7 @@ from jobqd.jobs import decode_job, encode_job
 from jobqd.metrics import Metrics
 from jobqd.outcomes import (
     Abandoned,
+    Cancelled,
     Dead,
     Deferred,
     Delivery,
@@ -40,11 +41,12 @@ from jobqd.settle import OutcomeLog, Settler
 # ---------------------------------------------------------------- pure decisions
 
 
-def test_after_cancel_tells_timeout_drain_and_thread_apart() -> None:
-    assert after_cancel(own_timeout=True, thread_running=False) == "timeout"
-    assert after_cancel(own_timeout=True, thread_running=True) == "timeout"
-    assert after_cancel(own_timeout=False, thread_running=False) == "hand_back"
-    assert after_cancel(own_timeout=False, thread_running=True) == "abandon"
+def test_after_cancel_tells_timeout_cancel_drain_and_thread_apart() -> None:
+    assert after_cancel(own="timeout", thread_running=False) == "timeout"
+    assert after_cancel(own="timeout", thread_running=True) == "timeout"
+    assert after_cancel(own="cancel", thread_running=False) == "cancelled"
+    assert after_cancel(own=None, thread_running=False) == "hand_back"
+    assert after_cancel(own=None, thread_running=True) == "abandon"
 
 
 def test_after_failure_retries_until_the_budget_then_dead() -> None:
@@ -248,7 +250,8 @@ def _cfg(fn: Any, **task: Any) -> Any:
 async def _execute(fn: Any, args: dict[str, Any] | None = None, *,
                    cancel: str | None = None, **task: Any) -> tuple[Any, asyncio.Task[Any]]:
     """Run one job through an Executor in its own task (the consumer). `cancel`:
-    None, "timeout" (our deadline) or "drain", applied once the handler started."""
+    None, "timeout" (our deadline), "job" (a cancel of the job) or "drain", applied
+    once the handler started."""
     sink = _StartSink()
     pool = ThreadPoolExecutor(2)
     ex = Executor(_NoLimits(), sink, pool)
@@ -265,9 +268,12 @@ async def _execute(fn: Any, args: dict[str, Any] | None = None, *,
     if cancel:
         await sink.event.wait()
         await asyncio.sleep(0)  # let the handler reach its await
-        if cancel == "timeout":
-            box["run"].timed_out = True
-        t.cancel()
+        if cancel == "job":
+            box["run"].cancel()
+        else:
+            if cancel == "timeout":
+                box["run"].stop_reason = "timeout"
+            t.cancel()
     await asyncio.wait({t})
     pool.shutdown(wait=False)
     return box.get("outcome"), t
@@ -342,6 +348,36 @@ async def test_execute_drain_is_a_hand_back_and_the_cancellation_stays_pending()
     assert t.cancelling() == 1  # the consumer re-raises it after settling
 
 
+async def test_execute_cancel_of_a_running_async_job_runs_its_finally() -> None:
+    cleaned = asyncio.Event()
+
+    async def hang() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    out, t = await _execute(hang, cancel="job")
+    assert isinstance(out, Cancelled) and cleaned.is_set()
+    assert t.cancelling() == 0  # our own: the consumer goes on
+
+
+async def test_execute_cancel_of_a_plain_def_sets_its_flag() -> None:
+    from jobqd import current_job
+
+    seen: list[bool] = []
+
+    def polls() -> None:
+        for _ in range(1000):
+            if current_job().cancelled:
+                seen.append(True)
+                current_job().check_cancelled()
+            threading.Event().wait(0.005)
+
+    out, _ = await _execute(polls, cancel="job")
+    assert isinstance(out, Cancelled) and seen == [True]
+
+
 async def test_execute_drain_while_a_thread_runs_abandons_the_job() -> None:
     release = threading.Event()
 
@@ -365,3 +401,42 @@ async def test_execute_malformed_and_unknown_task() -> None:
     other = Delivery("default", b"1-0", {b"j": encode_job(new_job_id("default"), "zz", {}, 1)})
     out = await ex.run(Running(other, me), _cfg(lambda: None))
     assert isinstance(out, Dead) and out.reason == "unknown_task"
+
+
+async def test_execute_expired_job_never_runs() -> None:
+    ran: list[int] = []
+
+    async def work() -> None:
+        ran.append(1)
+
+    ex = Executor(_NoLimits(), _StartSink(), ThreadPoolExecutor(1))
+    me = asyncio.current_task()
+    assert me is not None
+    jid = new_job_id("default")
+    stale = Delivery("default", b"1-0", {b"j": encode_job(jid, "t", {}, 1.0, exp_ms=2.0)})
+    out = await ex.run(Running(stale, me), _cfg(work))
+    assert isinstance(out, Dead) and out.reason == "expired" and not ran
+    # the task's own default: enqueued at 1 ms since the epoch, expires_s 60
+    old = Delivery("default", b"1-0", {b"j": encode_job(jid, "t", {}, 1.0)})
+    out = await ex.run(Running(old, me), _cfg(work, expires_s=60.0))
+    assert isinstance(out, Dead) and out.reason == "expired" and not ran
+
+
+async def test_execute_cancelled_before_start_never_runs() -> None:
+    ran: list[int] = []
+
+    async def work() -> None:
+        ran.append(1)
+
+    d = _delivery()
+    jid = decode_job(d.fields[b"j"]).id
+    ex = Executor(_NoLimits(), _StartSink(), ThreadPoolExecutor(1), cancelled={jid})
+    me = asyncio.current_task()
+    assert me is not None
+    assert isinstance(await ex.run(Running(d, me), _cfg(work)), Cancelled) and not ran
+
+
+def test_cancelled_outcome_is_a_c_record() -> None:
+    d = _delivery()
+    s = _settler().build(Cancelled(), d, decode_job(d.fields[b"j"]))
+    assert s is not None and s.op == "C" and s.payload == d.fields[b"j"]

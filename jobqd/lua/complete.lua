@@ -2,53 +2,90 @@
 -- An entry already acked (by a reaper hand-back or an earlier try of this very
 -- batch) is skipped, so replaying a batch after a lost reply changes nothing.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=dlq KEYS[5]=conf KEYS[6]=full
--- KEYS[7]=done counter (attempts finished, for rates)  KEYS[7+k]=result key k (k >= 1)
--- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n
--- then per entry i (0-based), at b = 4 + 5*i: op, entry id, job id, payload, extra
---   op 'S' succeeded:   payload = final record json, extra = result key index
+-- KEYS[7]=done counter KEYS[8]=cancel set KEYS[9]=waiters set KEYS[10]=progress hash
+-- KEYS[10+k]=result key k (k >= 1)
+-- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n ARGV[4]=done channel
+-- then per entry i (0-based), at b = 5 + 6*i: op, entry id, job id, payload, extra,
+-- result key index (0: none)
+--   op 'S' succeeded:   payload = final record json
 --   op 'R' retry/defer: payload = job json for the next attempt, extra = delay ms
 --   op 'D' dead:        payload = job json (or raw fields json), extra = death json
 --   op 'B' hand back:   payload = job json to re-add at the tail now
--- Returns a string of per-entry flags: '1' settled, '0' skipped (not pending).
+--   op 'C' cancelled:   payload = job json, extra = attempts made ('' = the job's own)
+-- A job in the cancel set whose op is R or B (a retry, a drain's hand-back) is
+-- cancelled instead: a cancel is never undone by a retry. S and D stand (it ended).
+-- Returns a string of per-entry flags: '1' settled, 'c' settled as cancelled instead,
+-- '0' skipped (not pending).
 local group = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local chan = ARGV[4]
+local cancels = redis.call('EXISTS', KEYS[8]) == 1
+local waiters = redis.call('EXISTS', KEYS[9]) == 1
+local progress = redis.call('EXISTS', KEYS[10]) == 1
 local flags = {}
 local now = nil
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
 for i = 0, n - 1 do
-  local b = 4 + 5 * i
+  local b = 5 + 6 * i
   local op, eid, id, payload, extra = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local rk = tonumber(ARGV[b + 5])
   if redis.call('XACK', KEYS[1], group, eid) == 0 then
     flags[#flags + 1] = '0'
   else
     redis.call('XDEL', KEYS[1], eid)
+    local flag = '1'
+    if cancels and id ~= '' and redis.call('SREM', KEYS[8], id) == 1 and rk > 0
+        and (op == 'R' or op == 'B') then
+      op = 'C'
+      flag = 'c'
+    end
+    local final = nil
     if op == 'S' then
       if id ~= '' then
         redis.call('HDEL', KEYS[3], id)
-        redis.call('SET', KEYS[7 + tonumber(extra)], payload, 'PX', ttl)
+        redis.call('SET', KEYS[10 + rk], payload, 'PX', ttl)
+        final = 'succeeded'
       end
+    elseif op == 'C' then
+      redis.call('HDEL', KEYS[3], id)
+      redis.call('ZREM', KEYS[2], id)
+      local attempts = ''
+      if extra ~= '' and tonumber(extra) then attempts = ',"attempts":' .. tonumber(extra) end
+      redis.call('SET', KEYS[10 + rk], '{"status":"cancelled","finished":' .. clock() ..
+                 attempts .. ',"job":' .. payload .. '}', 'PX', ttl)
+      final = 'cancelled'
     elseif op == 'R' then
-      if not now then
-        local t = redis.call('TIME')
-        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-      end
-      redis.call('ZADD', KEYS[2], now + tonumber(extra), id)
+      redis.call('ZADD', KEYS[2], clock() + tonumber(extra), id)
       redis.call('HSET', KEYS[3], id, 'd' .. payload)
     elseif op == 'D' then
       local did = redis.call('XADD', KEYS[4], '*', 'j', payload, 'e', extra)
       if id ~= '' then
         redis.call('HSET', KEYS[3], id, 'x' .. did)
+        final = 'dead'
       end
     elseif op == 'B' then
       local neid = redis.call('XADD', KEYS[1], '*', 'j', payload)
       redis.call('HSET', KEYS[3], id, neid)
     end
-    flags[#flags + 1] = '1'
+    if progress and id ~= '' then
+      redis.call('HDEL', KEYS[10], id)
+    end
+    if final and waiters and redis.call('SREM', KEYS[9], id) == 1 then
+      redis.call('PUBLISH', chan, id .. ' ' .. final)
+    end
+    flags[#flags + 1] = flag
   end
 end
 local settled = 0
 for _, f in ipairs(flags) do
-  if f == '1' then settled = settled + 1 end
+  if f ~= '0' then settled = settled + 1 end
 end
 if settled > 0 then
   redis.call('INCRBY', KEYS[7], settled)
