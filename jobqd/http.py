@@ -40,6 +40,7 @@ traceback: job data, behind the token.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
@@ -60,6 +61,7 @@ from jobqd.errors import ConfigError, JobNotFound, PayloadTooLarge, QueueFull, U
 from jobqd.ids import queue_of
 from jobqd.jobs import BadJob, Job
 from jobqd.runtime import Runtime
+from jobqd.waiting import Waiter
 
 log = logging.getLogger("jobqd.http")
 
@@ -67,7 +69,7 @@ BODY_SLACK_BYTES = 64 * 1024  # JSON framing around the job's args, on top of ma
 PING_TIMEOUT_S = 0.5  # /readyz's live PING
 SHUTDOWN_TIMEOUT_S = 2.0  # how long in-flight requests get when the port closes
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_ENQUEUE_FIELDS = frozenset({"task", "args", "queue", "delay_s", "idempotency_key"})
+_ENQUEUE_FIELDS = frozenset({"task", "args", "queue", "delay_s", "idempotency_key", "expires_s"})
 _ENTRY_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
 _JSON = "application/json"
 
@@ -111,6 +113,7 @@ class _State:
     runtime: Runtime
     openapi_doc: bytes
     routings: dict[str, ops.Routing] = field(default_factory=dict)
+    _waiter: Waiter | None = None
 
     def __post_init__(self) -> None:
         self.runner = ops.AsyncRunner(self.runtime.redis)
@@ -123,6 +126,12 @@ class _State:
 
     async def run(self, op: ops.Op) -> Any:
         return await self.runner.run(op)
+
+    def waiter(self) -> Waiter:
+        """The long-poll waiter (one pub/sub connection), made on first use."""
+        if self._waiter is None:
+            self._waiter = Waiter(self.runtime.redis, self.runtime.config.redis.prefix)
+        return self._waiter
 
 
 STATE = web.AppKey("jobqd_http_state", _State)
@@ -286,6 +295,7 @@ class EnqueueRequest:
     queue: str | None
     delay_s: float | None
     idempotency_key: str | None
+    expires_s: float | None = None
 
 
 def parse_enqueue(data: Any) -> EnqueueRequest:
@@ -296,7 +306,7 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
     for name in data:
         if name not in _ENQUEUE_FIELDS:
             raise ApiError(400, f"unknown field {name!r} (expected: task, args, queue, "
-                                "delay_s, idempotency_key)", field=name)
+                                "delay_s, idempotency_key, expires_s)", field=name)
     task = data.get("task")
     if not isinstance(task, str) or not task:
         raise ApiError(400, f"task must be a non-empty string, got {_type_name(task)}",
@@ -335,8 +345,15 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
             raise ApiError(400, "idempotency_key must be a non-empty string of at most "
                                 f"{openapi.MAX_IDEMPOTENCY_KEY_CHARS} characters, got {got}",
                            field="idempotency_key")
+    expires = data.get("expires_s")
+    if expires is not None:
+        if (isinstance(expires, bool) or not isinstance(expires, int | float)
+                or not math.isfinite(expires) or not 0 < expires <= openapi.MAX_EXPIRES_S):
+            raise ApiError(400, f"expires_s must be a number of seconds > 0 and at most "
+                                f"{openapi.MAX_EXPIRES_S:g}, got {expires!r}", field="expires_s")
+        expires = float(expires)
     return EnqueueRequest(task=task, args=args, queue=queue, delay_s=delay,
-                          idempotency_key=idem)
+                          idempotency_key=idem, expires_s=expires)
 
 
 def _field_of(e: Exception) -> str | None:
@@ -363,7 +380,7 @@ async def enqueue(request: web.Request) -> web.Response:
                      delay_s=req.delay_s,
                      idempotency_keys=None if req.idempotency_key is None
                      else [req.idempotency_key],
-                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000))
+                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000), expires_s=req.expires_s)
     try:
         jobs: list[Job] = await st.run(op)
     except ops.UnknownQueue as e:
@@ -391,11 +408,31 @@ def _valid_job_id(job_id: str) -> bool:
     return q is not None and QUEUE_RE.fullmatch(q) is not None
 
 
+def _wait_s(request: web.Request) -> float | None:
+    raw = request.query.get("wait_s")
+    if raw is None:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v <= openapi.MAX_WAIT_S:  # also refuses nan
+        raise ApiError(400, f"wait_s must be a number of seconds from 0 to "
+                            f"{openapi.MAX_WAIT_S:g}", field="wait_s")
+    return v
+
+
 async def job_status(request: web.Request) -> web.Response:
+    """The job's status; with ``?wait_s=N`` it long-polls (pushed, not polled) until
+    the job ends or N seconds pass, then answers with whatever the status is."""
     st = _state(request)
     job_id = request.match_info["id"]
     if not _valid_job_id(job_id):
         raise ApiError(404, f"no job {job_id!r}")
+    wait_s = _wait_s(request)
+    if wait_s:
+        with contextlib.suppress(TimeoutError, JobNotFound):
+            await st.waiter().wait(job_id, wait_s)
     try:
         info = await st.run(ops.status(st.runtime.config.redis.prefix, job_id))
     except JobNotFound:
@@ -405,6 +442,44 @@ async def job_status(request: web.Request) -> web.Response:
             raise ApiError(404, f"no job {job_id!r}") from None
         info = found
     return json_response(info.to_dict())
+
+
+async def job_cancel(request: web.Request) -> web.Response:
+    """Cancel a job: 200 cancelled (it never runs), 202 cancelling (it runs now and is
+    being stopped), 409 when it had already finished, 404 when unknown."""
+    st = _state(request)
+    job_id = request.match_info["id"]
+    if not _valid_job_id(job_id):
+        raise ApiError(404, f"no job {job_id!r}")
+    cfg = st.runtime.config
+    try:
+        [res] = await st.run(ops.cancel(cfg.redis.prefix, [job_id],
+                                        int(cfg.results.ttl_s * 1000)))
+    except JobNotFound:
+        raise ApiError(404, f"no job {job_id!r}") from None
+    if res.outcome == "finished":
+        raise ApiError(409, f"job {job_id} had already finished: {res.status}")
+    return json_response(res.to_dict(), status=200 if res.outcome == "cancelled" else 202)
+
+
+async def queue_pause(request: web.Request) -> web.Response:
+    return await _set_paused(request, True)
+
+
+async def queue_resume(request: web.Request) -> web.Response:
+    return await _set_paused(request, False)
+
+
+async def _set_paused(request: web.Request, paused: bool) -> web.Response:
+    st = _state(request)
+    queue = request.match_info["queue"]
+    if not QUEUE_RE.fullmatch(queue):
+        raise ApiError(404, f"unknown queue {queue!r}")
+    try:
+        await st.run(ops.set_paused(st.runtime.config.redis.prefix, queue, paused))
+    except ops.UnknownQueue:
+        raise ApiError(404, f"unknown queue {queue!r}") from None
+    return json_response({"queue": queue, "paused": paused})
 
 
 async def queues(request: web.Request) -> web.Response:
@@ -477,6 +552,9 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi_json)
     app.router.add_post("/v1/jobs", enqueue)
     app.router.add_get("/v1/jobs/{id}", job_status)
+    app.router.add_delete("/v1/jobs/{id}", job_cancel)
+    app.router.add_post("/v1/queues/{queue}/pause", queue_pause)
+    app.router.add_post("/v1/queues/{queue}/resume", queue_resume)
     app.router.add_get("/v1/queues", queues)
     app.router.add_get("/v1/dlq", dlq_list)
     app.router.add_post("/v1/dlq/{id}/replay", dlq_replay)

@@ -19,6 +19,8 @@ MAX_DELAY_S = 10 * 365 * 86400.0  # the longest delay_s accepted (ten years)
 MAX_IDEMPOTENCY_KEY_CHARS = 1024
 DLQ_DEFAULT_LIMIT = 100
 DLQ_MAX_LIMIT = 1000
+MAX_WAIT_S = 60.0  # the longest long-poll of GET /v1/jobs/{id}?wait_s=
+MAX_EXPIRES_S = MAX_DELAY_S
 
 _JSON = "application/json"
 
@@ -76,6 +78,10 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS,
                 "description": "While this key is remembered (idempotency_ttl_s) a second "
                                "enqueue with it returns the first job (created: false)"}),
+            "expires_s": _nullable({"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                                    "maximum": MAX_EXPIRES_S,
+                                    "description": "Not started this many seconds after it "
+                                                   "is due: never run, dead as expired"}),
         },
     },
     "Enqueued": {
@@ -94,7 +100,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "status": {"type": "string",
-                       "enum": ["queued", "scheduled", "running", "succeeded", "dead"]},
+                       "enum": ["queued", "scheduled", "running", "succeeded", "dead",
+                                "cancelled"]},
             "task": _nullable({"type": "string"}),
             "queue": _nullable({"type": "string"}),
             "attempts": {"type": "integer"},
@@ -110,7 +117,25 @@ _SCHEMAS: dict[str, Any] = {
             "finished_at": _nullable({"type": "number"}),
             "worker": _nullable({"type": "string"}),
             "args": _nullable({"type": "object"}),
+            "progress": _nullable({"type": "object",
+                                   "description": "fraction, message, at (running jobs)"}),
+            "cancel_requested": {"type": "boolean"},
         },
+    },
+    "CancelResult": {
+        "type": "object",
+        "required": ["id", "outcome", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "outcome": {"type": "string", "enum": ["cancelled", "cancelling"]},
+            "status": {"type": "string",
+                       "description": "queued or scheduled (removed), running (being stopped)"},
+        },
+    },
+    "Paused": {
+        "type": "object",
+        "required": ["queue", "paused"],
+        "properties": {"queue": {"type": "string"}, "paused": {"type": "boolean"}},
     },
     "QueueStats": {
         "type": "object",
@@ -129,6 +154,7 @@ _SCHEMAS: dict[str, Any] = {
             "weight": _nullable({"type": "integer"}),
             "high_watermark": _nullable({"type": "integer"}),
             "low_watermark": _nullable({"type": "integer"}),
+            "paused": {"type": "boolean"},
         },
     },
     "Queues": {
@@ -261,10 +287,38 @@ def build(*, auth: bool = False) -> dict[str, Any]:
                     "The queue is over its high watermark (body adds queue, depth, high, "
                     "low), or Redis is unavailable", _RETRY_AFTER)})},
             "/v1/jobs/{id}": {"get": v1({
-                "operationId": "status", "summary": "A job's status",
-                "parameters": [job_id],
+                "operationId": "status", "summary": "A job's status (optionally long-polled)",
+                "parameters": [job_id, {
+                    "name": "wait_s", "in": "query", "required": False,
+                    "description": "Wait up to this long for the job to end (pushed, not "
+                                   "polled), then answer with its status",
+                    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}}],
                 "responses": {"200": _json("The job's status", _ref("JobStatus")),
-                              "404": _error("No such job (or its record expired)")}})},
+                              "400": _error("A bad wait_s"),
+                              "404": _error("No such job (or its record expired)")}}),
+                "delete": v1({
+                    "operationId": "cancel", "summary": "Cancel a job",
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": _json("Cancelled: it was queued or scheduled and never runs",
+                                     _ref("CancelResult")),
+                        "202": _json("Cancelling: it runs now and is being stopped; it ends "
+                                     "cancelled", _ref("CancelResult")),
+                        "404": _error("No such job"),
+                        "409": _error("The job had already finished")}})},
+            "/v1/queues/{queue}/pause": {"post": v1({
+                "operationId": "pause", "summary": "Stop starting the queue's jobs (enqueues "
+                                                   "are still accepted)",
+                "parameters": [{"name": "queue", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json("Paused", _ref("Paused")),
+                              "404": _error("Unknown queue")}})},
+            "/v1/queues/{queue}/resume": {"post": v1({
+                "operationId": "resume", "summary": "Start the queue's jobs again",
+                "parameters": [{"name": "queue", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json("Resumed", _ref("Paused")),
+                              "404": _error("Unknown queue")}})},
             "/v1/queues": {"get": v1({
                 "operationId": "queues", "summary": "Every queue's depth, weight and state",
                 "responses": {"200": _json("Queue statistics", _ref("Queues"))}})},

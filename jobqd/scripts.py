@@ -50,18 +50,24 @@ Call = tuple[Script, Sequence[Any], Sequence[Any]]  # script, keys, args
 async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
     """Run many script calls in one pipelined round trip (not a transaction).
 
-    NOSCRIPT-safe: when any call finds the script cache empty (Redis restarted),
-    every script is loaded again and the whole pipeline retried once. Replies come
-    back in order; an error reply is returned in its place (never raised), so the
-    caller decides per call.
+    NOSCRIPT-safe: when calls find the script cache empty (Redis restarted), every
+    script is loaded again and only those calls are run again (the others ran: a
+    second run of an enqueue would duplicate jobs). Replies come back in order; an
+    error reply is returned in its place (never raised), so the caller decides per
+    call.
     """
-    replies: list[Any] = []
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
     for attempt in range(2):
         async with r.pipeline(transaction=False) as p:
-            for script, keys, args in calls:
+            for i in todo:
+                script, keys, args = calls[i]
                 p.evalsha(script.sha, len(keys), *keys, *args)
-            replies = await p.execute(raise_on_error=False)
-        if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+            got = await p.execute(raise_on_error=False)
+        for i, x in zip(todo, got, strict=True):
+            replies[i] = x
+        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        if attempt == 0 and todo:
             await preload(r)
             continue
         break
@@ -70,13 +76,18 @@ async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
 
 def pipelined_sync(r: redis.Redis, calls: Sequence[Call]) -> list[Any]:
     """`pipelined` for a blocking client."""
-    replies: list[Any] = []
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
     for attempt in range(2):
         with r.pipeline(transaction=False) as p:
-            for script, keys, args in calls:
+            for i in todo:
+                script, keys, args = calls[i]
                 p.evalsha(script.sha, len(keys), *keys, *args)
-            replies = p.execute(raise_on_error=False)
-        if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+            got = p.execute(raise_on_error=False)
+        for i, x in zip(todo, got, strict=True):
+            replies[i] = x
+        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        if attempt == 0 and todo:
             preload_sync(r)
             continue
         break

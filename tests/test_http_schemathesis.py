@@ -95,4 +95,6 @@ async def test_openapi_document_matches_the_handlers(start_daemon: Callable[...,
     # schemathesis leaves out the operation that serves the document itself (checked above)
     assert sorted(tested) == sorted([
         "GET /healthz", "GET /readyz", "GET /metrics", "POST /v1/jobs", "GET /v1/jobs/{id}",
+        "DELETE /v1/jobs/{id}", "POST /v1/queues/{queue}/pause",
+        "POST /v1/queues/{queue}/resume",
         "GET /v1/queues", "GET /v1/dlq", "POST /v1/dlq/{id}/replay"])
