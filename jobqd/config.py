@@ -784,6 +784,9 @@ class _Reader:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise self.err(key, f"module {mod_name!r} has no attribute {attr!r}") from None
+            except Exception as e:  # a module __getattr__ that fails otherwise
+                raise self.err(key, f"cannot get {attr!r} from {mod_name!r}: "
+                                    f"{type(e).__name__}: {e}") from None
         if not callable(obj):
             raise self.err(key, f"{spec!r} is not callable")
         return obj  # type: ignore[no-any-return]
