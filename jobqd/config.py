@@ -71,6 +71,7 @@ _RULES = frozenset({
     "upper",  # the string is upper-cased before it is checked
     "relative_path",  # relative paths are resolved against the config file's directory
     "key_check",  # for a mapping: fn(name) -> error message or None, for each name
+    "if_empty",  # for a mapping: fn() -> the value read when the file gives none
 })
 
 
@@ -313,8 +314,8 @@ class LogConfig:
     jobs_per_s: float = opt(100.0, gt=0, unit="1/s")
 
 
-def _default_queues() -> Mapping[str, QueueConfig]:
-    return MappingProxyType({})
+def _one_default_queue() -> dict[str, QueueConfig]:
+    return {"default": QueueConfig(name="default")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +327,9 @@ class Config:
     # how many jobs this daemon runs at once (0: route and reap only)
     consumers: int = opt(16, ge=0, le=10_000)
     # without a queues: section there is one queue, "default"
-    queues: Mapping[str, QueueConfig] = opt(factory=_default_queues, key_check=_check_queue_name)
+    queues: Mapping[str, QueueConfig] = opt(factory=lambda: MappingProxyType({}),
+                                            key_check=_check_queue_name,
+                                            if_empty=_one_default_queue)
     tasks: Mapping[str, TaskConfig] = opt(factory=lambda: MappingProxyType({}),
                                           key_check=_check_task_name)
     reaper: ReaperConfig = ReaperConfig()
@@ -345,9 +348,6 @@ class Config:
                                       items="directories")
 
     def __post_init__(self) -> None:
-        if not self.queues:
-            object.__setattr__(self, "queues",
-                               MappingProxyType({"default": QueueConfig(name="default")}))
         for name in ("queues", "tasks"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):
@@ -610,8 +610,10 @@ class _Reader:
                 continue
             if "required" in f.metadata:
                 raise self.err(full, f.metadata["required"])
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                values[f.name] = self.value(hints[f.name], f.metadata, None, full)  # a section
+            no_default = (f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING)
+            if no_default or "if_empty" in f.metadata:  # a required section; queues
+                values[f.name] = self.value(hints[f.name], f.metadata, None, full)
         obj = cls(**values)
         constraints = getattr(obj, "_constraints", None)
         if constraints is not None:
@@ -716,6 +718,8 @@ class _Reader:
             if problem:
                 raise self.err(full, problem)
             out[name] = self.dataclass(item, body, full, {"name": name})
+        if not out and "if_empty" in meta:
+            out = meta["if_empty"]()
         return MappingProxyType(out)
 
     def sequence(self, item: type, raw: Any, key: str,
