@@ -17,9 +17,11 @@ deploy new code with a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -34,19 +36,57 @@ log = logging.getLogger("jobqd.reload")
 
 RESTART_KEYS = ("redis", "http", "postgres", "state_dir")
 DEBOUNCE_MS = 300
+# A load (read, parse, validate, import handlers) taking longer is refused: a handler
+# module that hangs at import must not hold every later reload up.
+LOAD_TIMEOUT_S = 60.0
+
+
+async def _load_off_loop(path: str) -> config_mod.Config:
+    """`config.load(path)` in its own daemon thread, awaited for up to LOAD_TIMEOUT_S.
+
+    Not the default executor: a thread stuck in a handler's import would hold up the
+    process's exit (executor threads are joined at exit); a daemon thread is not."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[config_mod.Config] = loop.create_future()
+
+    def settle(result: config_mod.Config | None, error: BaseException | None) -> None:
+        if done.done():  # timed out (or the reload was cancelled) meanwhile
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            assert result is not None
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = config_mod.load(path)
+        except BaseException as e:  # handed to the awaiting task, which raises it
+            outcome: tuple[config_mod.Config | None, BaseException | None] = (None, e)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="jobqd-reload", daemon=True).start()
+    try:
+        return await asyncio.wait_for(done, LOAD_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(f"loading took longer than {LOAD_TIMEOUT_S:g}s (a handler module "
+                          "that hangs at import?)", path=path) from None
 
 
 async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
     """Reload the config file; True when the new config was applied.
 
     Reading, parsing, validating and importing handlers run in a worker thread
-    (`asyncio.to_thread`): a huge file or a handler module that takes seconds to
+    (`_load_off_loop`): a huge file or a handler module that takes seconds to
     import never stalls the event loop, so heartbeats and lease renewal go on.
     Only the swap of `rt.config` (and what follows from it) happens on the loop.
     """
     old = rt.config
     try:
-        new = await asyncio.to_thread(config_mod.load, old.path)
+        new = await _load_off_loop(old.path)
         await _refuse_stranding(rt, old, new)
     except ConfigError as e:
         rt.metrics.reloads.labels("error").inc()

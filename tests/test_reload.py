@@ -29,6 +29,7 @@ import redis
 import yaml
 
 from jobqd import Client, UnknownQueue, UnknownTask, config, publish
+from jobqd import reload as reload_mod
 from jobqd.client import SyncClient
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
@@ -662,3 +663,24 @@ async def test_start_warns_about_unconfigured_queues_still_holding_jobs(
                    for r in caplog.records)
     finally:
         assert await d.stop() == 0
+
+
+async def test_a_handler_import_that_hangs_is_refused_and_later_reloads_work(
+        tmp_path: Path, conf: Callable[..., ConfigFile], watched: Callable[[ConfigFile], Any],
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reload_mod, "LOAD_TIMEOUT_S", 1.0)
+    hangs = unique_module(tmp_path, "hangs_at_import",
+                          "import time\ntime.sleep(4)\n\ndef handle():\n    return 1\n")
+    cf = conf(consumers=2, pythonpath=[str(tmp_path)])
+    d = await watched(cf)
+    rt = rt_of(d)
+    cf.edit(lambda c: c["tasks"].update(hangs={"handler": f"{hangs}:handle"}))
+    await wait_reloads(rt, "error", 1, timeout=10)
+    err = rt.health.last_reload_error
+    assert err is not None and "took longer than 1s" in err and str(cf.path) in err, err
+    assert "hangs" not in rt.config.tasks
+    job = await client.enqueue("noop")
+    await wait_status(client, job.id, "succeeded")
+    cf.edit(lambda c: (c["tasks"].pop("hangs"), c.update(consumers=3)))
+    await wait_reloads(rt, "ok", 1, timeout=10)
+    assert rt.config.consumers == 3
