@@ -679,14 +679,12 @@ class _Reader:
         if not math.isfinite(v):
             raise self.err(key, f"must be finite, got {v!r}")
         ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
-        unit = meta.get("unit", "")
-        unit = f" {unit}" if unit and unit not in ("s", "bytes") else unit
         if gt is not None and v <= gt:
-            raise self.err(key, f"must be > {gt:g}{unit}, got {v!r}")
+            raise self.err(key, f"must be > {gt:g}, got {v!r}")
         if ge is not None and v < ge:
-            raise self.err(key, f"must be >= {ge:g}{unit}, got {v!r}")
+            raise self.err(key, f"must be >= {ge:g}, got {v!r}")
         if le is not None and v > le:
-            raise self.err(key, f"must be <= {le:g}{unit}, got {v!r}")
+            raise self.err(key, f"must be <= {le:g}, got {v!r}")
         return int(v) if integer else float(v)
 
     def boolean(self, v: Any, key: str) -> bool:
