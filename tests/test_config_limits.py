@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -48,17 +47,18 @@ def bomb(levels: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def _limit_memory() -> None:  # in the child: a regression hits MemoryError, not the runner
-    limit = 1024 * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+# `jobqd ARGS` in a child whose address space is capped at 1 GiB: a regression hits
+# MemoryError there instead of taking the test runner (or the machine) down.
+CAPPED = ("import resource, runpy, sys; lim = 1024 ** 3; "
+          "resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); "
+          "sys.argv = ['jobqd', *sys.argv[1:]]; runpy.run_module('jobqd', run_name='__main__')")
 
 
 def run_cli(*args: str, timeout: float = 30) -> tuple[int, str, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "jobqd", *args], capture_output=True,
-                          text=True, env=env, cwd=str(ROOT), timeout=timeout,
-                          preexec_fn=_limit_memory, check=False)
+    proc = subprocess.run([sys.executable, "-c", CAPPED, *args], capture_output=True,
+                          text=True, env=env, cwd=str(ROOT), timeout=timeout, check=False)
     return proc.returncode, proc.stderr, time.monotonic() - start
 
 
