@@ -21,7 +21,14 @@ from redis.exceptions import RedisError
 
 from jobqd import __version__, config, logs
 from jobqd.client import SyncClient
-from jobqd.errors import ConfigError, JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    ConfigError,
+    JobNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.exitcodes import ExitCode
 from jobqd.jobs import BadJob
 
@@ -328,6 +335,7 @@ _ERRORS: list[tuple[type[BaseException], ExitCode, Callable[[BaseException], str
     (UnknownTask, ExitCode.UNKNOWN_TASK, str),
     (JobNotFound, ExitCode.ERROR, str),
     (PayloadTooLarge, ExitCode.USAGE, str),
+    (RedisOutOfMemory, ExitCode.REDIS_OOM, str),
     (BadJob, ExitCode.ERROR, str),
     (TypeError, ExitCode.USAGE, str),
     (ValueError, ExitCode.USAGE, str),

@@ -70,12 +70,19 @@ from redis.exceptions import ResponseError
 
 from jobqd import ops, pg, scripts
 from jobqd.config import Config
-from jobqd.errors import JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    JobNotFound,
+    PayloadTooDeep,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.ids import queue_of
-from jobqd.jobs import JobInfo
+from jobqd.jobs import JobInfo, check_depth, validate_delay_s
 from jobqd.keys import GROUP, QueueKeys
 from jobqd.metrics import Metrics
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Backoff, Health, Runtime
 
 log = logging.getLogger("jobqd.outbox")
 
@@ -83,6 +90,7 @@ CHANNEL = "jobqd_outbox"
 BATCH = 500  # rows per relay transaction
 POLL_S = 1.0  # backstop poll when no NOTIFY arrives
 HOLD_S = 10.0  # an unknown task's rows are retried this often
+OOM_HOLD_S = 1.0  # rows refused by a Redis out of memory are retried this often
 SWEEP_S = 5.0  # how often published rows are checked for completion
 SWEEP_BATCH = 1000
 PRUNE_EVERY_S = 600.0
@@ -100,8 +108,9 @@ def _validate(task: str, args: Any, delay_s: float | None,
         args = {}
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise TypeError("args must be a dict with string keys")
-    if delay_s is not None and not (delay_s >= 0):
-        raise ValueError("delay_s must be >= 0")
+    check_depth(args)
+    if delay_s is not None:
+        validate_delay_s(delay_s)
     if idempotency_key is not None and (not isinstance(idempotency_key, str)
                                         or not idempotency_key):
         raise TypeError("idempotency_key must be a non-empty string")
@@ -171,14 +180,37 @@ class _Outcome:
 
 
 _SELECT_PENDING = """
-SELECT id, task, args, queue, idempotency_key,
-       greatest(0, coalesce(delay_s, 0) - extract(epoch FROM now() - created_at))::float8 AS due
+SELECT id, task, args, queue, idempotency_key, delay_s,
+       CASE WHEN delay_s IS NULL OR delay_s = 'NaN' OR delay_s < 0 THEN 0
+            ELSE greatest(0, least(delay_s, 1e12) - extract(epoch FROM now() - created_at))
+       END::float8 AS due
   FROM outbox
  WHERE prefix = $1 AND published_at IS NULL AND failed_at IS NULL AND task <> ALL($2::text[])
  ORDER BY id
  LIMIT $3
    FOR UPDATE SKIP LOCKED
 """
+
+
+def _row_args(r: Any) -> tuple[Any, str | None]:
+    """A pending row's args, or why the row can never be published: the same checks
+    as the producer side (`_validate`), for rows written by plain SQL."""
+    try:
+        args = orjson.loads(r["args"])
+    except orjson.JSONDecodeError as e:  # jsonb nested deeper than orjson reads
+        return None, f"args cannot be decoded: {e}"
+    if not isinstance(args, dict):
+        return None, ("args must be a JSON object (handler kwargs), got "
+                      f"{type(args).__name__}")
+    try:
+        check_depth(args)
+        if r["delay_s"] is not None:
+            validate_delay_s(r["delay_s"])
+    except PayloadTooDeep as e:
+        return None, f"PayloadTooDeep: {e}"
+    except ValueError as e:
+        return None, f"ValueError: {e}"
+    return args, None
 
 
 async def _mark_published(conn: asyncpg.Connection, published: Sequence[tuple[int, str]]) -> None:
@@ -208,8 +240,10 @@ async def _mark_errors(conn: asyncpg.Connection, out: _Outcome) -> None:
 class Publisher:
     """Moves committed outbox rows of one prefix into Redis (used by the relay and recover)."""
 
-    def __init__(self, cfg: Config, redis: aredis.Redis, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: Config, redis: aredis.Redis, metrics: Metrics | None = None,
+                 health: Health | None = None) -> None:
         self.cfg = cfg
+        self.health = health
         self.prefix = cfg.redis.prefix
         self.runner = ops.AsyncRunner(redis)
         self.routing = ops.Routing(self.prefix)
@@ -232,14 +266,10 @@ class Publisher:
             out = _Outcome([], [], [], {})
             groups: dict[tuple[str, str | None, int], list[_Row]] = {}
             for r in rows:
-                try:
-                    args = orjson.loads(r["args"])
-                except orjson.JSONDecodeError as e:  # pragma: no cover - jsonb is valid JSON
-                    out.failed.append((r["id"], f"args are not JSON: {e}"))
-                    continue
-                if not isinstance(args, dict):
-                    out.failed.append((r["id"], "args must be a JSON object (handler kwargs), "
-                                                f"got {type(args).__name__}"))
+                args, problem = _row_args(r)
+                if problem is not None:
+                    log.error("outbox row %d can never be published: %s", r["id"], problem)
+                    out.failed.append((r["id"], problem))
                     continue
                 row = _Row(id=r["id"], task=r["task"], args=args, queue=r["queue"],
                            delay_ms=round(r["due"] * 1000),
@@ -272,6 +302,15 @@ class Publisher:
             # backpressure: the rows stay unpublished and are tried again shortly
             self.held[task] = time.monotonic() + max(0.2, e.retry_after_s)
             log.debug("outbox: %s", e)
+            return
+        except RedisOutOfMemory as e:
+            # Redis is full: the rows stay unpublished (jobs of chunks that went through
+            # are found again by their idempotency keys on the next try)
+            self.held[task] = time.monotonic() + OOM_HOLD_S
+            if self.health is not None:
+                self.health.redis_oom = True
+            log.warning("outbox: %s; %d row(s) of task %r wait (retried in %gs)", e,
+                        len(rows), task, OOM_HOLD_S)
             return
         except UnknownTask as e:
             self.held[task] = time.monotonic() + HOLD_S
@@ -422,7 +461,7 @@ class _Relay:
 
         await self.listener.add_listener(CHANNEL, on_notify)
         self.listener.add_termination_listener(lambda _c: self.wake.set())
-        publisher = Publisher(cfg, rt.redis, rt.metrics)
+        publisher = Publisher(cfg, rt.redis, rt.metrics, rt.health)
         sweeper = Sweeper(cfg, publisher.runner)
         next_sweep = 0.0
         log.info("outbox relay listening (schema %s, prefix %s)", cfg.postgres.schema,
