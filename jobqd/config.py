@@ -42,6 +42,7 @@ _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 class RedisConfig:
     url: str  # redis://, rediss://, unix:// or "embedded"; required (or url_file)
     prefix: str = "jobqd"  # key namespace: deployments with other prefixes never meet
+    allow_eviction: bool = False  # run even if Redis's maxmemory-policy may evict jobs
 
     @property
     def embedded(self) -> bool:
@@ -424,8 +425,9 @@ class _Validator:
         prefix = str(self.string(rsec, "redis", "prefix", "jobqd"))
         if not PREFIX_RE.match(prefix) or "{" in prefix:
             raise self.err("redis.prefix", f"must match {PREFIX_RE.pattern}, got {prefix!r}")
+        allow_eviction = self.boolean(rsec, "redis", "allow_eviction", False)
         self.done(rsec, "redis")
-        redis_cfg = RedisConfig(url=url, prefix=prefix)
+        redis_cfg = RedisConfig(url=url, prefix=prefix, allow_eviction=allow_eviction)
 
         psec = self.section(top.pop("postgres", None), "postgres")
         dsn = self.secret(psec, "postgres", "dsn")
