@@ -143,7 +143,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     _needs_postgres(cfg, "jobqd recover")
     from jobqd import outbox  # noqa: PLC0415
 
-    _out(asyncio.run(outbox.recover(cfg)))
+    _out(asyncio.run(outbox.report(cfg) if args.report else outbox.recover(cfg)))
     return ExitCode.OK
 
 
@@ -320,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "running a daemon (a deploy step)").set_defaults(fn=cmd_publish)
     sub.add_parser("migrate", help="apply PostgreSQL schema migrations (also done at start)"
                    ).set_defaults(fn=cmd_migrate)
-    sub.add_parser("recover", help="after Redis data loss: re-publish unfinished outbox jobs "
-                   "that Redis no longer holds (idempotent)").set_defaults(fn=cmd_recover)
+    rc = sub.add_parser("recover", help="after Redis data loss: re-publish unfinished outbox "
+                        "jobs that Redis no longer holds (idempotent)")
+    rc.add_argument("--report", action="store_true", help="only list the jobs the ledger saw "
+                    "accepted and never finish that Redis no longer holds")
+    rc.set_defaults(fn=cmd_recover)
 
     st = sub.add_parser("stats", help="queues, workers and dead letters on one screen")
     st.add_argument("--json", action="store_true")

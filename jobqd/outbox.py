@@ -71,6 +71,7 @@ from redis.exceptions import ResponseError
 from jobqd import ops, pg, scripts
 from jobqd.config import Config
 from jobqd.errors import (
+    ConfigError,
     JobNotFound,
     PayloadTooDeep,
     PayloadTooLarge,
@@ -80,7 +81,7 @@ from jobqd.errors import (
 )
 from jobqd.ids import queue_of
 from jobqd.jobs import JobInfo, check_depth, validate_delay_s
-from jobqd.keys import GROUP, QueueKeys
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.metrics import Metrics
 from jobqd.runtime import Backoff, Health, Runtime
 
@@ -530,6 +531,14 @@ async def recover(cfg: Config) -> dict[str, int]:
     r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
     try:
         await pg.migrate(pool, cfg.postgres.schema)
+        if not await r.exists(GlobalKeys(cfg.redis.prefix).routing):
+            # Redis lost the routing with its data: publish it (and the queue settings,
+            # weights, consumer groups) first, so the jobs re-published below can be
+            # enqueued and run at once, without waiting for a daemon to notice
+            from jobqd.publish import publish_config  # noqa: PLC0415
+
+            log.warning("recover: the routing is missing from redis: publishing it")
+            await publish_config(cfg)
         await _ensure_groups(r, cfg)
         runner = ops.AsyncRunner(r)
         prefix = cfg.redis.prefix
@@ -569,6 +578,15 @@ async def recover(cfg: Config) -> dict[str, int]:
                 await _mark_finished(conn, done)
                 counts["finished"] += len(done)
                 if requeue:
+                    # the lost job ids will never run: their ledger rows (if any) end
+                    # dead with reason redis_lost, pointing at the re-published row
+                    await conn.execute(
+                        "UPDATE jobs j SET status = 'dead', reason = 'redis_lost', "
+                        "error = 'lost with redis data; jobqd recover re-published outbox "
+                        "row ' || o.id || ' as a new job', finished_at = now(), "
+                        "event_ms = extract(epoch FROM now()) * 1000, updated_at = now() "
+                        "FROM outbox o WHERE o.id = ANY($1::bigint[]) AND j.id = o.job_id "
+                        "AND j.status NOT IN ('succeeded', 'dead', 'cancelled')", requeue)
                     await conn.execute(
                         "UPDATE outbox SET error = 'job ' || job_id || ' lost by redis; "
                         "re-published by jobqd recover', published_at = NULL, job_id = NULL, "
@@ -589,6 +607,59 @@ async def recover(cfg: Config) -> dict[str, int]:
         await r.aclose()
         await pg.close_pool(pool)
     return counts
+
+
+async def report(cfg: Config) -> dict[str, Any]:
+    """The jobs the ledger saw accepted and never finish that Redis no longer holds
+    (``jobqd recover --report``; changes nothing).
+
+    The ledger knows a job from its first start on (and outbox rows from their
+    commit): a job enqueued straight to Redis and lost before any daemon started it
+    cannot be listed by anything. Each entry has the ledger's last state, and
+    ``outbox_id`` when an unfinished outbox row holds the job (`recover` re-publishes
+    those; the others are lost for good: their producers must enqueue them again).
+    """
+    if not cfg.postgres.ledger:
+        raise ConfigError("jobqd recover --report needs postgres.ledger: true (the ledger "
+                          "is what remembers accepted jobs)", path=cfg.path,
+                          key="postgres.ledger")
+    pool = await pg.connect_pool(cfg, min_size=1, max_size=2)
+    r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
+    lost: list[dict[str, Any]] = []
+    checked = 0
+    try:
+        await pg.migrate(pool, cfg.postgres.schema)
+        runner = ops.AsyncRunner(r)
+        prefix = cfg.redis.prefix
+        after = ""
+        while True:
+            rows = await pool.fetch(
+                "SELECT j.id, j.queue, j.task, j.status, j.attempts, j.lost, "
+                "extract(epoch FROM j.enqueued_at)::float8 AS enq, "
+                "extract(epoch FROM j.started_at)::float8 AS started, "
+                "extract(epoch FROM j.updated_at)::float8 AS updated, "
+                "(SELECT o.id FROM outbox o WHERE o.prefix = $1 AND o.job_id = j.id "
+                " AND o.finished_at IS NULL LIMIT 1) AS outbox_id "
+                "FROM jobs j WHERE j.prefix = $1 AND j.id > $2 "
+                "AND j.status NOT IN ('succeeded', 'dead', 'cancelled') "
+                "ORDER BY j.id LIMIT $3", prefix, after, BATCH)
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            checked += len(rows)
+            infos = await runner.run(statuses(prefix, [x["id"] for x in rows]))
+            for x in rows:
+                if infos.get(x["id"]) is None:
+                    lost.append({"id": x["id"], "task": x["task"], "queue": x["queue"],
+                                 "last_status": x["status"], "attempts": x["attempts"],
+                                 "lost": x["lost"], "enqueued_at": x["enq"],
+                                 "started_at": x["started"], "last_event_at": x["updated"],
+                                 "outbox_id": x["outbox_id"]})
+    finally:
+        await r.aclose()
+        await pg.close_pool(pool)
+    return {"checked": checked, "missing": len(lost),
+            "recoverable": sum(1 for x in lost if x["outbox_id"] is not None), "jobs": lost}
 
 
 async def _ensure_groups(r: aredis.Redis, cfg: Config) -> None:
