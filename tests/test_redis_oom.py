@@ -129,3 +129,51 @@ async def test_cli_exits_75_with_a_clear_message(
     _, err = capsys.readouterr()
     assert code == ExitCode.REDIS_OOM == 75, err
     assert "redis is out of memory" in err and "cannot reach redis" not in err
+
+
+async def test_running_daemon_reports_oom_and_carries_on(
+        tmp_path: Path, start_daemon: Callable[..., Any], prefix: str) -> None:
+    """The daemon's own probe write finds Redis full: /readyz says redis_oom (and the
+    metric is 1) while it lasts, no component crashes, and all is well once memory is
+    freed."""
+    import aiohttp
+
+    from .conftest import wait_for, wait_status
+
+    with own_redis(tmp_path / "r2") as srv:  # noeviction, no maxmemory yet
+        d = await start_daemon(redis={"url": srv.url, "prefix": prefix})
+        host, port = d.daemon.http_address
+        admin = srv.client()
+        async with Client(srv.url, prefix) as c, \
+                aiohttp.ClientSession(f"http://{host}:{port}") as s:
+            await c.enqueue_many("sleep", [{"seconds": 0.5}] * 20)
+
+            async def problems() -> list[str]:
+                async with s.get("/readyz") as resp:
+                    return list((await resp.json())["problems"])
+
+            used = int(admin.info("memory")["used_memory"])
+            admin.config_set("maxmemory", used - 200_000)
+            await wait_for(lambda: _has(problems, "redis_oom"), timeout=10,
+                           what="/readyz to say redis_oom")
+            async with s.get("/metrics") as resp:
+                assert "jobqd_redis_oom 1.0" in await resp.text()
+            with pytest.raises(RedisOutOfMemory):
+                await c.enqueue("noop", {})
+            await asyncio.sleep(2)
+            assert d.task is not None and not d.task.done()  # nothing crashed
+            assert d.daemon.rt is not None and d.daemon.rt.health.crashed is None
+            admin.config_set("maxmemory", 0)
+            await wait_for(lambda: _lacks(problems, "redis_oom"), timeout=10,
+                           what="/readyz to stop saying redis_oom")
+            job = await c.enqueue("noop", {})
+            await wait_status(c, job.id, "succeeded")
+        admin.close()
+
+
+async def _has(get: Callable[[], Any], name: str) -> bool:
+    return name in await get()
+
+
+async def _lacks(get: Callable[[], Any], name: str) -> bool:
+    return name not in await get()
