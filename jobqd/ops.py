@@ -23,6 +23,7 @@ from jobqd import scripts
 from jobqd.errors import (
     JobNotFound,
     JobqdError,
+    PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
     RedisOutOfMemory,
@@ -33,6 +34,7 @@ from jobqd.jobs import (
     BadJob,
     Job,
     JobInfo,
+    check_depth,
     decode_job,
     encode_args,
     encode_job,
@@ -518,6 +520,10 @@ def _replay(prefix: str, dead: DeadJob) -> Op:
     if dead.job is None:
         raise BadJob(f"{dead.ref} was never a valid job and cannot be replayed "
                      f"(raw: {dead.raw[:200]!r})")
+    try:
+        check_depth(dead.job.get("args"))
+    except PayloadTooDeep as e:  # written straight to Redis, past every producer check
+        raise BadJob(f"{dead.ref} cannot be replayed: {e}") from None
     env = dict(dead.job)
     env.update(attempt=0, lost=0)
     env.pop("err", None)

@@ -184,3 +184,26 @@ async def test_outbox_relay_marks_bad_rows_failed_and_keeps_going(
         assert "delay_s must be a finite number" in by_id[bad[name]]["error"], name
         assert by_id[bad[name]]["job_id"] is None
     assert all(by_id[g]["published_at"] is not None for g in good)
+
+
+async def test_dlq_replay_refuses_a_too_deep_job(make_rt: Callable[..., Runtime], prefix: str,
+                                                 r: aredis.Redis) -> None:
+    """A dead job written straight to Redis, past every producer check, is not put back
+    into a queue it could never leave: replay refuses it (HTTP 422)."""
+    from jobqd.jobs import BadJob
+
+    rt = make_rt()
+    await publish.publish(rt)
+    qk = QueueKeys(prefix, "default")
+    job_id = "01ARZ3NDEKTSV4RRFFQ69G5FB1-default"
+    env = {"id": job_id, "task": "noop", "args": nested(MAX_JSON_DEPTH + 1), "attempt": 1,
+           "lost": 0, "enq": 1}
+    eid = await r.xadd(qk.dlq, {"j": orjson.dumps(env), "e": b'{"reason": "failed"}'})
+    await r.hset(qk.state, job_id, b"x" + eid)
+    async with Client(REDIS_URL, prefix) as c:
+        with pytest.raises(BadJob, match="cannot be replayed"):
+            await c.dlq_replay(job_id)
+    async with api(rt) as s, s.post(f"/v1/dlq/{job_id}/replay") as resp:
+        assert resp.status == 422
+        assert "nested more than" in (await resp.json())["error"]
+    assert await r.xlen(qk.stream) == 0 and await r.xlen(qk.dlq) == 1
