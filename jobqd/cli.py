@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import orjson
 import yaml
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from jobqd import __version__, config, logs
 from jobqd.client import SyncClient
@@ -339,6 +339,7 @@ _ERRORS: list[tuple[type[BaseException], ExitCode, Callable[[BaseException], str
     (JobNotFound, ExitCode.ERROR, str),
     (PayloadTooLarge, ExitCode.USAGE, str),
     (RedisOutOfMemory, ExitCode.REDIS_OOM, str),
+    (OutOfMemoryError, ExitCode.REDIS_OOM, lambda e: f"redis is out of memory: {e}"),
     (BadJob, ExitCode.ERROR, str),
     (TypeError, ExitCode.USAGE, str),
     (ValueError, ExitCode.USAGE, str),

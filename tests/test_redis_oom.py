@@ -129,6 +129,10 @@ async def test_cli_exits_75_with_a_clear_message(
     _, err = capsys.readouterr()
     assert code == ExitCode.REDIS_OOM == 75, err
     assert "redis is out of memory" in err and "cannot reach redis" not in err
+    # a command outside the producer ops (raw redis-py errors) maps the same way
+    code = await asyncio.to_thread(main, ["-c", str(cfg), "publish"])
+    _, err = capsys.readouterr()
+    assert code == ExitCode.REDIS_OOM and "out of memory" in err, err
 
 
 async def test_running_daemon_reports_oom_and_carries_on(
