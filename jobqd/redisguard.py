@@ -35,7 +35,7 @@ import redis.asyncio as aredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import ResponseError
 
-from jobqd import ops, publish, weights
+from jobqd import ops, publish, scripts, weights
 from jobqd.config import Config, mask_url
 from jobqd.keys import GlobalKeys
 from jobqd.runtime import Runtime
@@ -188,8 +188,6 @@ class Guard:
 
     async def _republish(self) -> None:
         rt = self.rt
-        from jobqd import scripts  # noqa: PLC0415
-
         await scripts.preload(rt.redis)
         await publish.publish(rt)  # routing, queue settings, consumer groups
         await weights.publish(rt)
