@@ -22,11 +22,18 @@ from typing import Any, NoReturn
 
 import orjson
 import yaml
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from jobqd import __version__, config, logs, ops
 from jobqd.client import SyncClient
-from jobqd.errors import ConfigError, JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    ConfigError,
+    JobNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.exitcodes import ExitCode
 from jobqd.jobs import BadJob, validate_delay_s
 
@@ -252,7 +259,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     _needs_postgres(cfg, "jobqd recover")
     from jobqd import outbox  # noqa: PLC0415
 
-    _out(asyncio.run(outbox.recover(cfg)))
+    _out(asyncio.run(outbox.report(cfg) if args.report else outbox.recover(cfg)))
     return ExitCode.OK
 
 
@@ -665,9 +672,13 @@ echo '{"name": "from stdin"}' | jobqd enqueue hello - --delay-s 60""", fn=cmd_en
     _add(sub, "migrate", "apply PostgreSQL schema migrations (also done at start)",
          "Apply the PostgreSQL schema migrations (needs postgres.dsn). Daemons do this at "
          "start too;\nan advisory lock lets several run at once.", "jobqd migrate", fn=cmd_migrate)
-    _add(sub, "recover", "after Redis data loss: re-publish unfinished outbox jobs",
-         "After Redis lost data: re-publish every unfinished outbox job that Redis no "
-         "longer\nholds (needs postgres.dsn). Idempotent.", "jobqd recover", fn=cmd_recover)
+    rc = _add(sub, "recover", "after Redis data loss: re-publish unfinished outbox jobs",
+              "After Redis lost data: re-publish every unfinished outbox job that Redis no "
+              "longer\nholds (needs postgres.dsn). Idempotent. With --report, only list the "
+              "jobs the\nledger saw accepted and never finish that Redis no longer holds.",
+              "jobqd recover\njobqd recover --report", fn=cmd_recover)
+    rc.add_argument("--report", action="store_true", help="only list the jobs the ledger saw "
+                    "accepted and never finish that Redis no longer holds")
 
     st = _add(sub, "stats", "queues, workers and dead letters on one screen",
               "Queues (depth, rate, lag, weight, accepting), live workers and dead letters.\n"
@@ -699,6 +710,8 @@ _ERRORS: list[tuple[type[BaseException], ExitCode, Callable[[BaseException], str
     (UnknownTask, ExitCode.UNKNOWN_TASK, str),
     (JobNotFound, ExitCode.ERROR, str),
     (PayloadTooLarge, ExitCode.USAGE, str),
+    (RedisOutOfMemory, ExitCode.REDIS_OOM, str),
+    (OutOfMemoryError, ExitCode.REDIS_OOM, lambda e: f"redis is out of memory: {e}"),
     (BadJob, ExitCode.ERROR, str),
     (TypeError, ExitCode.USAGE, str),
     (ValueError, ExitCode.USAGE, str),

@@ -1,9 +1,19 @@
 """Configuration: YAML file -> validated, frozen dataclasses.
 
+The dataclasses below are the one schema. Each field carries its type, its
+default and its rules (`opt`: bounds, unit, format check, secret, required);
+one generic reader (`_Reader`) walks them, so adding a key is one edit: its
+field. Constraints between keys live in each class's `_constraints`.
+
 Every key is validated once, at load. An unknown key, a wrong type or a bad
 value raises `ConfigError` naming the file, the dotted key path and the line.
 Every handler is imported at load, so a typo in a handler path is a config
-error, not a runtime surprise. Reload = `load()` again and swap one reference.
+error, not a runtime surprise. Reload = `load()` again (off the event loop)
+and swap one reference.
+
+Parsing is bounded: a file over `MAX_FILE_BYTES`, more than `MAX_NODES` YAML
+nodes (each alias expansion counted: an alias bomb) or nesting deeper than
+`MAX_DEPTH` is refused with a clear error before anything is built from it.
 
 Each default is documented once, beside its field below; `etc/jobqd.yaml`
 repeats them for operators and a test keeps the two in step.
@@ -13,14 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -37,11 +50,117 @@ PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
 _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
+MAX_FILE_BYTES = 1024 * 1024  # a config file (or a *_file secret) larger than this is refused
+MAX_NODES = 100_000  # YAML nodes visited, each alias expansion counted again
+MAX_DEPTH = 64  # nesting levels of mappings and lists
+
+
+# ---------------------------------------------------------------- the schema
+
+# The rules a field may carry (its metadata); `_Reader` enforces them.
+_RULES = frozenset({
+    "ge", "gt", "le",  # numeric bounds: >=, >, <=
+    "unit",  # "s", "days", "bytes", "1/s": a key with a unit needs a minimum (ge or gt)
+    "check",  # fn(value) -> error message or None (formats: host:port, URL scheme...)
+    "parse",  # fn(str) -> value, raising ValueError(message): a value written as a string
+    "what",  # how a string value is described in "must be <what>" errors
+    "items",  # how the items of a list are described in "must be a list of <items>"
+    "secret",  # the key may instead be given as <key>_file (a file holding the value)
+    "required",  # the error message when the key is missing (the field has no default)
+    "internal",  # not a YAML key: filled by the loader (path, name, fn, is_async)
+    "upper",  # the string is upper-cased before it is checked
+    "relative_path",  # relative paths are resolved against the config file's directory
+    "key_check",  # for a mapping: fn(name) -> error message or None, for each name
+    "if_empty",  # for a mapping: fn() -> the value read when the file gives none
+})
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+        compare: bool = True, show: bool = True, **rules: Any) -> Any:
+    """A config field: its default and the rules the reader enforces (see `_RULES`)."""
+    unknown = set(rules) - _RULES
+    if unknown:
+        raise TypeError(f"unknown config field rules: {sorted(unknown)}")
+    if "unit" in rules and "ge" not in rules and "gt" not in rules:
+        raise TypeError("a config key with a unit needs a documented minimum (ge or gt)")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, compare=compare, repr=show,
+                                 metadata=rules)
+    return dataclasses.field(default=default, compare=compare, repr=show, metadata=rules)
+
+
+def _check_redis_url(url: str) -> str | None:
+    if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        return f"scheme must be redis://, rediss://, unix:// or the word embedded, got {url!r}"
+    return None
+
+
+def _check_prefix(prefix: str) -> str | None:
+    if not PREFIX_RE.match(prefix) or "{" in prefix:
+        return f"must match {PREFIX_RE.pattern}, got {prefix!r}"
+    return None
+
+
+def _check_schema(schema: str) -> str | None:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        return f"must be a lowercase SQL identifier, got {schema!r}"
+    return None
+
+
+def _check_listen(listen: str) -> str | None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"must be host:port, got {listen!r}"
+    return None
+
+
+def _check_token_file(path: str) -> str | None:
+    """The token file must exist and hold a token (what `http` reads at start)."""
+    if not Path(path).is_file():
+        return f"{path} does not exist"
+    try:
+        token = _read_small(path).strip()
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+    if not token:
+        return f"{path} is empty (it must hold the bearer token)"
+    return None
+
+
+def _check_handler(spec: str) -> str | None:
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        return f"must be 'module:function', got {spec!r}"
+    return None
+
+
+def _check_queue_name(name: str) -> str | None:
+    return None if QUEUE_RE.match(name) else f"queue names must match {QUEUE_RE.pattern}"
+
+
+def _check_task_name(name: str) -> str | None:
+    return None if NAME_RE.match(name) else f"task names must match {NAME_RE.pattern}"
+
+
+def _parse_rate(raw: str) -> RateLimit:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", raw)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"must look like 100/s, 1000/m or 10/h, got {raw!r}")
+    return RateLimit(count=int(m.group(1)), per_s=_RATE_UNITS[m.group(2)])
+
+
+Problems = Iterator[tuple[str, str]]  # (key relative to the class, message)
+
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str  # redis://, rediss://, unix:// or "embedded"; required (or url_file)
-    prefix: str = "jobqd"  # key namespace: deployments with other prefixes never meet
+    # redis://, rediss://, unix:// or "embedded"; required (or url_file)
+    url: str = opt(secret=True, required="required (a redis:// URL, or embedded)",
+                   check=_check_redis_url)
+    # key namespace: deployments with other prefixes never meet
+    prefix: str = opt("jobqd", check=_check_prefix)
+    # run even if Redis may evict keys (maxmemory-policy other than noeviction)
+    allow_eviction: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -50,16 +169,25 @@ class RedisConfig:
 
 @dataclass(frozen=True, slots=True)
 class PostgresConfig:
-    dsn: str | None = None  # postgresql://...; None: heartbeats live in Redis, no outbox/ledger
-    schema: str = "jobqd"  # the PostgreSQL schema holding jobqd's tables (created if missing)
+    # postgresql://...; None: heartbeats live in Redis, no outbox/ledger
+    dsn: str | None = opt(None, secret=True)
+    # the PostgreSQL schema holding jobqd's tables (created if missing)
+    schema: str = opt("jobqd", check=_check_schema)
     ledger: bool = False  # write every job's lifecycle to PostgreSQL (needs dsn)
-    ledger_retention_days: int = 30  # ledger rows older than this are pruned
+    # ledger rows older than this are pruned
+    ledger_retention_days: int = opt(30, gt=0, unit="days")
+
+    def _constraints(self) -> Problems:
+        if self.ledger and self.dsn is None:
+            yield "ledger", "needs postgres.dsn"
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    listen: str = "127.0.0.1:8765"  # host:port of health, metrics and the job API
-    token_file: str | None = None  # if set, /v1 needs "Authorization: Bearer <file contents>"
+    # host:port of health, metrics and the job API
+    listen: str = opt("127.0.0.1:8765", check=_check_listen)
+    # if set, /v1 needs "Authorization: Bearer <file contents>"; must exist and not be empty
+    token_file: str | None = opt(None, check=_check_token_file)
 
     @property
     def host(self) -> str:
@@ -72,16 +200,35 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    name: str
-    weight: int = 1  # share of this daemon's job starts while several queues have work
-    high_watermark: int | None = None  # refuse enqueues at this depth; None: unbounded
-    low_watermark: int | None = None  # accept again at this depth; default high_watermark // 2
+    name: str = opt(internal=True)
+    # share of this daemon's job starts while several queues have work
+    weight: int = opt(1, ge=0)
+    # refuse enqueues at this depth; None: unbounded
+    high_watermark: int | None = opt(None, gt=0)
+    # accept again at this depth; default high_watermark // 2
+    low_watermark: int | None = opt(None, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.high_watermark is not None and self.low_watermark is None:
+            object.__setattr__(self, "low_watermark", self.high_watermark // 2)
+
+    def _constraints(self) -> Problems:
+        low, high = self.low_watermark, self.high_watermark
+        if low is not None and high is None:
+            yield "low_watermark", "needs high_watermark"
+        elif low is not None and high is not None and low >= high:
+            yield "low_watermark", f"must be below high_watermark ({high}), got {low}"
 
 
 @dataclass(frozen=True, slots=True)
 class BackoffConfig:
-    base_s: float = 1.0  # retry n waits min(base_s * 2**n, max_s) * random()  (full jitter)
-    max_s: float = 300.0
+    # retry n waits min(base_s * 2**n, max_s) * random()  (full jitter)
+    base_s: float = opt(1.0, ge=0, unit="s")
+    max_s: float = opt(300.0, ge=0, unit="s")
+
+    def _constraints(self) -> Problems:
+        if self.max_s < self.base_s:
+            yield "max_s", f"must be >= base_s ({self.base_s:g})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,76 +243,130 @@ class RateLimit:
 
 @dataclass(frozen=True, slots=True)
 class TaskConfig:
-    name: str
-    handler: str  # "package.module:function", imported at load
+    name: str = opt(internal=True)
+    # "package.module:function", imported at load
+    handler: str = opt(required="required (module:function)", check=_check_handler)
     queue: str = "default"  # must be declared under queues: (or be "default")
-    timeout_s: float | None = 300.0  # the handler is cancelled at this deadline; null: none
-    max_retries: int = 3  # exception retries before the job is dead-lettered
+    # the handler is cancelled at this deadline; null: none
+    timeout_s: float | None = opt(300.0, gt=0, unit="s")
+    max_retries: int = opt(3, ge=0)  # exception retries before the job is dead-lettered
     retry_backoff: BackoffConfig = BackoffConfig()
-    concurrency: int | None = None  # max running at once across all daemons; None: unlimited
-    rate_limit: RateLimit | None = None  # "100/s", "1000/m", "10/h" across all daemons
-    expires_s: float | None = None  # a job not started this long after enqueue is dead: expired
-    fn: Callable[..., Any] = field(default=lambda: None, compare=False, repr=False)
-    is_async: bool = field(default=False, compare=False)
+    # max running at once across all daemons; None: unlimited
+    concurrency: int | None = opt(None, gt=0)
+    # "100/s", "1000/m", "10/h" across all daemons
+    rate_limit: RateLimit | None = opt(None, parse=_parse_rate)  # noqa: RUF009 - a field()
+    # a job not started this long after it was due ends dead, reason expired; None: never
+    expires_s: float | None = opt(None, gt=0, unit="s")
+    fn: Callable[..., Any] = opt(lambda: None, internal=True, compare=False,  # noqa: RUF009
+                                 show=False)
+    is_async: bool = opt(False, internal=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class ReaperConfig:
-    interval_s: float = 5.0  # how often the (single, locked) reaper scans
-    visibility_timeout_s: float = 300.0  # backstop: reclaim an entry whose lease stopped renewing
-    max_deliveries: int = 3  # a job whose worker died this many times is dead: worker_lost
+    # how often the (single, locked) reaper scans; its lock lives 3x this
+    interval_s: float = opt(5.0, ge=0.01, unit="s")
+    # backstop: reclaim an entry whose lease stopped renewing (>= 3x heartbeat.interval_s)
+    visibility_timeout_s: float = opt(300.0, gt=0, unit="s")
+    # a job whose worker died this many times is dead: worker_lost
+    max_deliveries: int = opt(3, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatConfig:
-    interval_s: float = 2.0  # each daemon beats this often
-    timeout_s: float = 10.0  # a consumer silent this long is dead and its jobs reclaimed
+    interval_s: float = opt(2.0, ge=0.01, unit="s")  # each daemon beats this often
+    # a consumer silent this long is dead and its jobs reclaimed (>= 2x interval_s)
+    timeout_s: float = opt(10.0, gt=0, unit="s")
+
+    def _constraints(self) -> Problems:
+        if self.timeout_s < 2 * self.interval_s:
+            yield "timeout_s", (f"must be at least twice heartbeat.interval_s "
+                                f"({self.interval_s:g}), got {self.timeout_s:g}")
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownConfig:
-    drain_timeout_s: float = 30.0  # running jobs get this long to finish after SIGTERM
-    handback_timeout_s: float = 5.0  # then this long to hand the rest back and close
+    # running jobs get this long to finish after SIGTERM
+    drain_timeout_s: float = opt(30.0, ge=0, unit="s")
+    # then this long to hand the rest back and close
+    handback_timeout_s: float = opt(5.0, gt=0, unit="s")
 
 
 @dataclass(frozen=True, slots=True)
 class ResultsConfig:
-    ttl_s: float = 3600.0  # how long a finished job's status and result stay readable
+    # how long a finished job's status and result stay readable
+    ttl_s: float = opt(3600.0, ge=0.001, unit="s")
 
 
 @dataclass(frozen=True, slots=True)
 class WeightsConfig:
-    refresh_interval_s: float = 2.0  # how often runtime weights are re-read from Redis
+    # how often runtime weights are re-read from Redis
+    refresh_interval_s: float = opt(2.0, ge=0.01, unit="s")
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = opt(
+        "INFO", upper=True)
     format: Literal["auto", "json", "text"] = "auto"  # auto: text on a TTY, JSON lines otherwise
-    payloads: bool = False  # include job args in failure logs
-    jobs: Literal["all", "failures", "none"] = "all"  # log each job's outcome (INFO)
-    jobs_per_s: float = 100.0  # at most this many outcome lines a second; the rest counted
+    payloads: bool = False  # include job args in outcome logs (as job_args)
+    # log each job's outcome at INFO: all of them, only failures, or none
+    jobs: Literal["all", "failures", "none"] = "all"
+    # at most this many success lines a second, and as many failure lines (two buckets,
+    # so successes never crowd failures out); the lines over it are counted
+    jobs_per_s: float = opt(100.0, gt=0, unit="1/s")
+
+
+def _one_default_queue() -> dict[str, QueueConfig]:
+    return {"default": QueueConfig(name="default")}
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    path: str
-    redis: RedisConfig
+    path: str = opt(internal=True)
+    redis: RedisConfig = opt()  # noqa: RUF009 - opt() is a dataclasses.field()
     postgres: PostgresConfig = PostgresConfig()
     http: HttpConfig = HttpConfig()
-    consumers: int = 16  # how many jobs this daemon runs at once (0: route and reap only)
-    queues: Mapping[str, QueueConfig] = field(default_factory=lambda: MappingProxyType({}))
-    tasks: Mapping[str, TaskConfig] = field(default_factory=lambda: MappingProxyType({}))
+    # how many jobs this daemon runs at once (0: route and reap only)
+    consumers: int = opt(16, ge=0, le=10_000)
+    # without a queues: section there is one queue, "default"
+    queues: Mapping[str, QueueConfig] = opt(factory=lambda: MappingProxyType({}),
+                                            key_check=_check_queue_name,
+                                            if_empty=_one_default_queue)
+    tasks: Mapping[str, TaskConfig] = opt(factory=lambda: MappingProxyType({}),
+                                          key_check=_check_task_name)
     reaper: ReaperConfig = ReaperConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     results: ResultsConfig = ResultsConfig()
     weights: WeightsConfig = WeightsConfig()
     log: LogConfig = LogConfig()
-    max_payload_bytes: int = 1024 * 1024  # largest encoded job accepted at enqueue
-    idempotency_ttl_s: float = 86400.0  # how long an idempotency key maps to its job
+    # largest encoded job accepted at enqueue
+    max_payload_bytes: int = opt(1024 * 1024, gt=0, unit="bytes")
+    # how long an idempotency key maps to its job
+    idempotency_ttl_s: float = opt(86400.0, ge=0.001, unit="s")
     state_dir: str = "/var/lib/jobqd"  # embedded Redis socket and AOF live here
-    pythonpath: tuple[str, ...] = ()  # dirs prepended to sys.path before importing handlers
+    # dirs prepended to sys.path before importing handlers (relative: to the config file)
+    pythonpath: tuple[str, ...] = opt((), relative_path=True, what="a directory path",
+                                      items="directories")
+
+    def __post_init__(self) -> None:
+        for name in ("queues", "tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+
+    def _constraints(self) -> Problems:
+        for name, task in self.tasks.items():
+            if task.queue not in self.queues:
+                declared = ", ".join(sorted(self.queues))
+                yield f"tasks.{name}.queue", (f"queue {task.queue!r} is not declared under "
+                                              f"queues: (declared: {declared})")
+        hb = self.heartbeat.interval_s
+        if self.reaper.visibility_timeout_s < 3 * hb:
+            yield "reaper.visibility_timeout_s", (
+                f"must be at least 3x heartbeat.interval_s ({hb:g}) (leases renew that often), "
+                f"got {self.reaper.visibility_timeout_s:g}")
 
     @property
     def redis_url(self) -> str:
@@ -193,7 +394,7 @@ def _plain(obj: Any) -> Any:
         if isinstance(obj, RateLimit):
             return str(obj)
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if f.name not in ("fn", "is_async", "name")}
+                if not f.metadata.get("internal")}
     if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
@@ -218,40 +419,53 @@ def mask_url(url: str) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def _d(cls: type, name: str) -> Any:
-    """The documented default of a config field (slotted classes hide it)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    raise KeyError(name)
-
-
 def default_path() -> str:
     return os.environ.get("JOBQD_CONFIG") or DEFAULT_CONFIG_PATH
 
 
+def _read_small(path: str) -> str:
+    """A whole small file as text; ValueError past MAX_FILE_BYTES (e.g. /dev/zero)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    return raw.decode("utf-8")
+
+
 def load(path: str | os.PathLike[str], *, import_handlers: bool = True) -> Config:
-    """Read, parse, validate and (by default) import every handler of a config file."""
+    """Read, parse, validate and (by default) import every handler of a config file.
+
+    Blocking (file I/O, handler imports): on a running event loop, call it in a thread.
+    """
     p = str(path)
     try:
-        text = Path(p).read_text(encoding="utf-8")
+        text = _read_small(p)
     except FileNotFoundError:
         raise ConfigError("file not found", path=p) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read: {e}", path=p) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read: {getattr(e, 'strerror', None) or e}",
+                          path=p) from None
     return loads(text, path=p, import_handlers=import_handlers)
 
 
 def loads(text: str, *, path: str = "<string>", import_handlers: bool = True) -> Config:
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"cannot read: larger than {MAX_FILE_BYTES} bytes", path=path)
     data, lines = _parse_yaml(text, path)
-    return _Validator(path, lines, import_handlers).config(data)
+    reader = _Reader(path, lines)
+    cfg = reader.config(data)
+    if import_handlers:
+        cfg = reader.import_handlers(cfg)
+    return cfg
 
 
 def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
-    """YAML -> (data, {dotted key path: line}); duplicate keys are errors."""
+    """YAML -> (data, {dotted key path: line}); duplicate keys are errors.
+
+    PyYAML's composer shares an aliased node, but building plain data (and the
+    line of every dotted key) expands each alias again: that walk is bounded by
+    MAX_NODES and MAX_DEPTH, so an alias bomb is refused in milliseconds.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -264,17 +478,38 @@ def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
                           line=line) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"YAML error: {e}", path=path) from None
+    except RecursionError:
+        raise ConfigError(f"YAML nested too deeply (more than {MAX_DEPTH} levels)",
+                          path=path) from None
     lines: dict[str, int] = {}
     if node is None:
         return {}, lines
     constructor = yaml.SafeLoader("")
+    visited = 0
 
-    def walk(n: yaml.Node, dotted: str) -> Any:
-        lines.setdefault(dotted, n.start_mark.line + 1)
+    def scalar(n: yaml.Node, dotted: str) -> Any:
+        try:
+            return constructor.construct_object(n, deep=True)
+        except Exception as e:  # a YAML error, or e.g. an int over Python's digit limit
+            raise ConfigError(f"bad value: {e}", path=path, key=dotted or None,
+                              line=n.start_mark.line + 1) from None
+
+    def walk(n: yaml.Node, dotted: str, depth: int) -> Any:
+        nonlocal visited
+        visited += 1
+        line = n.start_mark.line + 1
+        if visited > MAX_NODES:
+            raise ConfigError(f"too many YAML nodes (over {MAX_NODES}, counting every "
+                              "expansion of an alias): refusing a possible alias bomb",
+                              path=path, line=line)
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"YAML nested too deeply (more than {MAX_DEPTH} levels)",
+                              path=path, key=dotted or None, line=line)
+        lines.setdefault(dotted, line)
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for k_node, v_node in n.value:
-                key = constructor.construct_object(k_node, deep=True)
+                key = scalar(k_node, dotted) if isinstance(k_node, yaml.ScalarNode) else None
                 if not isinstance(key, str):
                     raise ConfigError(f"keys must be strings, got {key!r}", path=path,
                                       key=dotted or None, line=k_node.start_mark.line + 1)
@@ -283,43 +518,50 @@ def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
                     raise ConfigError("duplicate key", path=path, key=sub,
                                       line=k_node.start_mark.line + 1)
                 lines[sub] = k_node.start_mark.line + 1
-                out[key] = walk(v_node, sub)
+                out[key] = walk(v_node, sub, depth + 1)
             return out
         if isinstance(n, yaml.SequenceNode):
-            return [walk(item, f"{dotted}[{i}]") for i, item in enumerate(n.value)]
-        try:
-            return constructor.construct_object(n, deep=True)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"bad value: {e}", path=path, key=dotted or None,
-                              line=n.start_mark.line + 1) from None
+            return [walk(item, f"{dotted}[{i}]", depth + 1) for i, item in enumerate(n.value)]
+        return scalar(n, dotted)
 
-    return walk(node, ""), lines
+    return walk(node, "", 0), lines
 
 
-class _Validator:
-    def __init__(self, path: str, lines: dict[str, int], import_handlers: bool) -> None:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"config fields support only X | None unions, got {tp}")
+        return args[0], True
+    return tp, False
+
+
+def _or(choices: tuple[Any, ...]) -> str:
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+class _Reader:
+    """Walks the dataclass schema over parsed YAML: types, defaults, rules, unknown keys."""
+
+    def __init__(self, path: str, lines: dict[str, int]) -> None:
         self.path = path
         self.lines = lines
-        self.import_handlers = import_handlers
 
     def err(self, key: str, message: str) -> ConfigError:
-        line = self.lines.get(key)
-        if line is None and "." in key:
-            line = self.lines.get(key.rsplit(".", 1)[0])
-        return ConfigError(message, path=self.path, key=key, line=line)
-
-    # -- primitive readers -------------------------------------------------
-
-    def section(self, data: Any, key: str) -> dict[str, Any]:
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise self.err(key, f"must be a mapping, got {type(data).__name__}")
-        return dict(data)
-
-    def done(self, sec: dict[str, Any], key: str) -> None:
-        for k in sec:
-            raise self.err(f"{key}.{k}" if key else k, "unknown key")
+        """An error at `key`, with the line of the key or of its nearest written parent."""
+        k = key
+        while k and k not in self.lines:
+            parent = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", k)
+            if parent == k:
+                break
+            k = parent
+        return ConfigError(message, path=self.path, key=key or None, line=self.lines.get(k))
 
     def interp(self, value: Any, key: str) -> Any:
         if not isinstance(value, str):
@@ -338,327 +580,225 @@ class _Validator:
 
         return _ENV_RE.sub(sub, value)
 
-    def num(self, sec: dict[str, Any], key: str, name: str, default: Any, *,
-            integer: bool = False, minimum: float | None = None, exclusive: bool = True,
-            nullable: bool = False) -> Any:
-        """A number; `default` is a value or a config class (use its field's default)."""
-        full = f"{key}.{name}" if key else name
-        if isinstance(default, type):  # a config class: its field's documented default
-            default = _d(default, name)
-        if name not in sec:
-            return default
-        v = self.interp(sec.pop(name), full)
+    # -- the walk --------------------------------------------------------------
+
+    def config(self, data: Any) -> Config:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("the file must be a YAML mapping", path=self.path)
+        cfg: Config = self.dataclass(Config, data, "", {"path": self.path})
+        return cfg
+
+    def dataclass(self, cls: type, raw: Any, key: str, extra: dict[str, Any]) -> Any:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.err(key, f"must be a mapping, got {type(raw).__name__}")
+        fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+        allowed = {f.name for f in fields}
+        allowed |= {f.name + "_file" for f in fields if f.metadata.get("secret")}
+        for k in raw:
+            if k not in allowed:
+                raise self.err(_join(key, k), "unknown key")
+        hints = _hints(cls)
+        values = dict(extra)
+        for f in fields:
+            full = _join(key, f.name)
+            if f.metadata.get("secret"):
+                got = self.secret(raw, key, f)
+                if got is not None:
+                    values[f.name] = got
+                    continue
+            elif f.name in raw:
+                values[f.name] = self.value(hints[f.name], f.metadata, raw[f.name], full)
+                continue
+            if "required" in f.metadata:
+                raise self.err(full, f.metadata["required"])
+            no_default = (f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING)
+            if no_default or "if_empty" in f.metadata:  # a required section; queues
+                values[f.name] = self.value(hints[f.name], f.metadata, None, full)
+        obj = cls(**values)
+        constraints = getattr(obj, "_constraints", None)
+        if constraints is not None:
+            for sub, message in constraints():
+                raise self.err(_join(key, sub), message)
+        return obj
+
+    def value(self, tp: Any, meta: Mapping[str, Any], raw: Any, key: str) -> Any:
+        raw = self.interp(raw, key)
+        tp, nullable = _unwrap_optional(tp)
+        if raw is None and nullable:
+            return None
+        origin = typing.get_origin(tp)
+        if "parse" in meta:
+            text = self.string(raw, key, meta)
+            try:
+                return meta["parse"](text)
+            except ValueError as e:
+                raise self.err(key, str(e)) from None
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            return self.dataclass(tp, raw, key, {})
+        if origin is Mapping or origin is dict:
+            return self.mapping(typing.get_args(tp)[1], raw, key, meta)
+        if origin is tuple:
+            return self.sequence(typing.get_args(tp)[0], raw, key, meta)
+        if origin is Literal:
+            return self.choice(typing.get_args(tp), raw, key, meta)
+        if tp is bool:
+            return self.boolean(raw, key)
+        if tp is int or tp is float:
+            return self.number(raw, key, meta, integer=tp is int)
+        if tp is str:
+            return self.checked(self.string(raw, key, meta), key, meta)
+        raise TypeError(f"config field {key}: unsupported type {tp}")
+
+    # -- kinds -----------------------------------------------------------------
+
+    def checked(self, v: Any, key: str, meta: Mapping[str, Any]) -> Any:
+        check = meta.get("check")
+        problem = check(v) if check is not None else None
+        if problem:
+            raise self.err(key, problem)
+        return v
+
+    def string(self, v: Any, key: str, meta: Mapping[str, Any]) -> str:
+        if not isinstance(v, str) or not v:
+            raise self.err(key, f"must be {meta.get('what', 'a non-empty string')}, got {v!r}")
+        if meta.get("relative_path") and not os.path.isabs(v):
+            return str((Path(self.path).parent / v).resolve())
+        return str(v)
+
+    def number(self, v: Any, key: str, meta: Mapping[str, Any], *, integer: bool) -> Any:
         if v is None:
-            if nullable:
-                return v
-            raise self.err(full, "must not be null")
+            raise self.err(key, "must not be null")
         if isinstance(v, str):
             with contextlib.suppress(ValueError):
                 v = int(v) if integer else float(v)
         if isinstance(v, bool) or not isinstance(v, int | float):
             kind = "an integer" if integer else "a number"
-            raise self.err(full, f"must be {kind}, got {type(v).__name__} {v!r}")
+            raise self.err(key, f"must be {kind}, got {type(v).__name__} {v!r}")
         if integer and not (isinstance(v, int) or float(v).is_integer()):
-            raise self.err(full, f"must be an integer, got {v!r}")
+            raise self.err(key, f"must be an integer, got {v!r}")
         if not math.isfinite(v):
-            raise self.err(full, f"must be finite, got {v!r}")
-        if minimum is not None and (v <= minimum if exclusive else v < minimum):
-            raise self.err(full, f"must be {'>' if exclusive else '>='} {minimum:g}, got {v!r}")
+            raise self.err(key, f"must be finite, got {v!r}")
+        ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+        if gt is not None and v <= gt:
+            raise self.err(key, f"must be > {gt:g}, got {v!r}")
+        if ge is not None and v < ge:
+            raise self.err(key, f"must be >= {ge:g}, got {v!r}")
+        if le is not None and v > le:
+            raise self.err(key, f"must be <= {le:g}, got {v!r}")
         return int(v) if integer else float(v)
 
-    def string(self, sec: dict[str, Any], key: str, name: str, default: Any,
-               nullable: bool = False) -> Any:
-        full = f"{key}.{name}" if key else name
-        if isinstance(default, type):
-            default = _d(default, name)
-        if name not in sec:
-            return default
-        v = self.interp(sec.pop(name), full)
-        if v is None and nullable:
-            return default
-        if not isinstance(v, str) or not v:
-            raise self.err(full, f"must be a non-empty string, got {v!r}")
-        return v
-
-    def boolean(self, sec: dict[str, Any], key: str, name: str, default: bool) -> bool:
-        full = f"{key}.{name}"
-        if name not in sec:
-            return default
-        v = self.interp(sec.pop(name), full)
+    def boolean(self, v: Any, key: str) -> bool:
         if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
             return v.lower() in ("true", "yes", "1")
         if not isinstance(v, bool):
-            raise self.err(full, f"must be true or false, got {v!r}")
+            raise self.err(key, f"must be true or false, got {v!r}")
         return v
 
-    def secret(self, sec: dict[str, Any], key: str, name: str) -> str | None:
-        """`name` or `name_file` (a file whose stripped contents are the value)."""
-        direct = self.string(sec, key, name, None, nullable=True)
-        file_name = self.string(sec, key, name + "_file", None, nullable=True)
-        if direct is not None and file_name is not None:
-            raise self.err(f"{key}.{name}_file", f"set either {name} or {name}_file, not both")
-        if file_name is not None:
-            try:
-                value = Path(file_name).read_text(encoding="utf-8").strip()
-            except OSError as e:
-                raise self.err(f"{key}.{name}_file", f"cannot read {file_name}: "
-                                                     f"{e.strerror or e}") from None
-            if not value:
-                raise self.err(f"{key}.{name}_file", f"{file_name} is empty")
-            return value
-        return str(direct) if direct is not None else None
+    def choice(self, choices: tuple[Any, ...], v: Any, key: str,
+               meta: Mapping[str, Any]) -> Any:
+        if isinstance(v, str) and meta.get("upper"):
+            v = v.upper()
+        if v not in choices:
+            raise self.err(key, f"must be {_or(choices)}, got {v!r}")
+        return v
 
-    # -- sections ------------------------------------------------------------
+    def mapping(self, item: type, raw: Any, key: str,
+                meta: Mapping[str, Any]) -> Mapping[str, Any]:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.err(key, f"must be a mapping, got {type(raw).__name__}")
+        out: dict[str, Any] = {}
+        for name, body in raw.items():
+            full = f"{key}.{name}"
+            key_check = meta.get("key_check")
+            problem = key_check(name) if key_check is not None else None
+            if problem:
+                raise self.err(full, problem)
+            out[name] = self.dataclass(item, body, full, {"name": name})
+        if not out and "if_empty" in meta:
+            out = meta["if_empty"]()
+        return MappingProxyType(out)
 
-    def config(self, data: Any) -> Config:
-        top = self.section(data, "")
-        if not top and data is not None and not isinstance(data, dict):
-            raise ConfigError("the file must be a YAML mapping", path=self.path)
-
-        rsec = self.section(top.pop("redis", None), "redis")
-        url = self.secret(rsec, "redis", "url")
-        if url is None:
-            raise self.err("redis.url", "required (a redis:// URL, or embedded)")
-        if url != "embedded":
-            scheme = urlsplit(url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise self.err("redis.url", f"scheme must be redis://, rediss://, unix:// or the "
-                                            f"word embedded, got {url!r}")
-        prefix = str(self.string(rsec, "redis", "prefix", "jobqd"))
-        if not PREFIX_RE.match(prefix) or "{" in prefix:
-            raise self.err("redis.prefix", f"must match {PREFIX_RE.pattern}, got {prefix!r}")
-        self.done(rsec, "redis")
-        redis_cfg = RedisConfig(url=url, prefix=prefix)
-
-        psec = self.section(top.pop("postgres", None), "postgres")
-        dsn = self.secret(psec, "postgres", "dsn")
-        schema = str(self.string(psec, "postgres", "schema", PostgresConfig))
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-            raise self.err("postgres.schema", f"must be a lowercase SQL identifier, got {schema!r}")
-        ledger = self.boolean(psec, "postgres", "ledger", False)
-        if ledger and dsn is None:
-            raise self.err("postgres.ledger", "needs postgres.dsn")
-        retention = self.num(psec, "postgres", "ledger_retention_days",
-                             _d(PostgresConfig, "ledger_retention_days"), integer=True, minimum=0)
-        self.done(psec, "postgres")
-        pg_cfg = PostgresConfig(dsn=dsn, schema=schema, ledger=ledger,
-                                ledger_retention_days=retention)
-
-        hsec = self.section(top.pop("http", None), "http")
-        listen = str(self.string(hsec, "http", "listen", HttpConfig))
-        host, sep, port = listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise self.err("http.listen", f"must be host:port, got {listen!r}")
-        token_file = self.string(hsec, "http", "token_file", None, nullable=True)
-        if token_file is not None and not Path(token_file).is_file():
-            raise self.err("http.token_file", f"{token_file} does not exist")
-        self.done(hsec, "http")
-        http_cfg = HttpConfig(listen=listen, token_file=token_file)
-
-        consumers = self.num(top, "", "consumers", Config, integer=True,
-                             minimum=0, exclusive=False)
-        if consumers > 10_000:
-            raise self.err("consumers", "must be <= 10000")
-        max_payload = self.num(top, "", "max_payload_bytes", Config,
-                               integer=True, minimum=0)
-        idem_ttl = self.num(top, "", "idempotency_ttl_s", Config, minimum=0.001,
-                            exclusive=False)
-        state_dir = str(self.string(top, "", "state_dir", Config))
-        pythonpath = self.pythonpath(top.pop("pythonpath", None))
-
-        queues = self.queues(top.pop("queues", None))
-        tasks = self.tasks(top.pop("tasks", None), queues, pythonpath)
-
-        sec = self.section(top.pop("reaper", None), "reaper")
-        reaper = ReaperConfig(
-            interval_s=self.num(sec, "reaper", "interval_s", ReaperConfig, minimum=0),
-            visibility_timeout_s=self.num(sec, "reaper", "visibility_timeout_s",
-                                          _d(ReaperConfig, "visibility_timeout_s"), minimum=0),
-            max_deliveries=self.num(sec, "reaper", "max_deliveries", ReaperConfig,
-                                    integer=True, minimum=0),
-        )
-        self.done(sec, "reaper")
-
-        sec = self.section(top.pop("heartbeat", None), "heartbeat")
-        heartbeat = HeartbeatConfig(
-            interval_s=self.num(sec, "heartbeat", "interval_s", HeartbeatConfig,
-                                minimum=0),
-            timeout_s=self.num(sec, "heartbeat", "timeout_s", HeartbeatConfig,
-                               minimum=0),
-        )
-        self.done(sec, "heartbeat")
-        if heartbeat.timeout_s < 2 * heartbeat.interval_s:
-            raise self.err("heartbeat.timeout_s", f"must be at least twice heartbeat.interval_s "
-                                                  f"({heartbeat.interval_s:g}), got "
-                                                  f"{heartbeat.timeout_s:g}")
-        if reaper.visibility_timeout_s < 3 * heartbeat.interval_s:
-            raise self.err("reaper.visibility_timeout_s",
-                           "must be at least 3x heartbeat.interval_s (leases renew that often)")
-
-        sec = self.section(top.pop("shutdown", None), "shutdown")
-        shutdown = ShutdownConfig(
-            drain_timeout_s=self.num(sec, "shutdown", "drain_timeout_s", ShutdownConfig,
-                                     minimum=0, exclusive=False),
-            handback_timeout_s=self.num(sec, "shutdown", "handback_timeout_s", ShutdownConfig,
-                                        minimum=0),
-        )
-        self.done(sec, "shutdown")
-
-        sec = self.section(top.pop("results", None), "results")
-        results = ResultsConfig(ttl_s=self.num(sec, "results", "ttl_s", ResultsConfig,
-                                               minimum=0.001, exclusive=False))
-        self.done(sec, "results")
-
-        sec = self.section(top.pop("weights", None), "weights")
-        weights = WeightsConfig(refresh_interval_s=self.num(
-            sec, "weights", "refresh_interval_s", WeightsConfig, minimum=0))
-        self.done(sec, "weights")
-
-        sec = self.section(top.pop("log", None), "log")
-        level = str(self.string(sec, "log", "level", LogConfig)).upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise self.err("log.level", f"must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-        fmt = self.string(sec, "log", "format", LogConfig)
-        if fmt not in ("auto", "json", "text"):
-            raise self.err("log.format", f"must be auto, json or text, got {fmt!r}")
-        jobs = self.string(sec, "log", "jobs", LogConfig)
-        if jobs not in ("all", "failures", "none"):
-            raise self.err("log.jobs", f"must be all, failures or none, got {jobs!r}")
-        log = LogConfig(level=level, format=fmt,
-                        payloads=self.boolean(sec, "log", "payloads", False), jobs=jobs,
-                        jobs_per_s=self.num(sec, "log", "jobs_per_s", LogConfig, minimum=0,
-                                            exclusive=False))
-        self.done(sec, "log")
-
-        self.done(top, "")
-        return Config(path=self.path, redis=redis_cfg, postgres=pg_cfg, http=http_cfg,
-                      consumers=consumers, queues=queues, tasks=tasks, reaper=reaper,
-                      heartbeat=heartbeat, shutdown=shutdown, results=results, weights=weights,
-                      log=log, max_payload_bytes=max_payload, idempotency_ttl_s=idem_ttl,
-                      state_dir=state_dir, pythonpath=pythonpath)
-
-    def pythonpath(self, raw: Any) -> tuple[str, ...]:
+    def sequence(self, item: type, raw: Any, key: str,
+                 meta: Mapping[str, Any]) -> tuple[Any, ...]:
         if raw is None:
             return ()
         if isinstance(raw, str):
             raw = [raw]
         if not isinstance(raw, list):
-            raise self.err("pythonpath", "must be a list of directories")
-        out = []
-        for i, item in enumerate(raw):
-            v = self.interp(item, f"pythonpath[{i}]")
-            if not isinstance(v, str) or not v:
-                raise self.err(f"pythonpath[{i}]", f"must be a directory path, got {v!r}")
-            if not os.path.isabs(v):  # relative to the config file's directory
-                v = str((Path(self.path).parent / v).resolve())
-            out.append(v)
-        return tuple(out)
+            raise self.err(key, f"must be a list of {meta.get('items', 'values')}")
+        return tuple(self.value(item, meta, v, f"{key}[{i}]") for i, v in enumerate(raw))
 
-    def queues(self, raw: Any) -> Mapping[str, QueueConfig]:
-        sec = self.section(raw, "queues")
-        out: dict[str, QueueConfig] = {}
-        for name in list(sec):
-            key = f"queues.{name}"
-            if not QUEUE_RE.match(name):
-                raise self.err(key, f"queue names must match {QUEUE_RE.pattern}")
-            q = self.section(sec.pop(name), key)
-            weight = self.num(q, key, "weight", QueueConfig, integer=True, minimum=0,
-                              exclusive=False)
-            high = self.num(q, key, "high_watermark", None, integer=True, minimum=0,
-                            nullable=True)
-            low = self.num(q, key, "low_watermark", None, integer=True, minimum=0,
-                           exclusive=False, nullable=True)
-            self.done(q, key)
-            if low is not None and high is None:
-                raise self.err(f"{key}.low_watermark", "needs high_watermark")
-            if high is not None:
-                if low is None:
-                    low = high // 2
-                elif low >= high:
-                    raise self.err(f"{key}.low_watermark",
-                                   f"must be below high_watermark ({high}), got {low}")
-            out[name] = QueueConfig(name=name, weight=weight, high_watermark=high,
-                                    low_watermark=low)
-        if not out:
-            out["default"] = QueueConfig(name="default")
-        return MappingProxyType(out)
+    def secret(self, raw: dict[str, Any], key: str, f: dataclasses.Field[Any]) -> str | None:
+        """`name` or `name_file` (a file whose stripped contents are the value)."""
+        name, meta = f.name, f.metadata
+        direct = raw.get(name)
+        file_name = raw.get(name + "_file")
+        if direct is not None:
+            direct = self.string(self.interp(direct, _join(key, name)), _join(key, name), {})
+        file_key = _join(key, name + "_file")
+        if file_name is not None:
+            file_name = self.string(self.interp(file_name, file_key), file_key, {})
+        if direct is not None and file_name is not None:
+            raise self.err(file_key, f"set either {name} or {name}_file, not both")
+        if file_name is not None:
+            try:
+                value = _read_small(file_name).strip()
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise self.err(file_key, f"cannot read {file_name}: "
+                                         f"{getattr(e, 'strerror', None) or e}") from None
+            if not value:
+                raise self.err(file_key, f"{file_name} is empty")
+            return str(self.checked(value, _join(key, name), meta))
+        if direct is not None:
+            return str(self.checked(direct, _join(key, name), meta))
+        return None
 
-    def tasks(self, raw: Any, queues: Mapping[str, QueueConfig],
-              pythonpath: tuple[str, ...]) -> Mapping[str, TaskConfig]:
-        sec = self.section(raw, "tasks")
-        out: dict[str, TaskConfig] = {}
-        for name in list(sec):
-            key = f"tasks.{name}"
-            if not NAME_RE.match(name):
-                raise self.err(key, f"task names must match {NAME_RE.pattern}")
-            t = self.section(sec.pop(name), key)
-            handler = self.string(t, key, "handler", None)
-            if handler is None:
-                raise self.err(f"{key}.handler", "required (module:function)")
-            queue = str(self.string(t, key, "queue", TaskConfig))
-            if queue not in queues:
-                raise self.err(f"{key}.queue", f"queue {queue!r} is not declared under queues: "
-                                               f"(declared: {', '.join(sorted(queues))})")
-            timeout = self.num(t, key, "timeout_s", TaskConfig, minimum=0,
-                               nullable=True)
-            retries = self.num(t, key, "max_retries", TaskConfig, integer=True,
-                               minimum=0, exclusive=False)
-            bkey = f"{key}.retry_backoff"
-            b = self.section(t.pop("retry_backoff", None), bkey)
-            backoff = BackoffConfig(
-                base_s=self.num(b, bkey, "base_s", BackoffConfig, minimum=0,
-                                exclusive=False),
-                max_s=self.num(b, bkey, "max_s", BackoffConfig, minimum=0,
-                               exclusive=False))
-            self.done(b, bkey)
-            if backoff.max_s < backoff.base_s:
-                raise self.err(f"{bkey}.max_s", f"must be >= base_s ({backoff.base_s:g})")
-            concurrency = self.num(t, key, "concurrency", None, integer=True, minimum=0,
-                                   nullable=True)
-            rate = self.rate_limit(t, key)
-            expires = self.num(t, key, "expires_s", TaskConfig, minimum=0, nullable=True)
-            self.done(t, key)
-            fn: Callable[..., Any] = _d(TaskConfig, "fn")
-            is_async = False
-            if self.import_handlers:
-                fn = self.import_handler(str(handler), f"{key}.handler", pythonpath)
-                is_async = _is_async_callable(fn)
-            out[name] = TaskConfig(name=name, handler=str(handler), queue=queue,
-                                   timeout_s=timeout, max_retries=retries, retry_backoff=backoff,
-                                   concurrency=concurrency, rate_limit=rate,
-                                   expires_s=expires, fn=fn, is_async=is_async)
-        return MappingProxyType(out)
+    # -- handlers --------------------------------------------------------------
 
-    def rate_limit(self, t: dict[str, Any], key: str) -> RateLimit | None:
-        raw = self.string(t, key, "rate_limit", None, nullable=True)
-        if raw is None:
-            return None
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*([smh])\s*", str(raw))
-        if not m or int(m.group(1)) <= 0:
-            raise self.err(f"{key}.rate_limit", f"must look like 100/s, 1000/m or 10/h, "
-                                                f"got {raw!r}")
-        return RateLimit(count=int(m.group(1)), per_s=_RATE_UNITS[m.group(2)])
+    def import_handlers(self, cfg: Config) -> Config:
+        tasks = {}
+        for name, t in cfg.tasks.items():
+            fn = self.import_handler(t.handler, f"tasks.{name}.handler", cfg.pythonpath)
+            tasks[name] = dataclasses.replace(t, fn=fn, is_async=_is_async_callable(fn))
+        return dataclasses.replace(cfg, tasks=MappingProxyType(tasks))
 
     def import_handler(self, spec: str, key: str,
                        pythonpath: tuple[str, ...]) -> Callable[..., Any]:
-        mod_name, sep, attr = spec.partition(":")
-        if not sep or not mod_name or not attr:
-            raise self.err(key, f"must be 'module:function', got {spec!r}")
+        mod_name, _, attr = spec.partition(":")
         for d in reversed(pythonpath):
             if d not in sys.path:
                 sys.path.insert(0, d)
         try:
             obj: Any = importlib.import_module(mod_name)
-        except Exception as e:  # any import-time failure is the config's fault
-            raise self.err(key, f"cannot import {mod_name!r}: {type(e).__name__}: {e}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # any import-time failure is the config's fault
+            # SystemExit (the module called sys.exit()) included. The import runs
+            # synchronously (before the event loop, or in a reload's worker thread), so
+            # even a CancelledError here was raised by the module, not by our cancel.
+            hint = " (the module called sys.exit() at import)" if isinstance(e, SystemExit) else ""
+            raise self.err(key, f"cannot import {mod_name!r}: {type(e).__name__}: {e}"
+                                f"{hint}") from None
         for part in attr.split("."):
             try:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise self.err(key, f"module {mod_name!r} has no attribute {attr!r}") from None
+            except Exception as e:  # a module __getattr__ that fails otherwise
+                raise self.err(key, f"cannot get {attr!r} from {mod_name!r}: "
+                                    f"{type(e).__name__}: {e}") from None
         if not callable(obj):
             raise self.err(key, f"{spec!r} is not callable")
         return obj  # type: ignore[no-any-return]
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 def _is_async_callable(fn: Any) -> bool:

@@ -1,7 +1,8 @@
 """The supervisor: one TaskGroup owns every long-running component.
 
-Start: (embedded Redis) -> connect -> load scripts -> publish routing and
-weights -> heartbeat store -> components -> READY.
+Start: (embedded Redis) -> connect -> load scripts -> check Redis's
+maxmemory-policy (exit 78 if it may evict jobs) and the data epoch -> publish
+routing and weights -> heartbeat store -> components -> READY.
 
 Stop (SIGTERM, SIGINT, a crashed component or a test: one idempotent path,
 `Runtime.stop`), in order:
@@ -33,6 +34,7 @@ from jobqd import (
     http,
     publish,
     reaper,
+    redisguard,
     reload,
     scheduler,
     scripts,
@@ -149,7 +151,12 @@ class Daemon:
         if self._pending_stop:
             rt.stop(self._pending_stop)
         store = heartbeat.make_store(rt)
+        guard = redisguard.Guard(rt)
         try:
+            problem = await guard.start()
+            if problem is not None:
+                log.error("refusing to run: %s", problem)
+                return ExitCode.CONFIG
             await publish.publish(rt)
             await weights.publish(rt)
             if self.cfg.postgres.ledger:
@@ -157,7 +164,7 @@ class Daemon:
 
                 rt.events = Ledger(rt)
             await store.start()
-            return await self._supervise(rt, store)
+            return await self._supervise(rt, store, guard)
         finally:
             with contextlib.suppress(Exception):
                 await store.close()
@@ -168,7 +175,8 @@ class Daemon:
         if self.embedded is not None:
             await self.embedded.stop()
 
-    async def _supervise(self, rt: Runtime, store: heartbeat.HeartbeatStore) -> ExitCode:
+    async def _supervise(self, rt: Runtime, store: heartbeat.HeartbeatStore,
+                         guard: redisguard.Guard) -> ExitCode:
         pool = self.pool = Pool(rt)
         bg_stop = asyncio.Event()
         last_stop = asyncio.Event()
@@ -194,6 +202,7 @@ class Daemon:
                     tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
                     tg.create_task(guarded("scheduler", scheduler.run(rt, bg_stop))),
                     tg.create_task(guarded("weights", weights.run(rt, bg_stop))),
+                    tg.create_task(guarded("redisguard", redisguard.run(rt, guard, bg_stop))),
                     tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, bg_stop))),
                     tg.create_task(guarded("reload", reload.run(
                         rt, pool.resize, self.reload_requests, bg_stop,

@@ -75,6 +75,37 @@ class PayloadTooLarge(JobqdError):
         super().__init__(f"job payload is {size} bytes, over max_payload_bytes={limit}")
 
 
+class PayloadTooDeep(JobqdError, ValueError):
+    """The job's args nest deeper than ``MAX_JSON_DEPTH`` (`jobqd.jobs`) levels.
+
+    The daemon re-encodes a job when it retries or dead-letters it; orjson writes
+    at most 254 levels, so a deeper job could be accepted but never handled. The
+    limit is far below that, and checked wherever a job enters: client, HTTP,
+    outbox (producer and relay).
+    """
+
+    def __init__(self, limit: int, field: str = "args") -> None:
+        self.limit = limit
+        self.field = field
+        super().__init__(f"{field} are nested more than {limit} levels deep (the limit, "
+                         "MAX_JSON_DEPTH, keeps every job re-encodable by the daemon)")
+
+
+class RedisOutOfMemory(JobqdError):
+    """Redis refused a write: it is at ``maxmemory`` with ``maxmemory-policy noeviction``.
+
+    Nothing of the refused write was applied (for `enqueue_many`, ``.accepted``
+    lists the jobs of the batches that went through before). Retry later, once
+    consumers have drained jobs, or give Redis more memory.
+    """
+
+    def __init__(self, detail: str = "") -> None:
+        self.detail = detail
+        super().__init__("redis is out of memory (used memory is over maxmemory and "
+                         "maxmemory-policy is noeviction): the write was refused"
+                         + (f" ({detail})" if detail else ""))
+
+
 class JobNotFound(JobqdError):
     """No job (or dead-letter entry) with this id is known."""
 

@@ -18,5 +18,6 @@ class ExitCode(enum.IntEnum):
     USAGE = 64  # EX_USAGE: bad command-line arguments or input (e.g. ARGS_JSON)
     UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot connect to Redis / PostgreSQL at start
     SOFTWARE = 70  # EX_SOFTWARE: a component crashed (bug); systemd restarts it
+    REDIS_OOM = 75  # EX_TEMPFAIL: Redis is out of memory (noeviction); retry later
     CONFIG = 78  # EX_CONFIG: the config file is missing, malformed or invalid
     BROKEN_PIPE = 141  # CLI: stdout was closed by its reader (`| head`): 128 + SIGPIPE, quietly

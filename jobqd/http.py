@@ -5,6 +5,8 @@
 ``GET /readyz``                        200 when Redis (and PostgreSQL, if configured) answer,
                                        the consumers run and the daemon is not draining;
                                        else 503, and ``problems`` names what is wrong
+                                       (``redis_eviction``: an evicting maxmemory-policy;
+                                       ``redis_oom``: the last write was refused, OOM)
 ``GET /metrics``                       Prometheus text exposition (queue and dead-letter
                                        gauges are refreshed from Redis on a timer by
                                        `jobqd.gauges`, never per scrape)
@@ -31,7 +33,9 @@ token; 404 an id or queue in the URL that is not known; 413 a body over
 422 a task or queue named in a request body that no daemon routes (the
 endpoint exists, the body does not make sense, hence not 404); 503 a queue
 over its high watermark (with ``Retry-After`` and queue, depth, high, low) or
-Redis unreachable (``Retry-After: 1``). Anything unexpected is logged and
+Redis unreachable (``Retry-After: 1``); 507 Redis out of memory (at
+``maxmemory`` with ``noeviction``: nothing was written; ``Retry-After: 1``,
+``reason: redis_oom``). Anything unexpected is logged and
 answered 500 ``{"error": "internal error"}``: never a stack trace. (The
 ``traceback`` field of a dead job's status is the job's own recorded
 traceback: job data, behind the token.)
@@ -57,9 +61,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobqd import openapi, ops
 from jobqd.config import QUEUE_RE, Config
-from jobqd.errors import ConfigError, JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    ConfigError,
+    JobNotFound,
+    PayloadTooDeep,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.ids import queue_of
-from jobqd.jobs import BadJob, Job
+from jobqd.jobs import BadJob, Job, check_depth, validate_delay_s, validate_expires_s
 from jobqd.runtime import Runtime
 from jobqd.waiting import Waiter
 
@@ -178,11 +190,25 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                    if k.lower() not in ("content-type", "content-length")}
         return ApiError(e.status, e.reason.lower(), headers=headers).response()
     except Exception as e:
+        oom = ops.translate(e)
+        if isinstance(oom, RedisOutOfMemory):
+            return _oom_error(request, oom).response()
         if _transient_redis_error(e):
             log.warning("%s %s: redis unavailable: %s", request.method, request.path, e)
             return ApiError(503, "redis unavailable", headers={"Retry-After": "1"}).response()
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return ApiError(500, "internal error").response()
+
+
+def _oom_error(request: web.Request, e: RedisOutOfMemory) -> ApiError:
+    """507: Redis refused the write for lack of memory (noeviction). /readyz says
+    ``redis_oom`` until a write of this daemon goes through again."""
+    _state(request).runtime.health.redis_oom = True
+    log.warning("%s %s: %s", request.method, request.path, e)
+    return ApiError(507, "redis is out of memory (maxmemory reached, maxmemory-policy "
+                         "noeviction): nothing was written; retry once consumers have "
+                         "drained jobs, or give redis more memory", reason="redis_oom",
+                    headers={"Retry-After": "1"})
 
 
 def _authorized(header: str | None, token: bytes) -> bool:
@@ -232,6 +258,17 @@ async def readyz(request: web.Request) -> web.Response:
             redis_state = {"ok": False, "error": "the consumer pool is reconnecting to redis"}
     if not redis_state["ok"]:
         problems.append("redis")
+    redis_state.update(maxmemory_policy=h.redis_policy, eviction_ok=h.redis_eviction_ok,
+                       oom=h.redis_oom, data_losses=h.redis_data_losses)
+    if not h.redis_eviction_ok:
+        problems.append("redis_eviction")
+        redis_state.setdefault(
+            "error", f"redis maxmemory-policy is {h.redis_policy}: it may evict accepted "
+                     "jobs; consuming is paused until it is noeviction (or "
+                     "redis.allow_eviction: true)")
+    if h.redis_oom:
+        problems.append("redis_oom")
+        redis_state.setdefault("error", "redis is out of memory: the last write was refused")
     # configured: a dsn in the running config, or a component that reports on PostgreSQL;
     # not yet confirmed (None) counts as not ready
     pg_configured = bool(rt.config.postgres.dsn) or h.postgres_ok is not None
@@ -317,6 +354,10 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
     args = data["args"]
     if not isinstance(args, dict):
         raise ApiError(400, f"args must be a JSON object, got {_type_name(args)}", field="args")
+    try:
+        check_depth(args)
+    except PayloadTooDeep as e:
+        raise ApiError(400, str(e), field="args", limit=e.limit) from None
     queue = data.get("queue")
     if queue is not None and (not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue)):
         got = repr(queue) if isinstance(queue, str) else _type_name(queue)
@@ -327,10 +368,10 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
         if isinstance(delay, bool) or not isinstance(delay, int | float):
             raise ApiError(400, f"delay_s must be a number, got {_type_name(delay)}",
                            field="delay_s")
-        if not math.isfinite(delay) or not 0 <= delay <= openapi.MAX_DELAY_S:
-            raise ApiError(400, f"delay_s must be between 0 and {openapi.MAX_DELAY_S:g}, got "
-                                f"{delay!r}", field="delay_s")
-        delay = float(delay)
+        try:
+            delay = validate_delay_s(delay)
+        except ValueError as e:
+            raise ApiError(400, str(e), field="delay_s") from None
     idem = data.get("idempotency_key")
     if idem is not None:
         if not isinstance(idem, str):
@@ -347,11 +388,10 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
                            field="idempotency_key")
     expires = data.get("expires_s")
     if expires is not None:
-        if (isinstance(expires, bool) or not isinstance(expires, int | float)
-                or not math.isfinite(expires) or not 0 < expires <= openapi.MAX_EXPIRES_S):
-            raise ApiError(400, f"expires_s must be a number of seconds > 0 and at most "
-                                f"{openapi.MAX_EXPIRES_S:g}, got {expires!r}", field="expires_s")
-        expires = float(expires)
+        try:
+            expires = validate_expires_s(expires)
+        except ValueError as e:
+            raise ApiError(400, str(e), field="expires_s") from None
     return EnqueueRequest(task=task, args=args, queue=queue, delay_s=delay,
                           idempotency_key=idem, expires_s=expires)
 
@@ -394,8 +434,13 @@ async def enqueue(request: web.Request) -> web.Response:
                        ) from None
     except PayloadTooLarge as e:
         raise ApiError(413, str(e), field="args", size=e.size, limit=e.limit) from None
+    except RedisOutOfMemory as e:
+        raise _oom_error(request, e) from None
+    except PayloadTooDeep as e:
+        raise ApiError(400, str(e), field=e.field, limit=e.limit) from None
     except (TypeError, ValueError) as e:
         raise ApiError(400, str(e), field=_field_of(e)) from None
+    rt.health.redis_oom = False  # a write went through
     job = jobs[0]
     if job.created:
         rt.metrics.enqueued.labels(job.queue, req.task).inc()

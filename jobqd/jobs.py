@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from jobqd.errors import PayloadTooDeep
 from jobqd.ids import queue_of
 
 Status = Literal["queued", "scheduled", "running", "succeeded", "dead", "cancelled"]
@@ -30,23 +31,52 @@ STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "
 FINAL: frozenset[str] = frozenset({"succeeded", "dead", "cancelled"})
 
 
+# The longest delay_s accepted anywhere (client, HTTP, CLI, outbox): ten years.
+MAX_DELAY_S = 10 * 365 * 86400.0
+# How deep a job's args may nest (the args object itself is level 1). orjson reads
+# 1,024 levels but writes at most 254, and the daemon re-encodes a job to retry or
+# dead-letter it: a deeper job could be accepted but never handled. 64 leaves room
+# for the envelope, the dead-letter record and results.
+MAX_JSON_DEPTH = 64
+
+
+def validate_delay_s(x: float) -> float:
+    """A delay in seconds: a finite number from 0 to MAX_DELAY_S (ValueError otherwise)."""
+    if (isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x)
+            or not 0 <= x <= MAX_DELAY_S):
+        raise ValueError(f"delay_s must be a finite number of seconds from 0 to "
+                         f"{MAX_DELAY_S:g}, got {x!r}")
+    return float(x)
+
+
+def validate_expires_s(x: float) -> float:
+    """How long after it is due a job may still start: a finite number of seconds
+    above 0, at most MAX_DELAY_S (ValueError otherwise)."""
+    if (isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x)
+            or not 0 < x <= MAX_DELAY_S):
+        raise ValueError(f"expires_s must be a finite number of seconds above 0 and at most "
+                         f"{MAX_DELAY_S:g}, got {x!r}")
+    return float(x)
+
+
+def check_depth(obj: Any, limit: int = MAX_JSON_DEPTH, field: str = "args") -> None:
+    """Raise PayloadTooDeep when `obj` nests dicts/lists more than `limit` levels deep.
+
+    Iterative (a recursive walk would itself hit Python's recursion limit on the
+    1,024-level documents orjson decodes)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)] if isinstance(obj, dict | list | tuple) else []
+    while stack:
+        o, depth = stack.pop()
+        children = o.values() if isinstance(o, dict) else o
+        if depth > limit:
+            raise PayloadTooDeep(limit, field)
+        for c in children:
+            if isinstance(c, dict | list | tuple):
+                stack.append((c, depth + 1))
+
+
 class BadJob(ValueError):
     """A stream entry that is not a valid job (garbage fields, bad JSON...)."""
-
-
-def validate_delay_s(delay_s: float) -> float:
-    """A job delay in seconds: finite, >= 0 and at most the HTTP API's cap; else ValueError.
-
-    The CLI checks ``--delay-s`` with it while parsing arguments; the message is the one
-    the HTTP API gives for ``delay_s`` (http.py), so both say the same thing.
-    """
-    from jobqd.openapi import MAX_DELAY_S  # noqa: PLC0415 - openapi imports config
-
-    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
-        raise ValueError(f"delay_s must be a number, got {type(delay_s).__name__}")
-    if not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_DELAY_S:
-        raise ValueError(f"delay_s must be between 0 and {MAX_DELAY_S:g}, got {delay_s!r}")
-    return float(delay_s)
 
 
 def dumps(obj: Any) -> bytes:
@@ -62,6 +92,7 @@ def encode_args(args: Any) -> Any:
     for k in args:
         if not isinstance(k, str):
             raise TypeError(f"args keys must be strings, got {k!r}")
+    check_depth(args)
     return args
 
 

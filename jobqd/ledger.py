@@ -9,7 +9,12 @@ in-memory buffer; `Ledger.run` flushes it every `FLUSH_INTERVAL_S` or every
 Ordering: within a batch, events are folded per job in the order they were
 recorded; across batches (and across daemons: a job may be retried on one and
 finish on another) the row keeps the state of the event with the latest
-timestamp (``event_ms``; hosts are expected to be NTP-synchronised).
+timestamp (``event_ms``; hosts are expected to be NTP-synchronised). Rows are
+monotonic (checked in SQL, so it holds whichever daemon writes): a finished row
+(succeeded, dead) is never rewritten by a later or late event, such as the
+outcome of a stalled worker resumed after its job finished elsewhere; the one
+exception is a dead job that starts again after its death (a dead-letter
+replay keeps the job id).
 
 The buffer is bounded (`MAX_BUFFER` events). When PostgreSQL is down it fills
 and the *oldest* events are dropped, counted in ``Ledger.dropped`` and the
@@ -58,7 +63,21 @@ _STATUS_OF = {"started": "running", "retried": "scheduled", "succeeded": "succee
               "dead": "dead"}
 _TERMINAL = ("succeeded", "dead")
 
-_UPSERT = """
+# Ledger rows are monotonic. A finished row (succeeded, dead, cancelled) is never
+# rewritten by a later or late event (a stalled worker resumed after its job was
+# reclaimed and finished elsewhere, say) -- except a dead row whose job ran again
+# after it died: a dead-letter replay (same job id) starts a new life. A non-finished
+# row takes an event by its timestamp, and takes a finished event unless its own run
+# started after that event (the job was replayed since).
+_FINAL = "('succeeded', 'dead', 'cancelled')"
+_KEEP = (f"(j.status IN {_FINAL} AND NOT (j.status = 'dead' "
+         "AND coalesce(EXCLUDED.started_at > j.finished_at, false)))")
+_APPLY = (f"(CASE WHEN {_KEEP} THEN false "
+          f"WHEN EXCLUDED.status IN {_FINAL} AND j.status NOT IN {_FINAL} "
+          "THEN NOT coalesce(j.started_at > EXCLUDED.finished_at, false) "
+          "ELSE EXCLUDED.event_ms >= j.event_ms END)")
+
+_UPSERT = f"""
 INSERT INTO jobs AS j (id, prefix, queue, task, status, attempts, lost, error, reason, result,
                        enqueued_at, started_at, finished_at, event_ms, updated_at)
 SELECT u.id, $1, u.queue, u.task, u.status, u.attempts, u.lost, u.error, u.reason,
@@ -70,21 +89,20 @@ SELECT u.id, $1, u.queue, u.task, u.status, u.attempts, u.lost, u.error, u.reaso
        AS u(id, queue, task, status, attempts, lost, error, reason, result, enq, started,
             finished, event_ms)
 ON CONFLICT (id) DO UPDATE SET
-    status = CASE WHEN EXCLUDED.event_ms >= j.event_ms THEN EXCLUDED.status ELSE j.status END,
-    attempts = CASE WHEN EXCLUDED.event_ms >= j.event_ms
-                    THEN EXCLUDED.attempts ELSE j.attempts END,
-    lost = CASE WHEN EXCLUDED.event_ms >= j.event_ms THEN EXCLUDED.lost ELSE j.lost END,
-    error = CASE WHEN EXCLUDED.event_ms < j.event_ms THEN j.error
+    status = CASE WHEN {_APPLY} THEN EXCLUDED.status ELSE j.status END,
+    attempts = CASE WHEN {_APPLY} THEN EXCLUDED.attempts ELSE j.attempts END,
+    lost = CASE WHEN {_APPLY} THEN EXCLUDED.lost ELSE j.lost END,
+    error = CASE WHEN NOT {_APPLY} THEN j.error
                  WHEN EXCLUDED.status = 'succeeded' THEN NULL
                  ELSE coalesce(EXCLUDED.error, j.error) END,
-    reason = CASE WHEN EXCLUDED.event_ms >= j.event_ms THEN EXCLUDED.reason ELSE j.reason END,
-    result = CASE WHEN EXCLUDED.event_ms >= j.event_ms THEN EXCLUDED.result ELSE j.result END,
-    finished_at = CASE WHEN EXCLUDED.event_ms >= j.event_ms
-                       THEN EXCLUDED.finished_at ELSE j.finished_at END,
-    event_ms = greatest(j.event_ms, EXCLUDED.event_ms),
+    reason = CASE WHEN {_APPLY} THEN EXCLUDED.reason ELSE j.reason END,
+    result = CASE WHEN {_APPLY} THEN EXCLUDED.result ELSE j.result END,
+    finished_at = CASE WHEN {_APPLY} THEN EXCLUDED.finished_at ELSE j.finished_at END,
+    event_ms = CASE WHEN {_KEEP} THEN j.event_ms ELSE greatest(j.event_ms, EXCLUDED.event_ms) END,
     enqueued_at = coalesce(j.enqueued_at, EXCLUDED.enqueued_at),
-    started_at = greatest(j.started_at, EXCLUDED.started_at),
-    updated_at = now()
+    started_at = CASE WHEN {_KEEP} THEN j.started_at
+                      ELSE greatest(j.started_at, EXCLUDED.started_at) END,
+    updated_at = CASE WHEN {_KEEP} THEN j.updated_at ELSE now() END
 """
 
 _OUTBOX_DONE = """
@@ -150,6 +168,8 @@ def fold(events: list[_Event]) -> dict[str, _State]:
         st = out.get(ev.job_id)
         if st is None:
             st = out[ev.job_id] = _State(queue=ev.queue, task=ev.task)
+        elif st.status in _TERMINAL and not (st.status == "dead" and ev.event == "started"):
+            continue  # monotonic: only a dead-letter replay's new start reopens a job
         if ev.enq_ms is not None and st.enq is None:
             st.enq = ev.enq_ms
         if ev.event == "started":

@@ -14,13 +14,12 @@ from typing import Any
 
 from jobqd import __version__
 from jobqd.config import QUEUE_RE
+from jobqd.jobs import MAX_DELAY_S, MAX_JSON_DEPTH
 
-MAX_DELAY_S = 10 * 365 * 86400.0  # the longest delay_s accepted (ten years)
 MAX_IDEMPOTENCY_KEY_CHARS = 1024
 DLQ_DEFAULT_LIMIT = 100
 DLQ_MAX_LIMIT = 1000
 MAX_WAIT_S = 60.0  # the longest long-poll of GET /v1/jobs/{id}?wait_s=
-MAX_EXPIRES_S = MAX_DELAY_S
 
 _JSON = "application/json"
 
@@ -68,7 +67,8 @@ _SCHEMAS: dict[str, Any] = {
             "task": {"type": "string", "minLength": 1,
                      "description": "A task name some daemon routes (tasks: in its config)"},
             "args": {"type": "object", "additionalProperties": True,
-                     "description": "The handler's keyword arguments"},
+                     "description": "The handler's keyword arguments (nested at most "
+                                    f"{MAX_JSON_DEPTH} levels deep, this object included)"},
             "queue": _nullable({"type": "string", "pattern": QUEUE_RE.pattern,
                                 "description": "Override the task's queue"}),
             "delay_s": _nullable({"type": "number", "minimum": 0, "maximum": MAX_DELAY_S,
@@ -79,7 +79,7 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "While this key is remembered (idempotency_ttl_s) a second "
                                "enqueue with it returns the first job (created: false)"}),
             "expires_s": _nullable({"type": "number", "exclusiveMinimum": True, "minimum": 0,
-                                    "maximum": MAX_EXPIRES_S,
+                                    "maximum": MAX_DELAY_S,
                                     "description": "Not started this many seconds after it "
                                                    "is due: never run, dead as expired"}),
         },
@@ -206,10 +206,21 @@ _SCHEMAS: dict[str, Any] = {
             "ready": {"type": "boolean"},
             "problems": {"type": "array", "items": {
                 "type": "string",
-                "enum": ["redis", "postgres", "consumers", "draining", "reload", "crashed"]}},
+                "enum": ["redis", "redis_eviction", "redis_oom", "postgres", "consumers",
+                         "draining", "reload", "crashed"]}},
             "error": {"type": "string", "description": "Present when not ready"},
             "redis": {"type": "object", "required": ["ok"], "properties": {
-                "ok": {"type": "boolean"}, "error": {"type": "string"}}},
+                "ok": {"type": "boolean"}, "error": {"type": "string"},
+                "maxmemory_policy": _nullable({"type": "string",
+                                               "description": "As last read from Redis"}),
+                "eviction_ok": {"type": "boolean",
+                                "description": "noeviction, or redis.allow_eviction: true"},
+                "oom": {"type": "boolean",
+                        "description": "This daemon's last write was refused: Redis is "
+                                       "out of memory"},
+                "data_losses": {"type": "integer",
+                                "description": "Times this daemon found Redis had lost its "
+                                               "data (and republished its routing)"}}},
             "postgres": {"type": "object", "required": ["configured", "ok"], "properties": {
                 "configured": {"type": "boolean"}, "ok": _nullable({"type": "boolean"})}},
             "consumers_running": {"type": "boolean"},
@@ -226,6 +237,8 @@ def build(*, auth: bool = False) -> dict[str, Any]:
     v1_errors: dict[str, Any] = {
         "500": _error("Unexpected server error (logged; never a stack trace)"),
         "503": _error("Redis is unavailable", _RETRY_AFTER),
+        "507": _error("Redis is out of memory (maxmemory reached, noeviction): the write "
+                      "was refused", _RETRY_AFTER),
     }
     security: list[dict[str, list[str]]] = []
     if auth:

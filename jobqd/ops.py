@@ -9,7 +9,6 @@ enqueue, status, dead-letter and admin logic and cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
@@ -18,12 +17,30 @@ from typing import Any, TypeAlias
 import orjson
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from jobqd import scripts
-from jobqd.errors import JobNotFound, JobqdError, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    JobNotFound,
+    JobqdError,
+    PayloadTooDeep,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.ids import new_job_id, queue_of
-from jobqd.jobs import BadJob, Job, JobInfo, decode_job, encode_args, encode_job
+from jobqd.jobs import (
+    BadJob,
+    Job,
+    JobInfo,
+    check_depth,
+    decode_job,
+    encode_args,
+    encode_job,
+    validate_delay_s,
+    validate_expires_s,
+)
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 
 
@@ -42,6 +59,9 @@ class Eval:
 @dataclass(frozen=True, slots=True)
 class Pipe:
     calls: list[Cmd | Eval]
+    # True: a call's error comes back in its place in the reply list (so an op can
+    # tell which calls went through); False: the first error is raised
+    errors_inline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +75,23 @@ Op: TypeAlias = Generator[Call, Any, Any]
 
 def cmd(*args: Any) -> Cmd:
     return Cmd(args)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Redis refused a write because it is at maxmemory with noeviction (also when the
+    refusal comes from inside a Lua script)."""
+    return isinstance(e, ResponseError) and (
+        isinstance(e, redis.exceptions.OutOfMemoryError)
+        or "OOM command not allowed" in str(e))
+
+
+def translate(e: BaseException) -> BaseException:
+    """A Redis error as the jobqd error a caller should see (OOM -> RedisOutOfMemory)."""
+    if is_oom(e):
+        err = RedisOutOfMemory(str(e).split("\n")[0][:200])
+        err.__cause__ = e
+        return err
+    return e
 
 
 class UnknownQueue(UnknownTask):
@@ -80,7 +117,7 @@ class AsyncRunner:
                 try:
                     reply = await self._exec(call)
                 except Exception as e:
-                    call = op.throw(e)
+                    call = op.throw(translate(e))
                 else:
                     call = op.send(reply)
         except StopIteration as stop:
@@ -94,22 +131,27 @@ class AsyncRunner:
             return await self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
             return await call.script(self.r, call.keys, call.args)
+        replies: list[Any] = [None] * len(call.calls)
+        todo = list(range(len(call.calls)))
         for attempt in range(2):
             async with self.r.pipeline(transaction=False) as p:
-                for c in call.calls:
+                for i in todo:
+                    c = call.calls[i]
                     if isinstance(c, Cmd):
                         p.execute_command(*c.args)
                     else:
                         p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                replies = await p.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                got = await p.execute(raise_on_error=False)
+            for i, x in zip(todo, got, strict=True):
+                replies[i] = x
+            # scripts flushed (a Redis restart): load them and run again only the calls
+            # that did not run (re-running one that did could duplicate its writes)
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if attempt == 0 and todo:
                 await scripts.preload(self.r)
                 continue
             break
-        for x in replies:
-            if isinstance(x, Exception):
-                raise x
-        return replies
+        return _pipe_replies(call, replies)
 
 
 class SyncRunner:
@@ -123,7 +165,7 @@ class SyncRunner:
                 try:
                     reply = self._exec(call)
                 except Exception as e:
-                    call = op.throw(e)
+                    call = op.throw(translate(e))
                 else:
                     call = op.send(reply)
         except StopIteration as stop:
@@ -137,23 +179,36 @@ class SyncRunner:
             return self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
             return call.script.call_sync(self.r, call.keys, call.args)
+        replies: list[Any] = [None] * len(call.calls)
+        todo = list(range(len(call.calls)))
         for attempt in range(2):
             with self.r.pipeline(transaction=False) as p:
-                for c in call.calls:
+                for i in todo:
+                    c = call.calls[i]
                     if isinstance(c, Cmd):
                         p.execute_command(*c.args)  # type: ignore[no-untyped-call]
                     else:
                         p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                replies = p.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                got = p.execute(raise_on_error=False)
+            for i, x in zip(todo, got, strict=True):
+                replies[i] = x
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if attempt == 0 and todo:
                 for s in scripts.ALL:
                     self.r.script_load(s.source)
                 continue
             break
-        for x in replies:
+        return _pipe_replies(call, replies)
+
+
+def _pipe_replies(call: Pipe, replies: list[Any]) -> list[Any]:
+    """A pipeline's replies: errors translated, then raised or (errors_inline) kept."""
+    out = [translate(x) if isinstance(x, Exception) else x for x in replies]
+    if not call.errors_inline:
+        for x in out:
             if isinstance(x, Exception):
                 raise x
-        return replies
+    return out
 
 
 # ---------------------------------------------------------------- helpers
@@ -214,12 +269,12 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
     """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
     if not isinstance(task, str) or not task:
         raise TypeError("task must be a non-empty string")
-    if delay_s is not None and (delay_s < 0 or math.isnan(delay_s)):
-        raise ValueError("delay_s must be >= 0")
+    if delay_s is not None:
+        delay_s = validate_delay_s(delay_s)
     if idempotency_keys is not None and len(idempotency_keys) != len(args_list):
         raise ValueError("idempotency_keys must have one entry per job")
-    if expires_s is not None and not (math.isfinite(expires_s) and expires_s > 0):
-        raise ValueError(f"expires_s must be a finite number of seconds > 0, got {expires_s!r}")
+    if expires_s is not None:
+        expires_s = validate_expires_s(expires_s)
     delay_ms = max(0, round((delay_s or 0) * 1000))
     for refresh in (False, True):
         if refresh:
@@ -260,14 +315,17 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             call: Call = calls[0]
             replies = [(yield call)]
         else:
-            replies = yield Pipe(calls)
-        # Every chunk ran (one pipeline): collect all accepted jobs first, so an error
-        # in one chunk never hides jobs another chunk created (a caller's retry would
-        # duplicate them). Errors carry `.accepted`.
+            replies = yield Pipe(calls, errors_inline=True)
+        # Every chunk ran (one pipeline; each chunk is one atomic script: all of its
+        # jobs or none): collect all accepted jobs first, so an error in one chunk
+        # never hides jobs another chunk created (a caller's retry would duplicate
+        # them). Errors carry `.accepted`.
         out: list[Job] = []
         errors = []
         for reply in replies:
-            if s(reply[0]) == "OK":
+            if isinstance(reply, Exception):
+                errors.append(reply)
+            elif s(reply[0]) == "OK":
                 flags = s(reply[1])
                 out += [Job(id=s(jid), task=task, queue=q, created=flag == "1")
                         for jid, flag in zip(reply[2:], flags, strict=True)]
@@ -276,6 +334,9 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         if not errors:
             return out
         reply = errors[0]
+        if isinstance(reply, Exception):  # OOM, or another Redis error of that chunk
+            reply.accepted = out  # type: ignore[attr-defined]
+            raise reply
         tag = s(reply[0])
         err: JobqdError
         if tag == "UNKNOWN":
@@ -497,6 +558,10 @@ def _replay(prefix: str, dead: DeadJob) -> Op:
     if dead.job is None:
         raise BadJob(f"{dead.ref} was never a valid job and cannot be replayed "
                      f"(raw: {dead.raw[:200]!r})")
+    try:
+        check_depth(dead.job.get("args"))
+    except PayloadTooDeep as e:  # written straight to Redis, past every producer check
+        raise BadJob(f"{dead.ref} cannot be replayed: {e}") from None
     env = dict(dead.job)
     env.update(attempt=0, lost=0)
     env.pop("err", None)

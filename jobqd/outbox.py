@@ -70,12 +70,20 @@ from redis.exceptions import ResponseError
 
 from jobqd import ops, pg
 from jobqd.config import Config
-from jobqd.errors import JobNotFound, PayloadTooLarge, QueueFull, UnknownTask
+from jobqd.errors import (
+    ConfigError,
+    JobNotFound,
+    PayloadTooDeep,
+    PayloadTooLarge,
+    QueueFull,
+    RedisOutOfMemory,
+    UnknownTask,
+)
 from jobqd.ids import queue_of
-from jobqd.jobs import JobInfo
-from jobqd.keys import GROUP, QueueKeys
+from jobqd.jobs import JobInfo, check_depth, validate_delay_s
+from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.metrics import Metrics
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Backoff, Health, Runtime
 
 log = logging.getLogger("jobqd.outbox")
 
@@ -83,6 +91,7 @@ CHANNEL = "jobqd_outbox"
 BATCH = 500  # rows per relay transaction
 POLL_S = 1.0  # backstop poll when no NOTIFY arrives
 HOLD_S = 10.0  # an unknown task's rows are retried this often
+OOM_HOLD_S = 1.0  # rows refused by a Redis out of memory are retried this often
 SWEEP_S = 5.0  # how often published rows are checked for completion
 SWEEP_BATCH = 1000
 PRUNE_EVERY_S = 600.0
@@ -100,8 +109,9 @@ def _validate(task: str, args: Any, delay_s: float | None,
         args = {}
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise TypeError("args must be a dict with string keys")
-    if delay_s is not None and not (delay_s >= 0):
-        raise ValueError("delay_s must be >= 0")
+    check_depth(args)
+    if delay_s is not None:
+        validate_delay_s(delay_s)
     if idempotency_key is not None and (not isinstance(idempotency_key, str)
                                         or not idempotency_key):
         raise TypeError("idempotency_key must be a non-empty string")
@@ -171,14 +181,37 @@ class _Outcome:
 
 
 _SELECT_PENDING = """
-SELECT id, task, args, queue, idempotency_key,
-       greatest(0, coalesce(delay_s, 0) - extract(epoch FROM now() - created_at))::float8 AS due
+SELECT id, task, args, queue, idempotency_key, delay_s,
+       CASE WHEN delay_s IS NULL OR delay_s = 'NaN' OR delay_s < 0 THEN 0
+            ELSE greatest(0, least(delay_s, 1e12) - extract(epoch FROM now() - created_at))
+       END::float8 AS due
   FROM outbox
  WHERE prefix = $1 AND published_at IS NULL AND failed_at IS NULL AND task <> ALL($2::text[])
  ORDER BY id
  LIMIT $3
    FOR UPDATE SKIP LOCKED
 """
+
+
+def _row_args(r: Any) -> tuple[Any, str | None]:
+    """A pending row's args, or why the row can never be published: the same checks
+    as the producer side (`_validate`), for rows written by plain SQL."""
+    try:
+        args = orjson.loads(r["args"])
+    except orjson.JSONDecodeError as e:  # jsonb nested deeper than orjson reads
+        return None, f"args cannot be decoded: {e}"
+    if not isinstance(args, dict):
+        return None, ("args must be a JSON object (handler kwargs), got "
+                      f"{type(args).__name__}")
+    try:
+        check_depth(args)
+        if r["delay_s"] is not None:
+            validate_delay_s(r["delay_s"])
+    except PayloadTooDeep as e:
+        return None, f"PayloadTooDeep: {e}"
+    except ValueError as e:
+        return None, f"ValueError: {e}"
+    return args, None
 
 
 async def _mark_published(conn: asyncpg.Connection, published: Sequence[tuple[int, str]]) -> None:
@@ -208,8 +241,10 @@ async def _mark_errors(conn: asyncpg.Connection, out: _Outcome) -> None:
 class Publisher:
     """Moves committed outbox rows of one prefix into Redis (used by the relay and recover)."""
 
-    def __init__(self, cfg: Config, redis: aredis.Redis, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: Config, redis: aredis.Redis, metrics: Metrics | None = None,
+                 health: Health | None = None) -> None:
         self.cfg = cfg
+        self.health = health
         self.prefix = cfg.redis.prefix
         self.runner = ops.AsyncRunner(redis)
         self.routing = ops.Routing(self.prefix)
@@ -232,14 +267,10 @@ class Publisher:
             out = _Outcome([], [], [], {})
             groups: dict[tuple[str, str | None, int], list[_Row]] = {}
             for r in rows:
-                try:
-                    args = orjson.loads(r["args"])
-                except orjson.JSONDecodeError as e:  # pragma: no cover - jsonb is valid JSON
-                    out.failed.append((r["id"], f"args are not JSON: {e}"))
-                    continue
-                if not isinstance(args, dict):
-                    out.failed.append((r["id"], "args must be a JSON object (handler kwargs), "
-                                                f"got {type(args).__name__}"))
+                args, problem = _row_args(r)
+                if problem is not None:
+                    log.error("outbox row %d can never be published: %s", r["id"], problem)
+                    out.failed.append((r["id"], problem))
                     continue
                 row = _Row(id=r["id"], task=r["task"], args=args, queue=r["queue"],
                            delay_ms=round(r["due"] * 1000),
@@ -272,6 +303,15 @@ class Publisher:
             # backpressure: the rows stay unpublished and are tried again shortly
             self.held[task] = time.monotonic() + max(0.2, e.retry_after_s)
             log.debug("outbox: %s", e)
+            return
+        except RedisOutOfMemory as e:
+            # Redis is full: the rows stay unpublished (jobs of chunks that went through
+            # are found again by their idempotency keys on the next try)
+            self.held[task] = time.monotonic() + OOM_HOLD_S
+            if self.health is not None:
+                self.health.redis_oom = True
+            log.warning("outbox: %s; %d row(s) of task %r wait (retried in %gs)", e,
+                        len(rows), task, OOM_HOLD_S)
             return
         except UnknownTask as e:
             self.held[task] = time.monotonic() + HOLD_S
@@ -420,7 +460,7 @@ class _Relay:
 
         await self.listener.add_listener(CHANNEL, on_notify)
         self.listener.add_termination_listener(lambda _c: self.wake.set())
-        publisher = Publisher(cfg, rt.redis, rt.metrics)
+        publisher = Publisher(cfg, rt.redis, rt.metrics, rt.health)
         sweeper = Sweeper(cfg, publisher.runner)
         next_sweep = 0.0
         log.info("outbox relay listening (schema %s, prefix %s)", cfg.postgres.schema,
@@ -489,6 +529,14 @@ async def recover(cfg: Config) -> dict[str, int]:
     r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
     try:
         await pg.migrate(pool, cfg.postgres.schema)
+        if not await r.exists(GlobalKeys(cfg.redis.prefix).routing):
+            # Redis lost the routing with its data: publish it (and the queue settings,
+            # weights, consumer groups) first, so the jobs re-published below can be
+            # enqueued and run at once, without waiting for a daemon to notice
+            from jobqd.publish import publish_config  # noqa: PLC0415
+
+            log.warning("recover: the routing is missing from redis: publishing it")
+            await publish_config(cfg)
         await _ensure_groups(r, cfg)
         runner = ops.AsyncRunner(r)
         prefix = cfg.redis.prefix
@@ -528,6 +576,15 @@ async def recover(cfg: Config) -> dict[str, int]:
                 await _mark_finished(conn, done)
                 counts["finished"] += len(done)
                 if requeue:
+                    # the lost job ids will never run: their ledger rows (if any) end
+                    # dead with reason redis_lost, pointing at the re-published row
+                    await conn.execute(
+                        "UPDATE jobs j SET status = 'dead', reason = 'redis_lost', "
+                        "error = 'lost with redis data; jobqd recover re-published outbox "
+                        "row ' || o.id || ' as a new job', finished_at = now(), "
+                        "event_ms = extract(epoch FROM now()) * 1000, updated_at = now() "
+                        "FROM outbox o WHERE o.id = ANY($1::bigint[]) AND j.id = o.job_id "
+                        "AND j.status NOT IN ('succeeded', 'dead', 'cancelled')", requeue)
                     await conn.execute(
                         "UPDATE outbox SET error = 'job ' || job_id || ' lost by redis; "
                         "re-published by jobqd recover', published_at = NULL, job_id = NULL, "
@@ -548,6 +605,59 @@ async def recover(cfg: Config) -> dict[str, int]:
         await r.aclose()
         await pg.close_pool(pool)
     return counts
+
+
+async def report(cfg: Config) -> dict[str, Any]:
+    """The jobs the ledger saw accepted and never finish that Redis no longer holds
+    (``jobqd recover --report``; changes nothing).
+
+    The ledger knows a job from its first start on (and outbox rows from their
+    commit): a job enqueued straight to Redis and lost before any daemon started it
+    cannot be listed by anything. Each entry has the ledger's last state, and
+    ``outbox_id`` when an unfinished outbox row holds the job (`recover` re-publishes
+    those; the others are lost for good: their producers must enqueue them again).
+    """
+    if not cfg.postgres.ledger:
+        raise ConfigError("jobqd recover --report needs postgres.ledger: true (the ledger "
+                          "is what remembers accepted jobs)", path=cfg.path,
+                          key="postgres.ledger")
+    pool = await pg.connect_pool(cfg, min_size=1, max_size=2)
+    r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
+    lost: list[dict[str, Any]] = []
+    checked = 0
+    try:
+        await pg.migrate(pool, cfg.postgres.schema)
+        runner = ops.AsyncRunner(r)
+        prefix = cfg.redis.prefix
+        after = ""
+        while True:
+            rows = await pool.fetch(
+                "SELECT j.id, j.queue, j.task, j.status, j.attempts, j.lost, "
+                "extract(epoch FROM j.enqueued_at)::float8 AS enq, "
+                "extract(epoch FROM j.started_at)::float8 AS started, "
+                "extract(epoch FROM j.updated_at)::float8 AS updated, "
+                "(SELECT o.id FROM outbox o WHERE o.prefix = $1 AND o.job_id = j.id "
+                " AND o.finished_at IS NULL LIMIT 1) AS outbox_id "
+                "FROM jobs j WHERE j.prefix = $1 AND j.id > $2 "
+                "AND j.status NOT IN ('succeeded', 'dead', 'cancelled') "
+                "ORDER BY j.id LIMIT $3", prefix, after, BATCH)
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            checked += len(rows)
+            infos = await runner.run(statuses(prefix, [x["id"] for x in rows]))
+            for x in rows:
+                if infos.get(x["id"]) is None:
+                    lost.append({"id": x["id"], "task": x["task"], "queue": x["queue"],
+                                 "last_status": x["status"], "attempts": x["attempts"],
+                                 "lost": x["lost"], "enqueued_at": x["enq"],
+                                 "started_at": x["started"], "last_event_at": x["updated"],
+                                 "outbox_id": x["outbox_id"]})
+    finally:
+        await r.aclose()
+        await pg.close_pool(pool)
+    return {"checked": checked, "missing": len(lost),
+            "recoverable": sum(1 for x in lost if x["outbox_id"] is not None), "jobs": lost}
 
 
 async def _ensure_groups(r: aredis.Redis, cfg: Config) -> None:

@@ -10,6 +10,8 @@ one to start or reload wins.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -68,7 +70,39 @@ async def publish(rt: Runtime, cfg: Config | None = None) -> None:
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-    for gone in known - set(cfg.queues):  # a removed queue refuses new jobs
-        await r.delete(QueueKeys(cfg.redis.prefix, gone).conf)
-        log.warning("queue %r is no longer configured: it refuses new jobs; jobs left in it "
-                    "wait until it is configured again", gone)
+    gone = known - set(cfg.queues)
+    held = await held_jobs(r, cfg.redis.prefix, gone)
+    for name in sorted(gone):  # a removed queue refuses new jobs
+        await r.delete(QueueKeys(cfg.redis.prefix, name).conf)
+        if name in held:
+            queued, scheduled = held[name]
+            log.warning("queue %r is no longer configured but still holds %s: it refuses new "
+                        "jobs, and these wait until it is configured again", name,
+                        describe_held(queued, scheduled),
+                        extra={"queue": name, "queued": queued, "scheduled": scheduled})
+        else:
+            log.info("queue %r is no longer configured (it is empty): it refuses new jobs", name)
+
+
+async def held_jobs(r: Any, prefix: str, queues: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """{queue: (queued or running, scheduled)} for each of `queues` still holding jobs:
+    XLEN of its stream (entries not yet acked) and ZCARD of its delayed set."""
+    names = sorted(queues)
+    if not names:
+        return {}
+    async with r.pipeline(transaction=False) as p:
+        for q in names:
+            qk = QueueKeys(prefix, q)
+            p.xlen(qk.stream)
+            p.zcard(qk.delayed)
+        counts = await p.execute()
+    out: dict[str, tuple[int, int]] = {}
+    for i, q in enumerate(names):
+        queued, scheduled = int(counts[2 * i]), int(counts[2 * i + 1])
+        if queued or scheduled:
+            out[q] = (queued, scheduled)
+    return out
+
+
+def describe_held(queued: int, scheduled: int) -> str:
+    return f"{queued} queued or running and {scheduled} scheduled jobs"

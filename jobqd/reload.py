@@ -1,6 +1,9 @@
 """Hot reload: SIGHUP or an edit of the config file (watchfiles, debounced).
 
-Reload = parse -> validate -> import every handler -> swap one reference.
+Reload = read, parse, validate and import every handler (in a worker thread, so
+the event loop, heartbeats and lease renewal never wait on it) -> swap one
+reference (on the loop). A reload that removes a queue still holding jobs is
+refused until the queue is empty (a restart with the new file forces it).
 A bad file changes nothing: the old config keeps running, the error is logged
 with file, key and line, counted in ``jobqd_config_reloads_total{result="error"}``
 and shown by ``/readyz``. In-flight jobs finish under the config they started
@@ -14,9 +17,11 @@ deploy new code with a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -31,13 +36,58 @@ log = logging.getLogger("jobqd.reload")
 
 RESTART_KEYS = ("redis", "http", "postgres", "state_dir")
 DEBOUNCE_MS = 300
+# A load (read, parse, validate, import handlers) taking longer is refused: a handler
+# module that hangs at import must not hold every later reload up.
+LOAD_TIMEOUT_S = 60.0
+
+
+async def _load_off_loop(path: str) -> config_mod.Config:
+    """`config.load(path)` in its own daemon thread, awaited for up to LOAD_TIMEOUT_S.
+
+    Not the default executor: a thread stuck in a handler's import would hold up the
+    process's exit (executor threads are joined at exit); a daemon thread is not."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[config_mod.Config] = loop.create_future()
+
+    def settle(result: config_mod.Config | None, error: BaseException | None) -> None:
+        if done.done():  # timed out (or the reload was cancelled) meanwhile
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            assert result is not None
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = config_mod.load(path)
+        except BaseException as e:  # handed to the awaiting task, which raises it
+            outcome: tuple[config_mod.Config | None, BaseException | None] = (None, e)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="jobqd-reload", daemon=True).start()
+    try:
+        return await asyncio.wait_for(done, LOAD_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(f"loading took longer than {LOAD_TIMEOUT_S:g}s (a handler module "
+                          "that hangs at import?)", path=path) from None
 
 
 async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
-    """Reload the config file; True when the new config was applied."""
+    """Reload the config file; True when the new config was applied.
+
+    Reading, parsing, validating and importing handlers run in a worker thread
+    (`_load_off_loop`): a huge file or a handler module that takes seconds to
+    import never stalls the event loop, so heartbeats and lease renewal go on.
+    Only the swap of `rt.config` (and what follows from it) happens on the loop.
+    """
     old = rt.config
     try:
-        new = config_mod.load(old.path)
+        new = await _load_off_loop(old.path)
+        await _refuse_stranding(rt, old, new)
     except ConfigError as e:
         rt.metrics.reloads.labels("error").inc()
         rt.health.last_reload_error = str(e)
@@ -76,6 +126,28 @@ async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
     return True
 
 
+async def _refuse_stranding(rt: Runtime, old: config_mod.Config,
+                            new: config_mod.Config) -> None:
+    """Refuse a reload that removes a queue still holding jobs (they would be stranded:
+    nobody fetches a queue that is not configured). Restart with the new file to force it."""
+    removed = set(old.queues) - set(new.queues)
+    if not removed:
+        return
+    try:
+        held = await publish.held_jobs(rt.redis, old.redis.prefix, removed)
+    except Exception as e:
+        if not rt.is_redis_error(e):
+            raise
+        raise ConfigError(f"cannot check that the removed queues ({', '.join(sorted(removed))}) "
+                          f"are empty: redis: {e}", path=old.path, key="queues") from None
+    if held:
+        what = "; ".join(f"{q!r} holds {publish.describe_held(*n)}"
+                         for q, n in sorted(held.items()))
+        raise ConfigError(f"removes queues that still hold jobs ({what}): refused until they "
+                          "are empty, so no job is stranded (a restart with the new file "
+                          "forces it)", path=old.path, key="queues")
+
+
 async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Event,
               stop: asyncio.Event, *, watch: bool = True,
               before: Callable[[], Awaitable[None]] | None = None,
@@ -85,12 +157,15 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
     `before` and `after(ok)` bracket every reload (systemd RELOADING=1 / READY=1).
     """
 
+    serial = asyncio.Lock()  # a SIGHUP and a file change: one reload at a time, in order
+
     async def apply() -> None:
-        if before is not None:
-            await before()
-        ok = await reload(rt, resize)
-        if after is not None:
-            await after(ok)
+        async with serial:
+            if before is not None:
+                await before()
+            ok = await reload(rt, resize)
+            if after is not None:
+                await after(ok)
 
     async def on_signal() -> None:
         while not stop.is_set():

@@ -33,6 +33,13 @@ class Health:
     consumers_running: bool = False
     last_reload_error: str | None = None
     crashed: str | None = None  # the component that crashed, if any
+    # jobqd.redisguard: Redis's maxmemory-policy as last read, whether it is acceptable
+    # (noeviction, or redis.allow_eviction), whether this daemon's last write was
+    # refused for lack of memory, and how often Redis was found to have lost its data
+    redis_policy: str | None = None
+    redis_eviction_ok: bool = True
+    redis_oom: bool = False
+    redis_data_losses: int = 0
 
 
 @dataclass(eq=False)

@@ -122,31 +122,44 @@ def raw_fields(d: Delivery) -> bytes:
                          for k, v in d.fields.items()})
 
 
+class _Bucket:
+    """A token bucket with a one-second burst."""
+
+    def __init__(self) -> None:
+        self.tokens: float | None = None  # full at start
+        self.last = time.monotonic()
+
+    def take(self, rate: float) -> bool:
+        burst = max(1.0, rate)
+        now = time.monotonic()
+        tokens = burst if self.tokens is None else self.tokens
+        self.tokens = min(burst, tokens + (now - self.last) * rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class OutcomeLog:
-    """One log line per settled job: `log.jobs` all | failures | none, at most
-    `log.jobs_per_s` lines a second (a token bucket with a one-second burst).
-    Lines over the rate are counted, and the count is logged with the next line
-    that is let through, so journald is never drowned and nothing is hidden."""
+    """One log line per settled job: `log.jobs` all | failures | none. Successes and
+    failures each get `log.jobs_per_s` lines a second (two buckets, so a flood of
+    successes never hides a failure). Lines over the rate are counted, and the count
+    is logged with the next line let through: journald is never drowned, and what
+    was left out is said."""
 
     def __init__(self, config: Callable[[], Config]) -> None:
         self.config = config
-        self.tokens: float | None = None  # full at start
-        self.last = time.monotonic()
+        self.buckets = {False: _Bucket(), True: _Bucket()}
         self.suppressed = 0
 
     def allow(self, failure: bool) -> bool:
         cfg = self.config().log
         if cfg.jobs == "none" or (cfg.jobs == "failures" and not failure):
             return False
-        burst = max(1.0, cfg.jobs_per_s)
-        now = time.monotonic()
-        tokens = burst if self.tokens is None else self.tokens
-        self.tokens = min(burst, tokens + (now - self.last) * cfg.jobs_per_s)
-        self.last = now
-        if self.tokens < 1.0:
+        if not self.buckets[failure].take(cfg.jobs_per_s):
             self.suppressed += 1
             return False
-        self.tokens -= 1.0
         if self.suppressed:
             log.info("%d job outcome lines over log.jobs_per_s were not logged",
                      self.suppressed)

@@ -72,6 +72,8 @@ async def refresh(rt: Runtime) -> dict[str, int]:
         raw, paused_raw = await p.execute()
     stored = _parse(raw, g.weights)
     weights = {q.name: stored.get(q.name, q.weight) for q in rt.config.queues.values()}
+    if not rt.health.redis_eviction_ok:  # jobqd.redisguard: an evicting Redis pauses consuming
+        weights = dict.fromkeys(weights, 0)
     if weights != rt.weights:
         if rt.weights:
             log.info("weights changed", extra={"weights": weights})

@@ -89,6 +89,7 @@ def test_group_without_subcommand_prints_its_help(capsys: pytest.CaptureFixture[
 
 
 ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ-default"
+DELAY_MSG = "delay_s must be a finite number of seconds from 0 to"
 
 
 @pytest.mark.parametrize(("argv", "says"), [
@@ -101,10 +102,10 @@ ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ-default"
     (["dlq", "list", "--limit", "0"], "argument --limit: expected a whole number >= 1"),
     (["dlq", "list", "--limit", "-3"], "argument --limit: expected a whole number >= 1"),
     (["dlq", "list", "--limit", "2", "--all"], "not allowed with argument"),
-    (["enqueue", "noop", "--delay-s", "inf"], "delay_s must be between 0 and"),
-    (["enqueue", "noop", "--delay-s", "nan"], "delay_s must be between 0 and"),
-    (["enqueue", "noop", "--delay-s", "-1"], "delay_s must be between 0 and"),
-    (["enqueue", "noop", "--delay-s", "1e12"], "delay_s must be between 0 and"),
+    (["enqueue", "noop", "--delay-s", "inf"], DELAY_MSG),
+    (["enqueue", "noop", "--delay-s", "nan"], DELAY_MSG),
+    (["enqueue", "noop", "--delay-s", "-1"], DELAY_MSG),
+    (["enqueue", "noop", "--delay-s", "1e12"], DELAY_MSG),
     (["enqueue", "noop", "--delay-s", "soon"], "delay_s must be a number"),
     (["stats", "--watch", "0"], "argument --watch"),
     (["weights", "set", "default=x"], "expected QUEUE=WEIGHT"),
@@ -123,7 +124,7 @@ def test_usage_errors_exit_64_without_a_traceback(capsys: pytest.CaptureFixture[
 def test_delay_s_message_names_the_range(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "enqueue", "noop", "--delay-s", "inf")
     assert code == ExitCode.USAGE
-    assert "delay_s must be between 0 and 3.1536e+08, got inf" in err
+    assert "delay_s must be a finite number of seconds from 0 to 3.1536e+08, got inf" in err
 
 
 def test_purge_all_without_yes_and_no_terminal_is_refused(

@@ -201,6 +201,14 @@ def test_outcome_log_modes_rate_and_reserved_names(caplog: pytest.LogCaptureFixt
     assert not ol.allow(failure=False)
     allowed = sum(ol.allow(failure=True) for _ in range(10))
     assert allowed == 3 and ol.suppressed == 7
+    cfg_all = LogConfig(jobs="all", jobs_per_s=3)
+
+    class A:
+        log = cfg_all
+
+    both = OutcomeLog(A)  # type: ignore[arg-type]
+    assert sum(both.allow(failure=False) for _ in range(10)) == 3
+    assert both.allow(failure=True)  # successes over their rate do not crowd failures out
     caplog.set_level(logging.INFO, "jobqd.jobs")
     cfg2 = LogConfig(jobs="all", jobs_per_s=100, payloads=True)
 

@@ -66,10 +66,13 @@ async def test_redis_data_loss_recovered_exactly_once(
 
     first = await outbox.recover(cfg)
     assert first["checked"] == 50 and first["requeued"] == 50 and first["present"] == 0
-    # no daemon has published the routing yet: the rows wait for a relay
-    assert first["published"] == 0 and first["pending"] == 50
+    # Redis lost the routing too: recover published it first, so the jobs are back in
+    # their queue at once, runnable by the next daemon (none runs now)
+    assert first["published"] == 50 and first["pending"] == 0
+    assert await r.hexists(f"{prefix}:routing", "record")
+    assert await r.xlen(QueueKeys(prefix, "default").stream) == 50
     second = await outbox.recover(cfg)
-    assert second["requeued"] == 0 and second["pending"] == 50
+    assert second["requeued"] == 0 and second["present"] == 50 and second["pending"] == 0
 
     daemon = spawn(write_config(postgres=pgc))
     daemon.wait_ready()
@@ -156,5 +159,6 @@ async def test_recover_trusts_the_ledger_for_finished_jobs(
     rows = {x["id"]: x for x in await db.fetch("SELECT * FROM outbox")}
     assert rows[done_row]["final_status"] == "succeeded"
     assert rows[done_row]["job_id"] == done_id
-    assert rows[lost_row]["published_at"] is None and rows[lost_row]["job_id"] is None
+    # re-published at once as a new job (recover published the missing routing first)
+    assert rows[lost_row]["recovered"] == 1 and rows[lost_row]["job_id"] not in (None, lost_id)
     assert (await ledger.lookup(cfg, done_id)) is not None

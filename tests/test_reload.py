@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ import redis
 import yaml
 
 from jobqd import Client, UnknownQueue, UnknownTask, config, publish
+from jobqd import reload as reload_mod
+from jobqd.client import SyncClient
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 
@@ -523,3 +526,161 @@ async def test_stop_during_a_reload_exits_cleanly(
     code = await asyncio.wait_for(d.task, 15)
     assert code == 0, rt_of(d).health.crashed
     assert rt_of(d).health.crashed is None
+
+
+# ---------------------------------------------------------------- hardening (#10)
+
+
+def unique_module(tmp_path: Path, stem: str, body: str) -> str:
+    """A handler module in tmp_path with a name no other test (or process) has imported."""
+    name = f"{stem}_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(body)
+    return name
+
+
+SLOW_IMPORT = "import time\ntime.sleep(3)\n\ndef handle():\n    return 'slow'\n"
+EXIT_AT_IMPORT = "import sys\nsys.exit(3)\n\ndef handle():\n    return 1\n"
+
+
+async def test_a_slow_handler_import_on_reload_does_not_stall_heartbeats(
+        tmp_path: Path, conf: Callable[..., ConfigFile], watched: Callable[[ConfigFile], Any],
+        prefix: str) -> None:
+    """Reading, parsing and importing run off the event loop: while a handler module
+    sleeps 3 s at import, the loop keeps turning and the heartbeat keeps its interval."""
+    slow = unique_module(tmp_path, "slow_import", SLOW_IMPORT)
+    cf = conf(consumers=2, pythonpath=[str(tmp_path)],
+              heartbeat={"interval_s": 0.2, "timeout_s": 2})
+    d = await watched(cf)
+    rt = rt_of(d)
+    member = rt.name
+    beats: list[float] = []
+    lag = 0.0
+    started = time.monotonic()
+    cf.edit(lambda c: c["tasks"].update(slow={"handler": f"{slow}:handle"}))
+    deadline = started + 15
+    while reloads(rt, "ok") < 1:
+        assert time.monotonic() < deadline, rt.health.last_reload_error
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)
+        lag = max(lag, time.monotonic() - t0 - 0.05)
+        score = await rt.redis.zscore(f"{prefix}:hb", member)
+        if score is not None and (not beats or score != beats[-1]):
+            beats.append(score)
+    took = time.monotonic() - started
+    assert took >= 2.9, took  # the import's 3 s sleep happened inside this window
+    assert "slow" in rt.config.tasks and rt.config.tasks["slow"].fn() == "slow"
+    gaps = [(b - a) / 1000 for a, b in itertools.pairwise(beats)]
+    assert len(beats) >= 8, beats  # ~15 beats in 3 s at 0.2 s
+    assert max(gaps) < 1.5, gaps  # a frozen loop would leave one gap of 3 s or more
+    assert lag < 1.5, lag
+
+
+def test_reload_with_a_handler_that_exits_at_import_is_refused_and_the_daemon_runs_on(
+        tmp_path: Path, conf: Callable[..., ConfigFile], spawn: Callable[[Path], DaemonProcess],
+        prefix: str, sync_r: redis.Redis) -> None:
+    port = free_port()
+    cf = conf(consumers=2, pythonpath=[str(tmp_path)], http={"listen": f"127.0.0.1:{port}"},
+              heartbeat={"interval_s": 0.2, "timeout_s": 2})
+    d = spawn(cf.path)
+    d.wait_ready(prefix)
+    wait_until(lambda: "http: listening" in d.log(), 10, "the HTTP port")
+    bad = unique_module(tmp_path, "exits_at_import", EXIT_AT_IMPORT)
+    cf.data["tasks"]["bad"] = {"handler": f"{bad}:handle"}
+    cf.write()
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: reload_count(port, "error") == 1, 15, "the refused reload")
+    status, body = http_get(port, "/readyz")
+    err = json.loads(body)["last_reload_error"]
+    assert status == 503 and "reload" in json.loads(body)["problems"], body
+    assert "tasks.bad.handler" in err and "SystemExit: 3" in err and "sys.exit()" in err, err
+    assert http_get(port, "/healthz")[0] == 200
+    assert "bad" not in routing(sync_r, prefix)
+    # heartbeats go on
+    member = next(n for n in sync_r.zrange(f"{prefix}:hb", 0, -1) if f":{d.pid}:".encode() in n)
+    first = sync_r.zscore(f"{prefix}:hb", member)
+    wait_until(lambda: (sync_r.zscore(f"{prefix}:hb", member) or 0) > (first or 0), 5,
+               "a heartbeat after the refused reload")
+    # jobs run
+    job_key = f"{prefix}:runs"
+    with SyncClient(REDIS_URL, prefix) as c:
+        job = c.enqueue("record", {"key": job_key})
+        wait_until(lambda: c.status(job.id).status == "succeeded", 10, "the job")
+    # and SIGTERM drains
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0, d.log()
+
+
+async def test_reload_that_removes_a_queue_holding_jobs_is_refused_until_it_is_empty(
+        conf: Callable[..., ConfigFile], watched: Callable[[ConfigFile], Any], prefix: str,
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="jobqd")
+    cf = conf(consumers=2, queues={"default": {"weight": 1}, "old": {"weight": 0}})  # paused
+    d = await watched(cf)
+    rt = rt_of(d)
+    held = await client.enqueue_many("noop", [{}, {}], queue="old")
+    later = await client.enqueue("noop", queue="old", delay_s=4)
+    cf.edit(lambda c: c["queues"].pop("old"))
+    await wait_reloads(rt, "error", 1)
+    err = rt.health.last_reload_error
+    assert err is not None and "queues" in err, err
+    assert "'old' holds 2 queued or running and 1 scheduled jobs" in err, err
+    assert "old" in rt.config.queues  # nothing swapped: the queue is still served
+    recs = [r for r in caplog.records if r.name == "jobqd.reload" and r.levelno == logging.ERROR]
+    assert len(recs) == 1 and "'old' holds" in recs[0].getMessage()
+    status, body = await get_json(d, "/readyz")
+    assert status == 503 and body["last_reload_error"] == err, body
+    # un-pause it (a reload that removes nothing): the queue empties
+    cf.edit(lambda c: c["queues"].update(old={"weight": 1}))
+    await wait_reloads(rt, "ok", 1)
+    for j in [*held, later]:
+        await wait_status(client, j.id, "succeeded", timeout=15)
+    # now the same removal succeeds
+    cf.edit(lambda c: c["queues"].pop("old"))
+    await wait_reloads(rt, "ok", 2)
+    assert "old" not in rt.config.queues
+    status, body = await get_json(d, "/readyz")
+    assert status == 200 and body["last_reload_error"] is None, body
+
+
+async def test_start_warns_about_unconfigured_queues_still_holding_jobs(
+        conf: Callable[..., ConfigFile], prefix: str, client: Client,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A restart with the new file is how a removal is forced: it says what it strands."""
+    caplog.set_level(logging.INFO, logger="jobqd")
+    cf = conf(consumers=2, queues={"default": {"weight": 1}, "gone": {"weight": 1},
+                                   "empty": {"weight": 1}})
+    await publish.publish_config(config.load(cf.path))
+    await client.enqueue_many("noop", [{}, {}, {}], queue="gone")
+    await client.enqueue("noop", queue="gone", delay_s=600)
+    cf.edit(lambda c: c.update(queues={"default": {"weight": 1}}))
+    d = await InProcessDaemon(config.load(cf.path)).start()
+    try:
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING and "no longer configured" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert "'gone'" in warnings[0] and "3 queued or running and 1 scheduled" in warnings[0]
+        assert any("'empty'" in r.getMessage() and r.levelno == logging.INFO
+                   for r in caplog.records)
+    finally:
+        assert await d.stop() == 0
+
+
+async def test_a_handler_import_that_hangs_is_refused_and_later_reloads_work(
+        tmp_path: Path, conf: Callable[..., ConfigFile], watched: Callable[[ConfigFile], Any],
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reload_mod, "LOAD_TIMEOUT_S", 1.0)
+    hangs = unique_module(tmp_path, "hangs_at_import",
+                          "import time\ntime.sleep(4)\n\ndef handle():\n    return 1\n")
+    cf = conf(consumers=2, pythonpath=[str(tmp_path)])
+    d = await watched(cf)
+    rt = rt_of(d)
+    cf.edit(lambda c: c["tasks"].update(hangs={"handler": f"{hangs}:handle"}))
+    await wait_reloads(rt, "error", 1, timeout=10)
+    err = rt.health.last_reload_error
+    assert err is not None and "took longer than 1s" in err and str(cf.path) in err, err
+    assert "hangs" not in rt.config.tasks
+    job = await client.enqueue("noop")
+    await wait_status(client, job.id, "succeeded")
+    cf.edit(lambda c: (c["tasks"].pop("hangs"), c.update(consumers=3)))
+    await wait_reloads(rt, "ok", 1, timeout=10)
+    assert rt.config.consumers == 3

@@ -1,0 +1,206 @@
+"""Redis safety checks of a running daemon: eviction policy, out of memory, data loss.
+
+jobqd keeps every accepted job in Redis only, so three Redis states would lose
+work silently; this component finds each of them, at start and then every
+`INTERVAL_S` (which covers every reconnect):
+
+- **An evicting ``maxmemory-policy``** (``allkeys-lru`` ...) drops keys under
+  memory pressure: jobs, their state, the routing. Read with ``CONFIG GET``, or
+  from ``INFO memory`` where CONFIG is renamed or refused. At start, anything but
+  ``noeviction`` makes the daemon refuse to run (exit 78, `problem` says which
+  policy and which key to set) unless ``redis.allow_eviction: true``. Found later
+  (a reconnect to a server whose policy changed): consuming pauses (every queue's
+  weight reads 0), ``/readyz`` says ``redis_eviction``, an ERROR is logged; it
+  resumes once the policy is ``noeviction`` again.
+- **Out of memory** (``noeviction`` at ``maxmemory``): writes are refused. Each
+  check writes one small key; while that (or the HTTP API's last enqueue) is
+  refused, ``/readyz`` says ``redis_oom``.
+- **Data loss** (Redis restarted without persistence, failed over to an empty
+  replica, flushed): daemons share an epoch key ``<prefix>:epoch``, set once with
+  a random token. When it vanished or changed, Redis lost its data: the daemon
+  logs an ERROR, counts it (``jobqd_redis_data_loss_total``), republishes routing,
+  queue settings, weights and consumer groups at once (so producers can enqueue
+  again) and adopts the new epoch. Jobs that Redis held are gone with it; see
+  README ("Redis data loss") for what each configuration can still account for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import redis.asyncio as aredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import ResponseError
+
+from jobqd import ops, publish, scripts, weights
+from jobqd.config import Config, mask_url
+from jobqd.keys import GlobalKeys
+from jobqd.runtime import Runtime
+
+log = logging.getLogger("jobqd.redisguard")
+
+INTERVAL_S = 1.0  # how often a running daemon checks
+SAFE_POLICY = "noeviction"
+
+
+def epoch_key(prefix: str) -> str:
+    return f"{prefix}:epoch"
+
+
+async def read_policy(r: aredis.Redis) -> str | None:
+    """Redis's maxmemory-policy: CONFIG GET, else INFO memory; None if neither answers
+    (a Redis error other than a refused/renamed command is raised)."""
+    try:
+        reply: Any = await r.config_get("maxmemory-policy")
+        for k, v in (reply or {}).items():
+            if ops.s(k) == "maxmemory-policy":
+                return ops.s(v)
+    except ResponseError:  # CONFIG renamed (unknown command) or refused (ACL NOPERM)
+        pass
+    try:
+        info: Any = await r.info("memory")
+    except ResponseError:
+        return None
+    value = info.get("maxmemory_policy") if isinstance(info, dict) else None
+    return None if value is None else ops.s(value)
+
+
+def policy_problem(cfg: Config, policy: str | None) -> str | None:
+    """Why this policy is unacceptable for `cfg`, or None."""
+    if policy is None or policy == SAFE_POLICY or cfg.redis.allow_eviction:
+        return None
+    return (f"redis at {mask_url(cfg.redis_url)} has maxmemory-policy {policy}: under "
+            "memory pressure it silently evicts keys, accepted jobs, their state and the "
+            "routing included. Set maxmemory-policy noeviction on the Redis server "
+            "(redis.conf, or CONFIG SET maxmemory-policy noeviction), or set "
+            f"redis.allow_eviction: true in {cfg.path} to run anyway and accept that risk")
+
+
+def _metric(kind: type[Counter] | type[Gauge], name: str, doc: str, rt: Runtime) -> Any:
+    try:
+        return kind(name, doc, registry=rt.metrics.registry)
+    except ValueError:  # already registered on this runtime (a second Guard): unexported
+        return kind(name, doc, registry=None)
+
+
+class Guard:
+    """One daemon's checks; `start` before the components, then `run`."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.token: str | None = None  # the epoch this daemon knows
+        self._m_policy_ok = _metric(
+            Gauge, "jobqd_redis_eviction_policy_ok", "1 while Redis's maxmemory-policy is "
+            "noeviction (or redis.allow_eviction is set), 0 while it may evict jobs", rt)
+        self._m_data_loss = _metric(
+            Counter, "jobqd_redis_data_loss", "Times this daemon found that Redis had lost "
+            "its data (the epoch key vanished or changed) and republished its routing", rt)
+        self._m_oom = _metric(Gauge, "jobqd_redis_oom", "1 while this daemon's last write to "
+                              "Redis was refused for lack of memory", rt)
+        self._m_policy_ok.set(1)
+        self._m_oom.set_function(lambda: 1.0 if rt.health.redis_oom else 0.0)
+
+    async def start(self) -> str | None:
+        """At start: the policy check (returns the problem that must stop the daemon)
+        and the epoch."""
+        rt = self.rt
+        policy = await read_policy(rt.redis)
+        self._set_policy(policy)
+        problem = policy_problem(rt.config, policy)
+        if problem is not None:
+            return problem
+        if policy is None:
+            log.warning("cannot read redis's maxmemory-policy (CONFIG and INFO refused): "
+                        "make sure it is noeviction, or accepted jobs may be evicted")
+        elif policy != SAFE_POLICY:
+            log.warning("redis maxmemory-policy is %s and redis.allow_eviction is set: "
+                        "accepted jobs may be evicted under memory pressure", policy)
+        await self._adopt_epoch()
+        return None
+
+    def _set_policy(self, policy: str | None) -> bool:
+        h = self.rt.health
+        ok = policy_problem(self.rt.config, policy) is None
+        h.redis_policy = policy
+        h.redis_eviction_ok = ok
+        self._m_policy_ok.set(1 if ok else 0)
+        return ok
+
+    async def _adopt_epoch(self) -> None:
+        r = self.rt.redis
+        key = epoch_key(self.rt.config.redis.prefix)
+        await r.set(key, uuid.uuid4().hex, nx=True)
+        got = await r.get(key)
+        self.token = None if got is None else ops.s(got)
+
+    async def check(self) -> None:
+        """One round of checks (Redis errors propagate: the caller retries later)."""
+        rt = self.rt
+        r = rt.redis
+        was_ok = rt.health.redis_eviction_ok
+        policy = await read_policy(r)
+        ok = self._set_policy(policy)
+        if not ok and was_ok:
+            log.error("consuming paused: %s", policy_problem(rt.config, policy))
+            await weights.refresh(rt)  # every queue's weight reads 0 from now on
+        elif ok and not was_ok:
+            log.warning("redis maxmemory-policy is %s again: consuming resumes", policy)
+            await weights.refresh(rt)
+
+        prefix = rt.config.redis.prefix
+        key = epoch_key(prefix)
+        async with r.pipeline(transaction=False) as p:
+            p.get(key)
+            p.exists(GlobalKeys(prefix).routing)
+            epoch_raw, routing_exists = await p.execute()
+        epoch = None if epoch_raw is None else ops.s(epoch_raw)
+        if epoch is None or epoch != self.token:
+            rt.health.redis_data_losses += 1
+            self._m_data_loss.inc()
+            log.error("redis lost its data (epoch key %s %s): jobs it held are gone; "
+                      "republishing routing, weights and consumer groups%s", key,
+                      "vanished" if epoch is None else "changed",
+                      "" if routing_exists else " now")
+            if epoch is None or not routing_exists:
+                await self._republish()
+            await self._adopt_epoch()
+            return
+        if not routing_exists:
+            log.warning("the routing %s is missing (evicted or deleted): republishing it",
+                        GlobalKeys(prefix).routing)
+            await self._republish()
+
+        try:  # the out-of-memory probe: one small write
+            await r.set(key, self.token, xx=True)
+        except ResponseError as e:
+            if not ops.is_oom(e):
+                raise
+            if not rt.health.redis_oom:
+                log.warning("redis is out of memory: writes are refused (%s)", e)
+            rt.health.redis_oom = True
+        else:
+            if rt.health.redis_oom:
+                log.info("redis accepts writes again")
+            rt.health.redis_oom = False
+
+    async def _republish(self) -> None:
+        rt = self.rt
+        await scripts.preload(rt.redis)
+        await publish.publish(rt)  # routing, queue settings, consumer groups
+        await weights.publish(rt)
+        log.warning("republished routing of %d tasks on %d queues", len(rt.config.tasks),
+                    len(rt.config.queues))
+
+
+async def run(rt: Runtime, guard: Guard, stop: asyncio.Event) -> None:
+    """Check every INTERVAL_S until `stop`."""
+    while not await rt.sleep(INTERVAL_S, stop):
+        try:
+            await guard.check()
+        except Exception as e:
+            if not rt.is_redis_error(e):
+                raise
+            log.debug("redis check skipped: %s", e)
