@@ -28,6 +28,8 @@ from jobqd import __version__, config, logs, ops
 from jobqd.client import SyncClient
 from jobqd.errors import (
     ConfigError,
+    JobCancelled,
+    JobFailed,
     JobNotFound,
     PayloadTooLarge,
     QueueFull,
@@ -117,7 +119,8 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 
 def _client(cfg: config.Config) -> SyncClient:
-    return SyncClient(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s)
+    return SyncClient(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
+                      results_ttl_s=cfg.results.ttl_s)
 
 
 def _op(c: SyncClient, op: ops.Op) -> Any:
@@ -203,7 +206,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     with _client(_load(args)) as c:
         job = c.enqueue(args.task, job_args, queue=args.queue, delay_s=args.delay_s,
                         idempotency_key=args.idempotency_key, wait=args.wait,
-                        timeout_s=args.timeout_s)
+                        timeout_s=args.timeout_s, expires_s=args.expires_s)
     sys.stdout.write(job.id + "\n")
     return ExitCode.OK
 
@@ -226,6 +229,71 @@ def cmd_status(args: argparse.Namespace) -> int:
         _out(info.to_dict())
     else:
         _record(info.to_dict())
+    return ExitCode.OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Exit 0 when every job was cancelled (or is being stopped); 1 when one had
+    already finished (nothing changed for it) or is unknown."""
+    if bool(args.job_ids) == bool(args.queue):
+        raise _Usage(args.parser, "give job ids, or --queue Q (not both)")
+    if not args.queue and (args.task or args.scheduled_only):
+        raise _Usage(args.parser, "--task and --scheduled-only go with --queue")
+    with _client(_load(args)) as c:
+        if args.queue:
+            counts = c.cancel_many(args.queue, task=args.task,
+                                   scheduled_only=args.scheduled_only)
+            if args.json:
+                _out(counts)
+            else:
+                sys.stdout.write(f"cancelled {counts['cancelled']} jobs; stopping "
+                                 f"{counts['cancelling']} running ones\n")
+            return ExitCode.OK
+        code = ExitCode.OK
+        for job_id in args.job_ids:
+            try:
+                res = c.cancel(job_id)
+            except JobNotFound:
+                _err(f"no job {job_id}")
+                code = ExitCode.ERROR
+                continue
+            if args.json:
+                _out(res.to_dict())
+            elif res.outcome == "cancelled":
+                sys.stdout.write(f"{job_id}: cancelled (it was {res.status}; it never runs)\n")
+            elif res.outcome == "cancelling":
+                sys.stdout.write(f"{job_id}: running: being stopped; it ends cancelled\n")
+            if res.outcome == "finished":
+                if not args.json:
+                    _err(f"{job_id} had already finished ({res.status}): nothing changed")
+                code = ExitCode.ERROR
+    return code
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with _client(_load(args)) as c:
+        if args.command == "pause":
+            c.pause(args.queue)
+            sys.stdout.write(f"paused {args.queue}: no daemon starts its jobs (enqueues are "
+                             "still accepted)\n")
+        else:
+            c.resume(args.queue)
+            sys.stdout.write(f"resumed {args.queue}\n")
+    return ExitCode.OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Print the result (exit 0); exit 1 for a dead or cancelled job, 124 at the timeout."""
+    with _client(_load(args)) as c:
+        try:
+            result = c.wait(args.job_id, args.timeout_s)
+        except TimeoutError:
+            _err(f"{args.job_id} did not finish within {args.timeout_s:g}s")
+            return 124
+        except (JobFailed, JobCancelled) as e:
+            _err(str(e))
+            return ExitCode.ERROR
+    _out(result)
     return ExitCode.OK
 
 
@@ -445,7 +513,8 @@ def _draw_stats(args: argparse.Namespace, queues: list[ops.QueueStats],
     for q in queues:
         w(f"{q.name:<16}{q.depth:>9}{q.waiting:>9}{q.in_flight:>9}{q.scheduled:>8}{q.dead:>7}"
           f"{q.lag_s:>8.1f}{rates[q.name]:>9.1f}{q.weight if q.weight is not None else '-':>8}"
-          f"  {'yes' if q.accepting else 'NO (over high watermark)'}\n")
+          f"  {'yes' if q.accepting else 'NO (over high watermark)'}"
+          f"{'  PAUSED' if q.paused else ''}\n")
     w(f"\n{'WORKER':<40}{'HOST':<20}{'PID':>8}{'HEARTBEAT':>11}{'BUSY':>10}\n")
     for wk in workers:
         age = wk.get("heartbeat_age_s")
@@ -602,6 +671,35 @@ echo '{"name": "from stdin"}' | jobqd enqueue hello - --delay-s 60""", fn=cmd_en
     e.add_argument("--wait", action="store_true", help="wait while the queue is full")
     e.add_argument("--timeout-s", type=_positive_float, metavar="T",
                    help="with --wait: give up after T seconds")
+    e.add_argument("--expires-s", type=_positive_float, metavar="S",
+                   help="not started S seconds after it is due: never run (dead, expired)")
+
+    cx = _add(sub, "cancel", "cancel jobs: by id, or every unfinished job of a queue",
+              "Cancel jobs. A queued or scheduled job is removed and never runs; a running\n"
+              "one is stopped wherever it runs (an async handler at its next await, a plain\n"
+              "def when it checks current_job().cancelled) and ends cancelled, never\n"
+              "retried. Exit 1 when a job had already finished (nothing changes for it).",
+              """jobqd cancel 01JD5W9X4Q6V7ZB5S0J8M2N3KQ-default
+jobqd cancel --queue bulk --task checksum --scheduled-only""", fn=cmd_cancel)
+    cx.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    cx.add_argument("--queue", metavar="Q", help="every unfinished job of this queue")
+    cx.add_argument("--task", metavar="T", help="with --queue: only this task's jobs")
+    cx.add_argument("--scheduled-only", action="store_true",
+                    help="with --queue: only delayed jobs and jobs waiting for a retry")
+    cx.add_argument("--json", action="store_true", help="one JSON object per job (or counts)")
+    for verb, what in (("pause", "stop starting a queue's jobs (enqueues still accepted)"),
+                       ("resume", "start a paused queue's jobs again")):
+        pz = _add(sub, verb, what,
+                  f"{what[0].upper()}{what[1:]}, on every daemon within "
+                  "weights.refresh_interval_s.", f"jobqd {verb} bulk", fn=cmd_pause)
+        pz.add_argument("queue", metavar="QUEUE")
+    wt = _add(sub, "wait", "wait for a job to finish and print its result",
+              "Wait until the job ends (pushed by Redis, not polled) and print its result as\n"
+              "JSON. Exit 1 for a dead or cancelled job (its reason on stderr), 124 at the\n"
+              "timeout.", "jobqd wait 01JD5W9X4Q6V7ZB5S0J8M2N3KQ-default --timeout-s 30",
+              fn=cmd_wait)
+    wt.add_argument("job_id", metavar="JOB_ID")
+    wt.add_argument("--timeout-s", type=_positive_float, metavar="T", help="give up after T s")
 
     s = _add(sub, "status", "a job's status (--json: as JSON)",
              "Print what jobqd knows about one job: status, attempts, result or error, and\n"
