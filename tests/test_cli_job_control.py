@@ -96,4 +96,4 @@ async def test_enqueue_expires_s(start_daemon: Callable[..., Any],
     info = await wait_status(client, out.strip(), "dead")
     assert info.reason == "expired"
     code, _, err = await cli(capsys, "enqueue", "noop", "-c", cfg, "--expires-s", "0")
-    assert code == ExitCode.USAGE
+    assert code == ExitCode.USAGE and "--expires-s" in err
