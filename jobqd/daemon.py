@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -73,6 +74,7 @@ class Daemon:
         self.notifier = sdnotify.Notifier()
         self.http_address: tuple[str, int] | None = None
         self.http_bound = asyncio.Event()
+        self._http_socks: list[socket.socket] = []
 
     def stop(self, reason: str = "requested") -> None:
         if self.rt is not None:
@@ -136,6 +138,20 @@ class Daemon:
                 await asyncio.sleep(backoff.next())
 
     async def _run(self) -> ExitCode:
+        # the HTTP port first: one taken by another program stops us before anything starts
+        http_cfg = self.cfg.http
+        try:
+            self._http_socks = http.bind(http_cfg.listen, http_cfg.host, http_cfg.port)
+        except http.BindError as e:
+            log.error("%s", e)
+            return ExitCode.UNAVAILABLE
+        try:
+            return await self._run_bound()
+        finally:
+            for sock in self._http_socks:
+                sock.close()
+
+    async def _run_bound(self) -> ExitCode:
         try:
             r = await self._connect()
         except BaseException:
@@ -235,7 +251,8 @@ class Daemon:
         return [
             *extra,
             guarded("http", http.run(rt, stop, on_bound=self._http_on_bound,
-                                     shutdown_timeout_s=min(2.0, handback / 2))),
+                                     shutdown_timeout_s=min(2.0, handback / 2),
+                                     socks=self._http_socks)),
             guarded("watchdog", sdnotify.run_watchdog(self.notifier, stop,
                                                       lambda: self._status_line(rt))),
         ]

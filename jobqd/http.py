@@ -40,11 +40,13 @@ traceback: job data, behind the token.)
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -484,18 +486,62 @@ def make_app(rt: Runtime) -> web.Application:
     return app
 
 
+class BindError(RuntimeError):
+    """``http.listen`` cannot be bound (in use, not an address of this host...): the
+    environment's fault, not a bug. The message is one line naming the address."""
+
+
+def bind(listen: str, host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on ``http.listen`` now, so that a port already in use stops the
+    daemon before it starts anything else. One socket per address `host` resolves to."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot listen on {listen} (http.listen): {e.strerror}") from None
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            reason = "address already in use (another jobqd, or another program, listens there)"
+        else:
+            reason = e.strerror or str(e)
+        raise BindError(f"cannot listen on {listen} (http.listen): {reason}") from None
+    return socks
+
+
 async def run(rt: Runtime, stop: asyncio.Event, *,
               on_bound: Callable[[str, int], None] | None = None,
-              shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+              shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+              socks: Sequence[socket.socket] | None = None) -> None:
     """Serve on http.listen until `stop` is set, then close (in-flight requests get
-    `shutdown_timeout_s`). `on_bound(host, port)` reports the bound address (port 0)."""
+    `shutdown_timeout_s`). `on_bound(host, port)` reports the bound address (port 0).
+    `socks`: listening sockets from `bind` (else they are bound here: `BindError`)."""
     app = make_app(rt)
+    if socks is None:
+        http_cfg = rt.config.http
+        socks = bind(http_cfg.listen, http_cfg.host, http_cfg.port)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, rt.config.http.host, rt.config.http.port)
-        await site.start()
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
         host, port = runner.addresses[0][:2]
         log.info("http: listening on %s:%d%s", host, port,
                  " (token required for /v1)" if app[STATE].token else "")

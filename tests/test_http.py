@@ -469,7 +469,7 @@ async def test_bind_failure_raises(make_runtime: Callable[..., Any]) -> None:
     async with serve(rt) as url:
         port = int(url.rsplit(":", 1)[1])
         rt2 = await make_runtime(http={"listen": f"127.0.0.1:{port}"})
-        with pytest.raises(OSError):
+        with pytest.raises(http.BindError, match=rf"127\.0\.0\.1:{port} .*already in use"):
             await asyncio.wait_for(http.run(rt2, asyncio.Event()), 5)
 
 
