@@ -27,7 +27,9 @@ no job data.
 Errors are JSON ``{"error": "...", "field": "..."?}``. Status codes:
 400 malformed JSON or a wrong field (``field`` names it); 401 no or wrong
 token; 404 an id or queue in the URL that is not known; 413 a body over
-``max_payload_bytes`` + 64 KiB, or an encoded job over ``max_payload_bytes``;
+``max_payload_bytes`` + 64 KiB (judged on the declared Content-Length before
+``100 Continue`` is sent, like a missing token's 401), or an encoded job over
+``max_payload_bytes``;
 422 a task or queue named in a request body that no daemon routes (the
 endpoint exists, the body does not make sense, hence not 404); 503 a queue
 over its high watermark (with ``Retry-After`` and queue, depth, high, low) or
@@ -53,7 +55,7 @@ from typing import Any
 
 import orjson
 import redis.exceptions as rexc
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobqd import openapi, ops
@@ -263,8 +265,33 @@ async def openapi_json(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- the job API
 
 
+def _too_big(limit: int) -> str:
+    return f"request body is over the limit of {limit} bytes (max_payload_bytes + slack)"
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse on the headers alone (413 over the declared
+    Content-Length, 401 without the token) before inviting the client to send the body."""
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() != "100-continue":
+        return ApiError(417, f"unsupported Expect: {expect[:100]}").response()
+    st = _state(request)
+    if (st.token is not None and request.path not in OPEN_PATHS
+            and not _authorized(request.headers.get("Authorization"), st.token)):
+        return ApiError(401, "missing or wrong bearer token",
+                        headers={"WWW-Authenticate": 'Bearer realm="jobqd"'}).response()
+    limit = body_limit(st.runtime.config)
+    if request.content_length is not None and request.content_length > limit:
+        return ApiError(413, _too_big(limit)).response()
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+    return None
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_big = f"request body is over the limit of {limit} bytes (max_payload_bytes + slack)"
+    too_big = _too_big(limit)
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, too_big)
     buf = bytearray()
@@ -478,11 +505,11 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi_json)
-    app.router.add_post("/v1/jobs", enqueue)
+    app.router.add_post("/v1/jobs", enqueue, expect_handler=_expect)
     app.router.add_get("/v1/jobs/{id}", job_status)
     app.router.add_get("/v1/queues", queues)
     app.router.add_get("/v1/dlq", dlq_list)
-    app.router.add_post("/v1/dlq/{id}/replay", dlq_replay)
+    app.router.add_post("/v1/dlq/{id}/replay", dlq_replay, expect_handler=_expect)
     return app
 
 
