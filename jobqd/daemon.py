@@ -171,7 +171,16 @@ class Daemon:
                 from jobqd.ledger import Ledger  # noqa: PLC0415 - only with PostgreSQL
 
                 rt.events = Ledger(rt)
-            await store.start()
+            if self.cfg.postgres.dsn:
+                from jobqd.pg import PgSetupError  # noqa: PLC0415 - only with PostgreSQL
+
+                try:
+                    await store.start()
+                except PgSetupError as e:  # a database or role that does not exist
+                    log.error("%s", e)
+                    return e.exit_code
+            else:
+                await store.start()
             return await self._supervise(rt, store)
         finally:
             with contextlib.suppress(Exception):
