@@ -75,6 +75,7 @@ class Daemon:
         self.http_address: tuple[str, int] | None = None
         self.http_bound = asyncio.Event()
         self._http_socks: list[socket.socket] = []
+        self._exit_code: ExitCode | None = None  # a fault that decides the exit code
 
     def stop(self, reason: str = "requested") -> None:
         if self.rt is not None:
@@ -225,6 +226,9 @@ class Daemon:
                         after=self._reload_done))),
                     tg.create_task(self._announce(rt)),
                 ]
+                if self.embedded is not None:
+                    bg.append(tg.create_task(guarded("embedded", self._watch_embedded(
+                        rt, self.embedded, bg_stop))))
                 if rt.config.postgres.dsn:
                     from jobqd import outbox  # noqa: PLC0415 - only with PostgreSQL
 
@@ -246,7 +250,17 @@ class Daemon:
             was_forced = False
         if was_forced:
             return ExitCode.FORCED
+        if self._exit_code is not None:
+            return self._exit_code
         return ExitCode.SOFTWARE if rt.health.crashed else ExitCode.OK
+
+    async def _watch_embedded(self, rt: Runtime, embedded: EmbeddedRedis,
+                              stop: asyncio.Event) -> None:
+        """Restart the embedded redis-server when it dies; when it cannot be restarted,
+        stop and exit UNAVAILABLE (69), so systemd restarts the whole daemon."""
+        if not await embedded.supervise(stop):
+            self._exit_code = ExitCode.UNAVAILABLE
+            rt.stop("the embedded redis-server could not be restarted")
 
     def _last_components(self, rt: Runtime, guarded: Callable[[str, Awaitable[Any]],
                          Coroutine[Any, Any, None]],
