@@ -29,7 +29,18 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
 def state_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="jq-", dir="/tmp"))  # unix socket paths must be short
     yield d
+    _kill_server(d)  # a daemon killed by the spawn fixture leaves its server behind
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill_server(state_dir: Path) -> None:
+    if not (state_dir / "redis.sock").exists():
+        return
+    try:
+        pid = _server_pid(state_dir)
+    except redis.RedisError:
+        return
+    os.kill(pid, signal.SIGKILL)
 
 
 def _config(tmp_path: Path, state_dir: Path, prefix: str) -> Path:
