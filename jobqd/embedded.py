@@ -10,7 +10,8 @@ exits.
 While the daemon runs, `EmbeddedRedis.supervise` watches the server: if it dies
 (``kill -9``, OOM killer), it is restarted on the same socket and AOF, up to
 `RESTART_ATTEMPTS` times with capped exponential backoff, every attempt logged.
-If every attempt fails, `supervise` returns False and the daemon exits
+If every attempt fails, or the server died more than `RESTART_ATTEMPTS` times
+within `CRASH_WINDOW_S`, `supervise` returns False and the daemon exits
 UNAVAILABLE (69), which systemd's ``Restart=on-failure`` restarts.
 """
 
@@ -34,6 +35,9 @@ log = logging.getLogger("jobqd.embedded")
 # RESTART_BACKOFF_S (first, cap) between attempts: 0.5, 1, 2, 4 s.
 RESTART_ATTEMPTS = 5
 RESTART_BACKOFF_S = (0.5, 8.0)
+# A server that keeps dying right after each successful restart is given up on
+# too: more than RESTART_ATTEMPTS deaths within CRASH_WINDOW_S.
+CRASH_WINDOW_S = 60.0
 
 
 class EmbeddedError(RuntimeError):
@@ -104,6 +108,8 @@ class EmbeddedRedis:
     async def supervise(self, stop: asyncio.Event) -> bool:
         """Until `stop`: restart the server whenever it dies. Returns False when
         `RESTART_ATTEMPTS` restarts in a row failed (the daemon must exit), else True."""
+        deaths: list[float] = []
+        loop = asyncio.get_running_loop()
         while not stop.is_set() and not self._stopping:
             proc = self.proc
             if proc is None:
@@ -121,6 +127,13 @@ class EmbeddedRedis:
                    else f"exit code {proc.returncode}")
             log.error("embedded redis-server (pid %d) died (%s); restarting it on %s",
                       proc.pid, how, self.socket)
+            now = loop.time()
+            deaths = [t for t in deaths if now - t < CRASH_WINDOW_S] + [now]
+            if len(deaths) > RESTART_ATTEMPTS:
+                log.error("embedded redis-server died %d times within %g s: not restarting it "
+                          "again (see %s): exiting", len(deaths), CRASH_WINDOW_S,
+                          self.dir / "redis.log")
+                return False
             if not await self._restart(stop):
                 return False
         return True

@@ -134,3 +134,34 @@ def test_embedded_redis_that_cannot_be_restarted_exits_unavailable(
     assert code == ExitCode.UNAVAILABLE, out
     assert out.count("restart attempt") == RESTART_ATTEMPTS, out
     assert "Traceback" not in out, out
+
+
+async def test_a_server_that_keeps_dying_is_given_up_on(
+        tmp_path: Path, state_dir: Path, prefix: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Restarts that succeed but die again at once are bounded too (a crash loop)."""
+    import asyncio
+
+    from jobqd import embedded
+
+    monkeypatch.setattr(embedded, "RESTART_ATTEMPTS", 2)
+    server = embedded.EmbeddedRedis(config.load(_config(tmp_path, state_dir, prefix),
+                                                import_handlers=False))
+    await server.start()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(server.supervise(stop))
+    try:
+        for i in range(1, 3):  # two deaths: each one restarted
+            assert server.proc is not None
+            server.proc.kill()
+            deadline = time.monotonic() + 20
+            while sum("restarted" in r.getMessage() for r in caplog.records) < i:
+                assert not watcher.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert server.proc is not None
+        server.proc.kill()  # the third within the window: given up
+        assert await asyncio.wait_for(watcher, 20) is False
+    finally:
+        stop.set()
+        await server.stop()
+        await asyncio.wait_for(watcher, 5)
