@@ -107,7 +107,9 @@ class EmbeddedRedis:
 
     async def supervise(self, stop: asyncio.Event) -> bool:
         """Until `stop`: restart the server whenever it dies. Returns False when
-        `RESTART_ATTEMPTS` restarts in a row failed (the daemon must exit), else True."""
+        `RESTART_ATTEMPTS` restarts in a row failed, or it died more than
+        `RESTART_ATTEMPTS` times within `CRASH_WINDOW_S` (the daemon must exit);
+        else True."""
         deaths: list[float] = []
         loop = asyncio.get_running_loop()
         while not stop.is_set() and not self._stopping:
@@ -143,7 +145,7 @@ class EmbeddedRedis:
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             try:
                 await self.start()
-            except EmbeddedError as e:
+            except (EmbeddedError, OSError) as e:  # OSError: the binary cannot be run
                 log.error("embedded redis-server restart attempt %d of %d failed: %s",
                           attempt, RESTART_ATTEMPTS, e)
             else:

@@ -92,7 +92,7 @@ class Metrics:
 
 class _EnqueuedCollector(Collector):
     """``jobqd_jobs_enqueued_total{queue,task}``: jobs enqueued by any producer, as counted
-    in Redis (``{p:q}:in``, `jobqd.lua` enqueue). A counter (monotonic; a Redis that
+    in Redis (``{p:q}:in``, by jobqd/lua/enqueue.lua). A counter (monotonic; a Redis that
     loses its data is a reset, which rate() handles). Every daemon exports the same
     value: aggregate across daemons with max, not sum."""
 
