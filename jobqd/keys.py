@@ -49,6 +49,10 @@ class QueueKeys:
     def done(self) -> str:  # counter: entries settled (succeeded, retried, dead, handed back)
         return self.tag + ":n"
 
+    @property
+    def enqueued(self) -> str:  # HASH task -> jobs enqueued, by any producer (enqueue.lua)
+        return self.tag + ":in"
+
     def result(self, job_id: str) -> str:  # STRING final record json, expires results.ttl_s
         return self.tag + ":r:" + job_id
 
