@@ -317,7 +317,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     _needs_postgres(cfg, "jobqd migrate")
     from jobqd import pg  # noqa: PLC0415
 
-    applied = asyncio.run(pg.migrate_cli(cfg))
+    try:
+        applied = asyncio.run(pg.migrate_cli(cfg))
+    except pg.PgSetupError as e:  # a missing database or role (78), PostgreSQL down (69)
+        _err(str(e))
+        return e.exit_code
     sys.stdout.write(f"applied migrations: {applied}\n" if applied else "schema up to date\n")
     return ExitCode.OK
 

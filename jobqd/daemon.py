@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -76,6 +77,8 @@ class Daemon:
         self.notifier = sdnotify.Notifier()
         self.http_address: tuple[str, int] | None = None
         self.http_bound = asyncio.Event()
+        self._http_socks: list[socket.socket] = []
+        self._exit_code: ExitCode | None = None  # a fault that decides the exit code
 
     def stop(self, reason: str = "requested") -> None:
         if self.rt is not None:
@@ -139,6 +142,20 @@ class Daemon:
                 await asyncio.sleep(backoff.next())
 
     async def _run(self) -> ExitCode:
+        # the HTTP port first: one taken by another program stops us before anything starts
+        http_cfg = self.cfg.http
+        try:
+            self._http_socks = http.bind(http_cfg.listen, http_cfg.host, http_cfg.port)
+        except http.BindError as e:
+            log.error("%s", e)
+            return ExitCode.UNAVAILABLE
+        try:
+            return await self._run_bound()
+        finally:
+            for sock in self._http_socks:
+                sock.close()
+
+    async def _run_bound(self) -> ExitCode:
         try:
             r = await self._connect()
         except BaseException:
@@ -163,7 +180,16 @@ class Daemon:
                 from jobqd.ledger import Ledger  # noqa: PLC0415 - only with PostgreSQL
 
                 rt.events = Ledger(rt)
-            await store.start()
+            if self.cfg.postgres.dsn:
+                from jobqd.pg import PgSetupError  # noqa: PLC0415 - only with PostgreSQL
+
+                try:
+                    await store.start()
+                except PgSetupError as e:  # a database or role that does not exist
+                    log.error("%s", e)
+                    return e.exit_code
+            else:
+                await store.start()
             return await self._supervise(rt, store, guard)
         finally:
             with contextlib.suppress(Exception):
@@ -210,6 +236,9 @@ class Daemon:
                         after=self._reload_done))),
                     tg.create_task(self._announce(rt)),
                 ]
+                if self.embedded is not None:
+                    bg.append(tg.create_task(guarded("embedded", self._watch_embedded(
+                        rt, self.embedded, bg_stop))))
                 if rt.config.postgres.dsn:
                     from jobqd import outbox  # noqa: PLC0415 - only with PostgreSQL
 
@@ -231,7 +260,17 @@ class Daemon:
             was_forced = False
         if was_forced:
             return ExitCode.FORCED
+        if self._exit_code is not None:
+            return self._exit_code
         return ExitCode.SOFTWARE if rt.health.crashed else ExitCode.OK
+
+    async def _watch_embedded(self, rt: Runtime, embedded: EmbeddedRedis,
+                              stop: asyncio.Event) -> None:
+        """Restart the embedded redis-server when it dies; when it cannot be restarted,
+        stop and exit UNAVAILABLE (69), so systemd restarts the whole daemon."""
+        if not await embedded.supervise(stop):
+            self._exit_code = ExitCode.UNAVAILABLE
+            rt.stop("the embedded redis-server could not be restarted")
 
     def _last_components(self, rt: Runtime, guarded: Callable[[str, Awaitable[Any]],
                          Coroutine[Any, Any, None]],
@@ -242,7 +281,8 @@ class Daemon:
             # the ledger (if any): flushed after the pool's final events
             guarded("events", rt.events.run(stop)),
             guarded("http", http.run(rt, stop, on_bound=self._http_on_bound,
-                                     shutdown_timeout_s=min(2.0, handback / 2))),
+                                     shutdown_timeout_s=min(2.0, handback / 2),
+                                     socks=self._http_socks)),
             guarded("watchdog", sdnotify.run_watchdog(self.notifier, stop,
                                                       lambda: self._status_line(rt))),
         ]

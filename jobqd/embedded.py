@@ -6,11 +6,19 @@ a unix socket under ``state_dir`` (no TCP port), keeps an AOF with
 ``appendfsync everysec`` so queued jobs survive a restart, and is stopped
 (SIGTERM: Redis' graceful shutdown, which flushes the AOF) when the daemon
 exits.
+
+While the daemon runs, `EmbeddedRedis.supervise` watches the server: if it dies
+(``kill -9``, OOM killer), it is restarted on the same socket and AOF, up to
+`RESTART_ATTEMPTS` times with capped exponential backoff, every attempt logged.
+If every attempt fails, or the server died more than `RESTART_ATTEMPTS` times
+within `CRASH_WINDOW_S`, `supervise` returns False and the daemon exits
+UNAVAILABLE (69), which systemd's ``Restart=on-failure`` restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -18,8 +26,18 @@ from pathlib import Path
 import redis.asyncio as aredis
 
 from jobqd.config import Config
+from jobqd.runtime import Backoff
 
 log = logging.getLogger("jobqd.embedded")
+
+
+# A server that dies is restarted up to this many times in a row, waiting
+# RESTART_BACKOFF_S (first, cap) between attempts: 0.5, 1, 2, 4 s.
+RESTART_ATTEMPTS = 5
+RESTART_BACKOFF_S = (0.5, 8.0)
+# A server that keeps dying right after each successful restart is given up on
+# too: more than RESTART_ATTEMPTS deaths within CRASH_WINDOW_S.
+CRASH_WINDOW_S = 60.0
 
 
 class EmbeddedError(RuntimeError):
@@ -44,6 +62,7 @@ class EmbeddedRedis:
         self.dir = Path(cfg.state_dir)
         self.socket = self.dir / "redis.sock"
         self.proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -83,12 +102,72 @@ class EmbeddedRedis:
                          self.proc.pid)
                 return
             await asyncio.sleep(0.05)
-        await self.stop()
+        await self._terminate()
         raise EmbeddedError(f"embedded redis-server did not answer within {timeout_s:g}s")
+
+    async def supervise(self, stop: asyncio.Event) -> bool:
+        """Until `stop`: restart the server whenever it dies. Returns False when
+        `RESTART_ATTEMPTS` restarts in a row failed, or it died more than
+        `RESTART_ATTEMPTS` times within `CRASH_WINDOW_S` (the daemon must exit);
+        else True."""
+        deaths: list[float] = []
+        loop = asyncio.get_running_loop()
+        while not stop.is_set() and not self._stopping:
+            proc = self.proc
+            if proc is None:
+                return True
+            died = asyncio.ensure_future(proc.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                died.cancel()
+                stopped.cancel()
+            if stop.is_set() or self._stopping or proc.returncode is None:
+                return True
+            how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+                   else f"exit code {proc.returncode}")
+            log.error("embedded redis-server (pid %d) died (%s); restarting it on %s",
+                      proc.pid, how, self.socket)
+            now = loop.time()
+            deaths = [t for t in deaths if now - t < CRASH_WINDOW_S] + [now]
+            if len(deaths) > RESTART_ATTEMPTS:
+                log.error("embedded redis-server died %d times within %g s: not restarting it "
+                          "again (see %s): exiting", len(deaths), CRASH_WINDOW_S,
+                          self.dir / "redis.log")
+                return False
+            if not await self._restart(stop):
+                return False
+        return True
+
+    async def _restart(self, stop: asyncio.Event) -> bool:
+        backoff = Backoff(*RESTART_BACKOFF_S)
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            try:
+                await self.start()
+            except (EmbeddedError, OSError) as e:  # OSError: the binary cannot be run
+                log.error("embedded redis-server restart attempt %d of %d failed: %s",
+                          attempt, RESTART_ATTEMPTS, e)
+            else:
+                log.warning("embedded redis-server restarted (restart attempt %d of %d); "
+                            "jobs in its AOF are kept", attempt, RESTART_ATTEMPTS)
+                return True
+            if attempt < RESTART_ATTEMPTS:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff.next())
+                if stop.is_set() or self._stopping:
+                    return True
+        log.error("embedded redis-server could not be restarted after %d attempts "
+                  "(see %s): exiting", RESTART_ATTEMPTS, self.dir / "redis.log")
+        return False
 
     async def stop(self) -> None:
         """SIGTERM: Redis' own graceful shutdown (it flushes the AOF). Not the SHUTDOWN
         command: the client would retry it, with backoff, once the server is gone."""
+        self._stopping = True
+        await self._terminate()
+
+    async def _terminate(self) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return

@@ -1,6 +1,7 @@
-"""The gauge-refresh loop: queue depths, lag, dead letters, accepting state and
-weights read from Redis (true across daemons) on a timer, never per scrape;
-plus this daemon's consumer states."""
+"""The gauge-refresh loop: queue depths, lag, dead letters, accepting state,
+weights and the enqueue counters (every producer's, kept by enqueue.lua) read
+from Redis (true across daemons) on a timer, never per scrape; plus this
+daemon's consumer states."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ async def refresh(rt: Runtime, snapshot: Callable[[], dict[str, int]]) -> list[o
         m.dlq_depth.labels(st.name).set(st.dead)
         m.accepting.labels(st.name).set(1 if st.accepting else 0)
         m.weight.labels(st.name).set(rt.weights.get(st.name, st.weight or 0))
+        m.set_enqueued(st.name, st.enqueued)
     return stats
 
 

@@ -29,7 +29,9 @@ no job data.
 Errors are JSON ``{"error": "...", "field": "..."?}``. Status codes:
 400 malformed JSON or a wrong field (``field`` names it); 401 no or wrong
 token; 404 an id or queue in the URL that is not known; 413 a body over
-``max_payload_bytes`` + 64 KiB, or an encoded job over ``max_payload_bytes``;
+``max_payload_bytes`` + 64 KiB (judged on the declared Content-Length before
+``100 Continue`` is sent, like a missing token's 401), or an encoded job over
+``max_payload_bytes``;
 422 a task or queue named in a request body that no daemon routes (the
 endpoint exists, the body does not make sense, hence not 404); 503 a queue
 over its high watermark (with ``Retry-After`` and queue, depth, high, low) or
@@ -45,18 +47,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.exceptions as rexc
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobqd import openapi, ops
@@ -307,8 +311,33 @@ async def openapi_json(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- the job API
 
 
+def _too_big(limit: int) -> str:
+    return f"request body is over the limit of {limit} bytes (max_payload_bytes + slack)"
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse on the headers alone (413 over the declared
+    Content-Length, 401 without the token) before inviting the client to send the body."""
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() != "100-continue":
+        return ApiError(417, f"unsupported Expect: {expect[:100]}").response()
+    st = _state(request)
+    if (st.token is not None and request.path not in OPEN_PATHS
+            and not _authorized(request.headers.get("Authorization"), st.token)):
+        return ApiError(401, "missing or wrong bearer token",
+                        headers={"WWW-Authenticate": 'Bearer realm="jobqd"'}).response()
+    limit = body_limit(st.runtime.config)
+    if request.content_length is not None and request.content_length > limit:
+        return ApiError(413, _too_big(limit)).response()
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+    return None
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_big = f"request body is over the limit of {limit} bytes (max_payload_bytes + slack)"
+    too_big = _too_big(limit)
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, too_big)
     buf = bytearray()
@@ -595,29 +624,73 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi_json)
-    app.router.add_post("/v1/jobs", enqueue)
+    app.router.add_post("/v1/jobs", enqueue, expect_handler=_expect)
     app.router.add_get("/v1/jobs/{id}", job_status)
     app.router.add_delete("/v1/jobs/{id}", job_cancel)
     app.router.add_post("/v1/queues/{queue}/pause", queue_pause)
     app.router.add_post("/v1/queues/{queue}/resume", queue_resume)
     app.router.add_get("/v1/queues", queues)
     app.router.add_get("/v1/dlq", dlq_list)
-    app.router.add_post("/v1/dlq/{id}/replay", dlq_replay)
+    app.router.add_post("/v1/dlq/{id}/replay", dlq_replay, expect_handler=_expect)
     return app
+
+
+class BindError(RuntimeError):
+    """``http.listen`` cannot be bound (in use, not an address of this host...): the
+    environment's fault, not a bug. The message is one line naming the address."""
+
+
+def bind(listen: str, host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on ``http.listen`` now, so that a port already in use stops the
+    daemon before it starts anything else. One socket per address `host` resolves to."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot listen on {listen} (http.listen): {e.strerror}") from None
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            reason = "address already in use (another jobqd, or another program, listens there)"
+        else:
+            reason = e.strerror or str(e)
+        raise BindError(f"cannot listen on {listen} (http.listen): {reason}") from None
+    return socks
 
 
 async def run(rt: Runtime, stop: asyncio.Event, *,
               on_bound: Callable[[str, int], None] | None = None,
-              shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+              shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+              socks: Sequence[socket.socket] | None = None) -> None:
     """Serve on http.listen until `stop` is set, then close (in-flight requests get
-    `shutdown_timeout_s`). `on_bound(host, port)` reports the bound address (port 0)."""
+    `shutdown_timeout_s`). `on_bound(host, port)` reports the bound address (port 0).
+    `socks`: listening sockets from `bind` (else they are bound here: `BindError`)."""
     app = make_app(rt)
+    if socks is None:
+        http_cfg = rt.config.http
+        socks = bind(http_cfg.listen, http_cfg.host, http_cfg.port)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, rt.config.http.host, rt.config.http.port)
-        await site.start()
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
         host, port = runner.addresses[0][:2]
         log.info("http: listening on %s:%d%s", host, port,
                  " (token required for /v1)" if app[STATE].token else "")

@@ -61,6 +61,10 @@ class QueueKeys:
     def progress(self) -> str:  # HASH job id -> progress json, while running
         return self.tag + ":pg"
 
+    @property
+    def enqueued(self) -> str:  # HASH task -> jobs enqueued, by any producer (enqueue.lua)
+        return self.tag + ":in"
+
     def result(self, job_id: str) -> str:  # STRING final record json, expires results.ttl_s
         return self.tag + ":r:" + job_id
 

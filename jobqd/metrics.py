@@ -11,7 +11,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import Info as PromInfo
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from jobqd import __version__
 
@@ -23,8 +25,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = reg = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=reg)
-        self.enqueued = Counter("jobqd_jobs_enqueued", "Jobs accepted through this daemon (HTTP "
-                                "API, outbox relay)", ["queue", "task"], registry=reg)
+        # per daemon: what its own HTTP API and outbox relay enqueued
+        self.enqueued = Counter("jobqd_jobs_accepted", "Jobs enqueued through this daemon's "
+                                "HTTP API or outbox relay (every producer: "
+                                "jobqd_jobs_enqueued_total)", ["queue", "task"], registry=reg)
+        # every producer (clients, CLI, HTTP, outbox): counted in Redis by enqueue.lua,
+        # read by the gauge loop (`set_enqueued`)
+        self.enqueued_total: dict[tuple[str, str], int] = {}
+        reg.register(_EnqueuedCollector(self.enqueued_total))
         self.completed = Counter("jobqd_jobs_completed", "Job attempts finished, by outcome "
                                  "(succeeded, retried, dead)", ["queue", "task", "outcome"],
                                  registry=reg)
@@ -55,6 +63,11 @@ class Metrics:
         self._duration: dict[tuple[str, str], Any] = {}
         self._wait: dict[str, Any] = {}
 
+    def set_enqueued(self, queue: str, counts: dict[str, int]) -> None:
+        """The Redis-side enqueue counters of one queue (task -> jobs ever enqueued)."""
+        for task, n in counts.items():
+            self.enqueued_total[(queue, task)] = n
+
     def job_done(self, queue: str, task: str, outcome: str, duration_s: float) -> None:
         key = (queue, task, outcome)
         c = self._completed.get(key)
@@ -75,3 +88,28 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EnqueuedCollector(Collector):
+    """``jobqd_jobs_enqueued_total{queue,task}``: jobs enqueued by any producer, as counted
+    in Redis (``{p:q}:in``, by jobqd/lua/enqueue.lua). A counter (monotonic; a Redis that
+    loses its data is a reset, which rate() handles). Every daemon exports the same
+    value: aggregate across daemons with max, not sum."""
+
+    def __init__(self, values: dict[tuple[str, str], int]) -> None:
+        self.values = values
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "jobqd_jobs_enqueued", "Jobs enqueued by every producer (clients, CLI, HTTP, "
+            "outbox), counted in Redis; the same in every daemon (aggregate with max)",
+            labels=["queue", "task"])
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for (queue, task), n in sorted(self.values.items()):
+            family.add_metric([queue, task], float(n))
+        return [family]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import orjson
@@ -676,9 +676,11 @@ class QueueStats:
     high_watermark: int | None
     low_watermark: int | None
     paused: bool = False
+    # task -> jobs ever enqueued by any producer (a counter; for /metrics, not in to_dict)
+    enqueued: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.__slots__ if k != "enqueued"}
 
 
 def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
@@ -692,13 +694,14 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
         qk = QueueKeys(prefix, q)
         calls += [cmd("XLEN", qk.stream), cmd("ZCARD", qk.delayed), cmd("XLEN", qk.dlq),
                   cmd("EXISTS", qk.full), cmd("HMGET", qk.conf, "high", "low"),
-                  cmd("EXISTS", qk.stream), cmd("GET", qk.done)]
+                  cmd("EXISTS", qk.stream), cmd("GET", qk.done), cmd("HGETALL", qk.enqueued)]
     replies = (yield Pipe(calls)) if calls else []
-    rows = [replies[i * 7:(i + 1) * 7] for i in range(len(queues))]
+    rows = [replies[i * 8:(i + 1) * 8] for i in range(len(queues))]
     with_stream = [q for q, row in zip(queues, rows, strict=True) if row[5]]
     pending_lag = yield from _pending_and_lag(prefix, with_stream)
     out = []
-    for q, (xlen, zcard, dead, full, (high, low), _, done) in zip(queues, rows, strict=True):
+    for q, (xlen, zcard, dead, full, (high, low), _, done, enq) in zip(queues, rows,
+                                                                       strict=True):
         pending, lag = pending_lag.get(q, (0, 0.0))
         out.append(QueueStats(
             name=q, depth=int(xlen) + int(zcard), waiting=max(0, int(xlen) - pending),
@@ -706,7 +709,8 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
             lag_s=lag,
             accepting=not full, weight=weights.get(q),
             high_watermark=int(high) if high else None, low_watermark=int(low) if low else None,
-            paused=q in paused))
+            paused=q in paused,
+            enqueued={k: int(v) for k, v in fields_dict(enq).items()}))
     return out
 
 

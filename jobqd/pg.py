@@ -23,6 +23,7 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from jobqd.config import Config
+from jobqd.exitcodes import ExitCode
 from jobqd.runtime import Backoff, Runtime
 
 log = logging.getLogger("jobqd.pg")
@@ -140,6 +142,66 @@ def is_transient(e: BaseException) -> bool:
 def is_outage(e: BaseException) -> bool:
     """PostgreSQL or Redis unreachable: components retry with backoff instead of crashing."""
     return is_transient(e) or isinstance(e, RedisError)
+
+
+class PgSetupError(Exception):
+    """PostgreSQL cannot be used as ``postgres.dsn`` says: a one-line explanation for
+    the operator (what is missing and how to create it; never the password) and the exit
+    code: CONFIG (78) for a database or role that does not exist or credentials that
+    are refused (an operator must act), UNAVAILABLE (69) for a server that does not
+    answer (worth a retry). Raised by `jobqd migrate` and at daemon start."""
+
+    def __init__(self, message: str, exit_code: ExitCode) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _where(cfg: Config) -> str:
+    """host:port of postgres.dsn, for messages (no credentials)."""
+    try:
+        u = urllib.parse.urlsplit(cfg.postgres.dsn or "")
+        host = u.hostname or urllib.parse.parse_qs(u.query).get("host", ["localhost"])[0]
+        return f"{host}:{u.port or 5432}"
+    except ValueError:
+        return "the server in postgres.dsn"
+
+
+def _quoted(pattern: str, text: str) -> str | None:
+    m = re.search(pattern, text)
+    return m.group(1) if m else None
+
+
+def explain(e: BaseException, cfg: Config) -> PgSetupError | None:
+    """Classify a failure to connect to ``postgres.dsn``: a `PgSetupError` with a clear
+    message and exit code, or None when it is none of the known set-up faults."""
+    where = _where(cfg)
+    text = str(e)
+    if isinstance(e, asyncpg.InvalidCatalogNameError):
+        db = _quoted(r'database "([^"]+)"', text) or "?"
+        return PgSetupError(
+            f'postgres.dsn names database "{db}", which does not exist on {where}: '
+            f"create it (e.g. `createdb {db}`, as a PostgreSQL superuser) or fix "
+            "postgres.dsn", ExitCode.CONFIG)
+    if isinstance(e, asyncpg.InvalidPasswordError):
+        user = _quoted(r'user "([^"]+)"', text) or "?"
+        return PgSetupError(
+            f'PostgreSQL on {where} refused the password of role "{user}": fix the '
+            "password in postgres.dsn (or dsn_file)", ExitCode.CONFIG)
+    if isinstance(e, asyncpg.InvalidAuthorizationSpecificationError):
+        role = _quoted(r'role "([^"]+)" does not exist', text)
+        if role is not None:
+            return PgSetupError(
+                f'postgres.dsn names role "{role}", which does not exist on {where}: create '
+                f"it (e.g. `createuser {role}`, as a PostgreSQL superuser) or fix "
+                "postgres.dsn", ExitCode.CONFIG)
+        return PgSetupError(f"PostgreSQL on {where} refused the connection: "
+                            f"{text.splitlines()[0] if text else type(e).__name__}",
+                            ExitCode.CONFIG)
+    if is_transient(e):
+        detail = text.splitlines()[0] if text else type(e).__name__
+        return PgSetupError(f"cannot reach PostgreSQL at {where} (postgres.dsn): {detail}",
+                            ExitCode.UNAVAILABLE)
+    return None
 
 
 def _dsn(cfg: Config) -> str:
@@ -269,6 +331,9 @@ class PgHeartbeats:
             await self.db.get()
             self.rt.health.postgres_ok = True
         except Exception as e:
+            setup = explain(e, self.rt.config)
+            if setup is not None and setup.exit_code == ExitCode.CONFIG:
+                raise setup from None  # a missing database or role: the operator must act
             if not is_transient(e):
                 raise
             self.rt.health.postgres_ok = False
@@ -373,8 +438,15 @@ async def list_workers(cfg: Config) -> list[dict[str, object]]:
 
 
 async def migrate_cli(cfg: Config, *, schema: str | None = None) -> list[int]:
-    """`jobqd migrate`: apply the missing migrations; returns the versions applied."""
-    conn = await connect(cfg)
+    """`jobqd migrate`: apply the missing migrations; returns the versions applied.
+    Cannot connect: `PgSetupError` (a missing database or role, or the server down)."""
+    try:
+        conn = await connect(cfg)
+    except Exception as e:
+        setup = explain(e, cfg)
+        if setup is None:
+            raise
+        raise setup from None
     try:
         return await migrate(conn, schema or cfg.postgres.schema)
     finally:

@@ -129,7 +129,7 @@ async def test_job_roundtrip_health_readiness_metrics(start_daemon: Callable[...
 
         text = await metrics_text(s)
         assert "jobqd_build_info{" in text
-        assert 'jobqd_jobs_enqueued_total{queue="default",task="record"} 1.0' in text
+        assert 'jobqd_jobs_accepted_total{queue="default",task="record"} 1.0' in text
         deadline = time.monotonic() + 10  # gauges are refreshed on a timer, not per scrape
         while 'jobqd_queue_depth{queue="default"}' not in text:
             assert time.monotonic() < deadline, text
@@ -160,7 +160,7 @@ async def test_queue_over_watermark_is_503_with_retry_after(
         assert q["depth"] == 3 and q["accepting"] is False and q["in_flight"] == 0
         assert q["weight"] == 1 and q["high_watermark"] == 3 and q["low_watermark"] == 1
         # a refused job is not counted as enqueued
-        assert 'jobqd_jobs_enqueued_total{queue="default",task="noop"} 3.0' in \
+        assert 'jobqd_jobs_accepted_total{queue="default",task="noop"} 3.0' in \
             await metrics_text(s)
 
 
@@ -289,7 +289,7 @@ async def test_enqueue_validation_names_the_field(make_runtime: Callable[..., An
         assert first[0] == second[0] == 202
         assert first[1]["id"] == second[1]["id"]
         assert first[1]["created"] is True and second[1]["created"] is False
-        assert 'jobqd_jobs_enqueued_total{queue="default",task="noop"} 3.0' in \
+        assert 'jobqd_jobs_accepted_total{queue="default",task="noop"} 3.0' in \
             await metrics_text(s)
 
 
@@ -469,7 +469,7 @@ async def test_bind_failure_raises(make_runtime: Callable[..., Any]) -> None:
     async with serve(rt) as url:
         port = int(url.rsplit(":", 1)[1])
         rt2 = await make_runtime(http={"listen": f"127.0.0.1:{port}"})
-        with pytest.raises(OSError):
+        with pytest.raises(http.BindError, match=rf"127\.0\.0\.1:{port} .*already in use"):
             await asyncio.wait_for(http.run(rt2, asyncio.Event()), 5)
 
 

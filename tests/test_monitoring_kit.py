@@ -30,6 +30,7 @@ DASHBOARD = ROOT / "etc" / "grafana" / "jobqd-dashboard.json"
 # The metrics jobqd exports (name -> label names); see jobqd/metrics.py.
 JOBQD_METRICS: dict[str, frozenset[str]] = {
     "jobqd_jobs_enqueued_total": frozenset({"queue", "task"}),
+    "jobqd_jobs_accepted_total": frozenset({"queue", "task"}),
     "jobqd_jobs_completed_total": frozenset({"queue", "task", "outcome"}),
     "jobqd_queue_depth": frozenset({"queue"}),
     "jobqd_queue_lag_seconds": frozenset({"queue"}),

@@ -16,12 +16,24 @@ stderr line that is not in ACCEPTED_VERIFY_WARNINGS (see there).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.conftest import base_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "jobqd.service"
@@ -163,7 +175,7 @@ def test_restart_policy(unit: dict[str, list[tuple[str, str]]]) -> None:
 
 
 def test_exec_lines(unit: dict[str, list[tuple[str, str]]]) -> None:
-    assert values(unit, "Service", "ExecStart") == [f"{INSTALLED_EXEC} run -c /etc/jobqd.yaml"]
+    assert values(unit, "Service", "ExecStart") == [f"{INSTALLED_EXEC} -c /etc/jobqd.yaml run"]
     assert last(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert "JOBQD_CONFIG=/etc/jobqd.yaml" in values(unit, "Service", "Environment")
 
@@ -313,3 +325,88 @@ def test_security_exposure(tmp_path: Path) -> None:
     assert match, proc.stdout + proc.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- the unit's ExecStart= actually starts the daemon ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+def test_exec_start_runs_the_daemon_until_sigterm(
+    unit: dict[str, list[tuple[str, str]]], tmp_path: Path, prefix: str
+) -> None:
+    """Run the unit's own ExecStart= (binary -> this venv's jobqd, /etc/jobqd.yaml -> a
+    temporary config), under a NOTIFY_SOCKET like systemd's: it must send READY=1, answer
+    /readyz 200, and exit 0 on SIGTERM after a drain."""
+    (exec_start,) = values(unit, "Service", "ExecStart")
+    assert "%" not in exec_start, "specifiers are not expanded by this test"
+    argv = shlex.split(exec_start)
+    assert argv[0] == INSTALLED_EXEC
+    venv_jobqd = Path(sys.executable).parent / "jobqd"
+    assert venv_jobqd.exists(), venv_jobqd
+    port = _free_port()
+    cfg = tmp_path / "jobqd.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(prefix, http={"listen": f"127.0.0.1:{port}"})))
+    argv = [str(venv_jobqd), *(str(cfg) if a == "/etc/jobqd.yaml" else a for a in argv[1:])]
+    assert str(cfg) in argv, f"ExecStart= does not name /etc/jobqd.yaml: {exec_start}"
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBQD_", "NOTIFY_"))}
+    for assignment in values(unit, "Service", "Environment"):
+        for item in shlex.split(assignment):
+            key, _, value = item.partition("=")
+            env[key] = str(cfg) if value == "/etc/jobqd.yaml" else value
+    env["PYTHONPATH"] = str(ROOT)  # the test handlers
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.2)
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=log_file,
+                                stderr=subprocess.STDOUT)
+    try:
+        messages: list[str] = []
+        deadline = time.monotonic() + 30
+        while not any("READY=1" in m.splitlines() for m in messages):
+            assert proc.poll() is None, (
+                f"{' '.join(argv)} exited {proc.returncode}:\n{log_path.read_text()}")
+            assert time.monotonic() < deadline, log_path.read_text()
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify.recv(4096).decode())
+        assert _get(f"http://127.0.0.1:{port}/readyz") == 200, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+        deadline = time.monotonic() + 5
+        while not any("STOPPING=1" in m.splitlines() for m in messages):
+            assert time.monotonic() < deadline, messages
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify.recv(4096).decode())
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_restart_prevented_only_for_config_errors(
+    unit: dict[str, list[tuple[str, str]]],
+) -> None:
+    """Only an operator can fix a usage or config error; an environment fault (69: Redis,
+    PostgreSQL or the HTTP port unavailable) or a crash (70) must be retried."""
+    prevent = set(" ".join(values(unit, "Service", "RestartPreventExitStatus")).split())
+    assert prevent == {str(EX_USAGE), str(EX_CONFIG)}

@@ -1,6 +1,8 @@
 -- enqueue: add a batch of jobs for ONE task to ONE queue, atomically.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=conf KEYS[5]=full
 -- KEYS[5+k]=idempotency key k (k >= 1)
+-- Also HINCRBYs the task's field of {p:q}:in (named from KEYS[1], same hash slot) by the
+-- number of jobs created: every producer's enqueues, read by jobqd_jobs_enqueued_total.
 -- ARGV[1]=task ARGV[2]=n ARGV[3]=idempotency ttl ms
 -- then per job i (0-based), at b = 4 + 4*i: id, job json, delay ms, idempotency key index (0 = none)
 -- Returns {'OK', flags, id...} (flag '1' = created, '0' = idempotent hit, id = the existing job)
@@ -72,6 +74,15 @@ for i = 0, n - 1 do
     out[#out + 1] = id
     flags[#flags + 1] = '1'
   end
+end
+local created = 0
+for i = 1, #flags do
+  if flags[i] == '1' then
+    created = created + 1
+  end
+end
+if created > 0 then
+  redis.call('HINCRBY', string.sub(KEYS[1], 1, -2) .. 'in', task, created)
 end
 out[2] = table.concat(flags)
 return out

@@ -1,0 +1,91 @@
+"""scripts/demo, run the way a new user runs it (non-interactively: JOBQD_DEMO_ONESHOT=1),
+against this checkout's .venv with its state in a temporary directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from tests.conftest import ROOT
+
+DEMO = ROOT / "scripts" / "demo"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server"),
+    pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "jobqd").exists(),
+                       reason="needs the checkout's .venv (python3 -m venv .venv, then "
+                       "pip install -e .)"),
+]
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="jq-", dir="/tmp"))  # unix socket paths must be short
+    yield d
+    if (d / "redis.sock").exists():  # a daemon the demo failed to stop left its server
+        r = redis.Redis(unix_socket_path=str(d / "redis.sock"), socket_timeout=2)
+        with contextlib.suppress(redis.RedisError):
+            os.kill(int(r.info("server")["process_id"]), signal.SIGKILL)
+        r.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _demo(state_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """scripts/demo on a copy of etc/jobqd.yaml with its own port and state dir."""
+    cfg = yaml.safe_load((ROOT / "etc" / "jobqd.yaml").read_text())
+    cfg["http"]["listen"] = f"127.0.0.1:{port}"
+    cfg["state_dir"] = str(state_dir)
+    path = state_dir / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBQD_", "NOTIFY_"))}
+    env.update(JOBQD_DEMO_CONFIG=str(path), JOBQD_STATE_DIR=str(state_dir),
+               JOBQD_DEMO_ONESHOT="1", JOBQD_DEMO_NO_INSTALL="1")
+    try:
+        return subprocess.run(["bash", str(DEMO)], capture_output=True, text=True, env=env,
+                              timeout=100, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:  # the daemon runs in its own session: stop it
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        m = re.search(r"daemon started \(pid (\d+)\)", out)
+        if m:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(m.group(1)), signal.SIGKILL)
+        raise
+
+
+def test_demo_shows_a_job_succeeding_and_exits_0(state_dir: Path) -> None:
+    proc = _demo(state_dir, _free_port())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert '"status": "succeeded"' in proc.stdout, out
+    assert "jobqd stats" in proc.stdout and "jobqd dlq list" in proc.stdout, out
+    assert "!!" not in out, out
+
+
+def test_demo_reports_a_dead_daemon_with_its_log(state_dir: Path) -> None:
+    with socket.socket() as held:  # the daemon cannot bind its port and exits at once
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = _demo(state_dir, port)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "the jobqd daemon exited (exit code 69)" in proc.stderr, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr  # its log line
+    assert "enqueueing" not in proc.stdout, proc.stdout
