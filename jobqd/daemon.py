@@ -44,6 +44,7 @@ from jobqd import (
 )
 from jobqd.aio import Backoff, wait_first
 from jobqd.config import Config
+from jobqd.deps import is_redis_error
 from jobqd.embedded import EmbeddedError, EmbeddedRedis
 from jobqd.exitcodes import ExitCode
 from jobqd.pool import Pool
@@ -132,7 +133,7 @@ class Daemon:
                 await scripts.preload(r)
                 return r
             except Exception as e:
-                if not Runtime.is_redis_error(e):
+                if not is_redis_error(e):
                     raise
                 if asyncio.get_running_loop().time() > deadline:
                     log.error("cannot connect to redis at %s: %s", _safe_url(cfg), e)

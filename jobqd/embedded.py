@@ -25,8 +25,8 @@ from pathlib import Path
 
 import redis.asyncio as aredis
 
+from jobqd.aio import Backoff
 from jobqd.config import Config
-from jobqd.runtime import Backoff
 
 log = logging.getLogger("jobqd.embedded")
 

@@ -44,9 +44,11 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from jobqd import pg
+from jobqd.aio import Backoff, wait_first
 from jobqd.config import Config
+from jobqd.deps import is_postgres_error
 from jobqd.jobs import STATUSES, JobInfo, Status
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.ledger")
 
@@ -287,7 +289,7 @@ class Ledger:
             try:
                 await self.write(pool, batch)
             except Exception as e:
-                if pg.is_transient(e):
+                if is_postgres_error(e):
                     self._give_back(batch)
                     raise
                 if isinstance(e, asyncpg.PostgresError):
@@ -340,7 +342,7 @@ class Ledger:
                     self.rt.health.postgres_ok = True
                     delay = self.flush_interval_s
                 except Exception as e:
-                    if not pg.is_transient(e):
+                    if not is_postgres_error(e):
                         raise
                     self.rt.health.postgres_ok = False
                     delay = backoff.next()
@@ -351,14 +353,7 @@ class Ledger:
                 self._kick.clear()
                 if self.buffer and len(self.buffer) >= self.flush_size and not failing:
                     continue
-                waiters = [asyncio.ensure_future(stop.wait()),
-                           asyncio.ensure_future(self._kick.wait())]
-                try:
-                    await asyncio.wait(waiters, timeout=delay,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waiters:
-                        w.cancel()
+                await wait_first(stop, self._kick, timeout_s=delay)
             await self._drain()
         finally:
             await self.db.close()
@@ -370,7 +365,7 @@ class Ledger:
         try:
             await asyncio.wait_for(self.flush(), DRAIN_TIMEOUT_S)
         except Exception as e:
-            if not (pg.is_transient(e) or isinstance(e, TimeoutError)):
+            if not (is_postgres_error(e) or isinstance(e, TimeoutError)):
                 raise
             log.error("ledger: could not write %d of %d events at shutdown: %s",
                       len(self.buffer), n, e)

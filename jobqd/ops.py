@@ -293,7 +293,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         jobs_meta: list[list[str]] = []
         for start in range(0, len(args_list), BATCH):
             chunk = args_list[start:start + BATCH]
-            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full]
+            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full, qk.enqueued]
             argv: list[Any] = [task, len(chunk), idem_ttl_ms]
             ids = []
             for i, args in enumerate(chunk):
@@ -305,7 +305,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                     if not isinstance(idem, str) or not idem:
                         raise TypeError("idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
-                    ki = len(keys) - 5
+                    ki = len(keys) - 6
                 argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,
                                             exp_ms=exp_ms),
                          delay_ms, ki]

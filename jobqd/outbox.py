@@ -66,10 +66,11 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
 
-from jobqd import ops, pg
+from jobqd import ops, pg, scripts
+from jobqd.aio import Backoff, sleep_or_stop, wait_first
 from jobqd.config import Config
+from jobqd.deps import is_outage, is_postgres_error
 from jobqd.errors import (
     ConfigError,
     JobNotFound,
@@ -81,9 +82,9 @@ from jobqd.errors import (
 )
 from jobqd.ids import queue_of
 from jobqd.jobs import JobInfo, check_depth, validate_delay_s
-from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+from jobqd.keys import GlobalKeys, QueueKeys
 from jobqd.metrics import Metrics
-from jobqd.runtime import Backoff, Health, Runtime
+from jobqd.runtime import Health, Runtime
 
 log = logging.getLogger("jobqd.outbox")
 
@@ -430,13 +431,6 @@ class Sweeper:
 # ---------------------------------------------------------------- the relay
 
 
-async def _wait_any(timeout_s: float, *events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 class _Relay:
@@ -478,7 +472,7 @@ class _Relay:
             if n >= BATCH:
                 await asyncio.sleep(0)  # more rows waiting: go on (yielding to others)
                 continue
-            await _wait_any(POLL_S, self.wake, stop)
+            await wait_first(self.wake, stop, timeout_s=POLL_S)
 
     async def close(self) -> None:
         listener, self.listener = self.listener, None
@@ -499,14 +493,14 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
         try:
             await relay.serve(stop, backoff)
         except Exception as e:
-            if not pg.is_outage(e) and not rt.is_redis_error(e):
+            if not is_outage(e):
                 raise
-            if pg.is_transient(e):
+            if is_postgres_error(e):
                 rt.health.postgres_ok = False
             delay = backoff.next()
             log.warning("outbox relay: %s: %s; retrying in %.1fs", type(e).__name__, e, delay)
             await relay.close()
-            await rt.sleep(delay, stop)
+            await sleep_or_stop(delay, stop)
         finally:
             await relay.close()
 
@@ -664,12 +658,7 @@ async def _ensure_groups(r: aredis.Redis, cfg: Config) -> None:
     """Every configured queue's consumer group (as a daemon's start does): a stream
     re-created by a re-publish must be readable by `status` and the consumers."""
     for q in cfg.queues:
-        try:
-            await r.xgroup_create(QueueKeys(cfg.redis.prefix, q).stream, GROUP, id="0",
-                                  mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        await scripts.ensure_group(r, QueueKeys(cfg.redis.prefix, q).stream)
 
 
 async def _pending_count(pool: asyncpg.Pool, prefix: str) -> int:

@@ -29,11 +29,12 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError
 
+from jobqd.aio import Backoff
 from jobqd.config import Config
+from jobqd.deps import is_postgres_error
 from jobqd.exitcodes import ExitCode
-from jobqd.runtime import Backoff, Runtime
+from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.pg")
 
@@ -130,20 +131,6 @@ def check_schema(schema: str) -> str:
     return schema
 
 
-def is_transient(e: BaseException) -> bool:
-    """A connection-level failure of PostgreSQL (worth a reconnect and retry)."""
-    return isinstance(e, OSError | TimeoutError | ConnectionError | asyncpg.InterfaceError
-                      | asyncpg.PostgresConnectionError
-                      | asyncpg.exceptions.OperatorInterventionError  # 57xxx: shutdown...
-                      | asyncpg.exceptions.InsufficientResourcesError  # 53xxx: too many conns
-                      | asyncpg.exceptions.InternalClientError)
-
-
-def is_outage(e: BaseException) -> bool:
-    """PostgreSQL or Redis unreachable: components retry with backoff instead of crashing."""
-    return is_transient(e) or isinstance(e, RedisError)
-
-
 class PgSetupError(Exception):
     """PostgreSQL cannot be used as ``postgres.dsn`` says: a one-line explanation for
     the operator (what is missing and how to create it; never the password) and the exit
@@ -197,7 +184,7 @@ def explain(e: BaseException, cfg: Config) -> PgSetupError | None:
         return PgSetupError(f"PostgreSQL on {where} refused the connection: "
                             f"{text.splitlines()[0] if text else type(e).__name__}",
                             ExitCode.CONFIG)
-    if is_transient(e):
+    if is_postgres_error(e):
         detail = text.splitlines()[0] if text else type(e).__name__
         return PgSetupError(f"cannot reach PostgreSQL at {where} (postgres.dsn): {detail}",
                             ExitCode.UNAVAILABLE)
@@ -334,7 +321,7 @@ class PgHeartbeats:
             setup = explain(e, self.rt.config)
             if setup is not None and setup.exit_code == ExitCode.CONFIG:
                 raise setup from None  # a missing database or role: the operator must act
-            if not is_transient(e):
+            if not is_postgres_error(e):
                 raise
             self.rt.health.postgres_ok = False
             log.warning("postgres unreachable at start (%s): heartbeats retry in the "
@@ -364,7 +351,7 @@ class PgHeartbeats:
                 "SET info = EXCLUDED.info, last_beat = now()",
                 self.prefix, name, _jsonb(info), timeout=CONNECT_TIMEOUT_S)
         except Exception as e:
-            if is_transient(e) or isinstance(e, asyncpg.PostgresError):
+            if is_postgres_error(e) or isinstance(e, asyncpg.PostgresError):
                 self._failed(e)
                 # a type heartbeat.run tolerates (it keeps beating and jobs keep running)
                 raise ConnectionError(f"postgres heartbeat failed: {e}") from e
@@ -386,7 +373,7 @@ class PgHeartbeats:
                 self._last_prune = time.monotonic()
         except Exception as e:
             # The blip rule: an unreadable store means "unknown", never "everyone is dead".
-            if is_transient(e) or isinstance(e, asyncpg.PostgresError):
+            if is_postgres_error(e) or isinstance(e, asyncpg.PostgresError):
                 self._failed(e)
                 return None
             raise

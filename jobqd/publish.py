@@ -13,10 +13,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ResponseError
-
+from jobqd import scripts
 from jobqd.config import Config
-from jobqd.keys import GROUP, GlobalKeys, QueueKeys
+from jobqd.keys import GlobalKeys, QueueKeys
 from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.publish")
@@ -65,11 +64,7 @@ async def publish(rt: Runtime, cfg: Config | None = None) -> None:
             if q.high_watermark is None:
                 p.delete(qk.full)
             await p.execute()
-        try:
-            await r.xgroup_create(qk.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        await scripts.ensure_group(r, qk.stream)
     gone = known - set(cfg.queues)
     held = await held_jobs(r, cfg.redis.prefix, gone)
     for name in sorted(gone):  # a removed queue refuses new jobs

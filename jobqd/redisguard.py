@@ -36,7 +36,9 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import ResponseError
 
 from jobqd import ops, publish, scripts, weights
+from jobqd.aio import sleep_or_stop
 from jobqd.config import Config, mask_url
+from jobqd.deps import is_redis_error
 from jobqd.keys import GlobalKeys
 from jobqd.runtime import Runtime
 
@@ -197,10 +199,10 @@ class Guard:
 
 async def run(rt: Runtime, guard: Guard, stop: asyncio.Event) -> None:
     """Check every INTERVAL_S until `stop`."""
-    while not await rt.sleep(INTERVAL_S, stop):
+    while not await sleep_or_stop(INTERVAL_S, stop):
         try:
             await guard.check()
         except Exception as e:
-            if not rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             log.debug("redis check skipped: %s", e)

@@ -29,6 +29,8 @@ import watchfiles
 
 from jobqd import config as config_mod
 from jobqd import logs, publish, weights
+from jobqd.aio import wait_first
+from jobqd.deps import is_redis_error
 from jobqd.errors import ConfigError
 from jobqd.runtime import Runtime
 
@@ -107,7 +109,7 @@ async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
         await publish.publish(rt)
         await weights.publish(rt)
     except Exception as e:
-        if not rt.is_redis_error(e):
+        if not is_redis_error(e):
             raise
         log.warning("config applied, but publishing it to redis failed (%s); retried on the "
                     "next reload or restart", e)
@@ -136,7 +138,7 @@ async def _refuse_stranding(rt: Runtime, old: config_mod.Config,
     try:
         held = await publish.held_jobs(rt.redis, old.redis.prefix, removed)
     except Exception as e:
-        if not rt.is_redis_error(e):
+        if not is_redis_error(e):
             raise
         raise ConfigError(f"cannot check that the removed queues ({', '.join(sorted(removed))}) "
                           f"are empty: redis: {e}", path=old.path, key="queues") from None
@@ -169,13 +171,7 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
 
     async def on_signal() -> None:
         while not stop.is_set():
-            waiter = asyncio.ensure_future(requests.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            await wait_first(requests, stop)
             if requests.is_set():
                 requests.clear()
                 log.info("SIGHUP: reloading %s", rt.config.path)

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aredis
 
-from jobqd.aio import Backoff, sleep_or_stop
 from jobqd.config import Config
-from jobqd.deps import is_redis_error
 from jobqd.events import JobEvents, NoEvents
 from jobqd.metrics import Metrics
 
@@ -78,8 +76,6 @@ class Runtime:
         self.config = new
         self.config_changed.set()
 
-    is_redis_error = staticmethod(is_redis_error)  # jobqd.deps, the one classifier
-    sleep = staticmethod(sleep_or_stop)  # jobqd.aio
 
 
-__all__ = ["Backoff", "Health", "JobEvents", "Runtime"]
+__all__ = ["Health", "JobEvents", "Runtime"]

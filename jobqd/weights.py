@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from jobqd import ops
+from jobqd.aio import sleep_or_stop
+from jobqd.deps import is_redis_error
 from jobqd.keys import GlobalKeys
 
 if TYPE_CHECKING:
@@ -93,7 +95,7 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
         except (OSError, ConnectionError, TimeoutError) as e:
             log.warning("cannot refresh weights: %s", e)
         except Exception as e:
-            if not rt.is_redis_error(e):
+            if not is_redis_error(e):
                 raise
             log.warning("cannot refresh weights: %s", e)
-        await rt.sleep(rt.config.weights.refresh_interval_s, stop)
+        await sleep_or_stop(rt.config.weights.refresh_interval_s, stop)

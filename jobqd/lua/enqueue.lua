@@ -1,7 +1,7 @@
 -- enqueue: add a batch of jobs for ONE task to ONE queue, atomically.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=conf KEYS[5]=full
--- KEYS[5+k]=idempotency key k (k >= 1)
--- Also HINCRBYs the task's field of {p:q}:in (named from KEYS[1], same hash slot) by the
+-- KEYS[6]=enqueue counters ({p:q}:in) KEYS[6+k]=idempotency key k (k >= 1)
+-- Also HINCRBYs the task's field of KEYS[6] by the
 -- number of jobs created: every producer's enqueues, read by jobqd_jobs_enqueued_total.
 -- ARGV[1]=task ARGV[2]=n ARGV[3]=idempotency ttl ms
 -- then per job i (0-based), at b = 4 + 4*i: id, job json, delay ms, idempotency key index (0 = none)
@@ -22,7 +22,7 @@ for i = 0, n - 1 do
     return {'TOOBIG', i, size, maxp}
   end
   local ki = tonumber(ARGV[b + 3])
-  if ki == 0 or redis.call('EXISTS', KEYS[5 + ki]) == 0 then
+  if ki == 0 or redis.call('EXISTS', KEYS[6 + ki]) == 0 then
     fresh = fresh + 1
   end
 end
@@ -54,9 +54,9 @@ for i = 0, n - 1 do
   local ki = tonumber(ARGV[b + 3])
   local hit = false
   if ki > 0 then
-    hit = redis.call('GET', KEYS[5 + ki])
+    hit = redis.call('GET', KEYS[6 + ki])
     if not hit then
-      redis.call('SET', KEYS[5 + ki], id, 'PX', idem_ttl)
+      redis.call('SET', KEYS[6 + ki], id, 'PX', idem_ttl)
     end
   end
   if hit then
@@ -82,7 +82,7 @@ for i = 1, #flags do
   end
 end
 if created > 0 then
-  redis.call('HINCRBY', string.sub(KEYS[1], 1, -2) .. 'in', task, created)
+  redis.call('HINCRBY', KEYS[6], task, created)
 end
 out[2] = table.concat(flags)
 return out
