@@ -329,9 +329,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _needs_postgres(cfg, "jobqd recover")
-    from jobqd import outbox  # noqa: PLC0415
+    from jobqd import relay  # noqa: PLC0415
 
-    _out(asyncio.run(outbox.report(cfg) if args.report else outbox.recover(cfg)))
+    _out(asyncio.run(relay.report(cfg) if args.report else relay.recover(cfg)))
     return ExitCode.OK
 
 

@@ -241,9 +241,9 @@ class Daemon:
                     bg.append(tg.create_task(guarded("embedded", self._watch_embedded(
                         rt, self.embedded, bg_stop))))
                 if rt.config.postgres.dsn:
-                    from jobqd import outbox  # noqa: PLC0415 - only with PostgreSQL
+                    from jobqd import relay  # noqa: PLC0415 - only with PostgreSQL
 
-                    bg.append(tg.create_task(guarded("outbox", outbox.run(rt, bg_stop))))
+                    bg.append(tg.create_task(guarded("outbox", relay.run(rt, bg_stop))))
                 force_task = tg.create_task(forced())
                 pool_task = tg.create_task(guarded("pool", pool.run(rt.stop_event)))
                 await pool_task

@@ -34,11 +34,11 @@ from jobqd.aio import Backoff
 from jobqd.config import Config
 from jobqd.deps import is_postgres_error
 from jobqd.exitcodes import ExitCode
+from jobqd.outbox import check_schema
 from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.pg")
 
-SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # pg_advisory_xact_lock(MIGRATION_LOCK, hashtext(schema)): one migrator per schema at a time
 MIGRATION_LOCK = 0x6A6F6271  # "jobq"
 COMMAND_TIMEOUT_S = 10.0
@@ -123,12 +123,6 @@ CREATE INDEX jobs_task ON jobs (prefix, task, updated_at);
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
-
-
-def check_schema(schema: str) -> str:
-    if not SCHEMA_RE.match(schema):
-        raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
-    return schema
 
 
 class PgSetupError(Exception):

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aredis
 
 from jobqd import Client, ops, outbox
+from jobqd import relay as relay_mod
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, wait_for
@@ -28,7 +29,7 @@ class Relay:
 
     def start(self) -> Relay:
         self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(outbox.run(self.rt, self.stop_event))
+        self.task = asyncio.create_task(relay_mod.run(self.rt, self.stop_event))
         return self
 
     async def stop(self) -> None:
@@ -125,13 +126,13 @@ async def test_relay_killed_between_redis_and_update_makes_no_second_job(
     await start_daemon(consumers=0)  # publishes the routing; runs nothing
     await commit_jobs(db, pg_schema, prefix, f"{prefix}:runs", 50)
     in_redis = asyncio.Event()
-    real_mark = outbox._mark_published
+    real_mark = relay_mod._mark_published
 
     async def die_here(conn: asyncpg.Connection, published: Sequence[tuple[int, str]]) -> None:
         in_redis.set()
         await asyncio.sleep(3600)  # the relay "dies" here: cancelled below
 
-    monkeypatch.setattr(outbox, "_mark_published", die_here)
+    monkeypatch.setattr(relay_mod, "_mark_published", die_here)
     first = relay()
     await asyncio.wait_for(in_redis.wait(), 15)
     stream = QueueKeys(prefix, "default").stream
@@ -143,7 +144,7 @@ async def test_relay_killed_between_redis_and_update_makes_no_second_job(
     got = await rows(db, pg_schema)
     assert all(x["published_at"] is None and x["job_id"] is None for x in got)
 
-    monkeypatch.setattr(outbox, "_mark_published", real_mark)
+    monkeypatch.setattr(relay_mod, "_mark_published", real_mark)
     relay()  # a new relay publishes the same rows again
 
     async def all_published() -> bool:
@@ -160,7 +161,7 @@ async def test_fifty_jobs_relayed_and_completed_with_latency(
         db: asyncpg.Connection, pg_schema: str, prefix: str, start_daemon: Callable[..., Any],
         relay: Callable[..., Relay], r: aredis.Redis, client: Client,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbox, "SWEEP_S", 0.2)
+    monkeypatch.setattr(relay_mod, "SWEEP_S", 0.2)
     await start_daemon()
     rl = relay()
     key = f"{prefix}:runs"
@@ -329,3 +330,17 @@ async def test_two_relays_share_the_work(db: asyncpg.Connection, pg_schema: str,
         return await r.xlen(QueueKeys(prefix, "default").stream) == 0
 
     await wait_for(all_acked, timeout=10, what="every entry acked")
+
+
+def test_the_producer_half_imports_no_daemon_code() -> None:
+    """A web app that imports `jobqd.outbox` gets no runtime, metrics or relay."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jobqd.outbox; "
+            "bad = [m for m in sys.modules if m.startswith('prometheus_client') or m in "
+            "('jobqd.runtime', 'jobqd.metrics', 'jobqd.relay', 'jobqd.pg', 'jobqd.daemon')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

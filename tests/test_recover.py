@@ -11,6 +11,7 @@ import asyncpg
 import redis.asyncio as aredis
 
 from jobqd import config, ledger, ops, outbox
+from jobqd import relay as relay_mod
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 from tests.conftest import PG_DSN, REDIS_URL, DaemonProcess, wait_for
@@ -20,7 +21,7 @@ class Relay:
     def __init__(self, cfg: config.Config) -> None:
         self.rt = Runtime(config=cfg, redis=aredis.Redis.from_url(REDIS_URL))
         self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(outbox.run(self.rt, self.stop_event))
+        self.task = asyncio.create_task(relay_mod.run(self.rt, self.stop_event))
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -64,14 +65,14 @@ async def test_redis_data_loss_recovered_exactly_once(
     assert await delete_prefix(r, prefix) > 0  # Redis lost everything
     assert [k async for k in r.scan_iter(match=f"*{prefix}*")] == []
 
-    first = await outbox.recover(cfg)
+    first = await relay_mod.recover(cfg)
     assert first["checked"] == 50 and first["requeued"] == 50 and first["present"] == 0
     # Redis lost the routing too: recover published it first, so the jobs are back in
     # their queue at once, runnable by the next daemon (none runs now)
     assert first["published"] == 50 and first["pending"] == 0
     assert await r.hexists(f"{prefix}:routing", "record")
     assert await r.xlen(QueueKeys(prefix, "default").stream) == 50
-    second = await outbox.recover(cfg)
+    second = await relay_mod.recover(cfg)
     assert second["requeued"] == 0 and second["present"] == 50 and second["pending"] == 0
 
     daemon = spawn(write_config(postgres=pgc))
@@ -91,7 +92,7 @@ async def test_redis_data_loss_recovered_exactly_once(
         assert list((await r.hgetall(k)).values()) == [b"1"], k
     rows = await db.fetch("SELECT * FROM outbox")
     assert all(x["recovered"] == 1 and x["job_id"] for x in rows)
-    third = await outbox.recover(cfg)  # nothing was lost this time
+    third = await relay_mod.recover(cfg)  # nothing was lost this time
     assert third["requeued"] == 0 and third["present"] == 0
     assert third["checked"] == third["finished"]  # every job succeeded: rows marked finished
     assert await db.fetchval("SELECT bool_and(final_status = 'succeeded') FROM outbox")
@@ -115,18 +116,18 @@ async def test_recover_publishes_at_once_when_routed_and_is_idempotent(
     await relay.stop()
     old = {x["job_id"] for x in await db.fetch("SELECT job_id FROM outbox")}
 
-    assert (await outbox.recover(cfg))["requeued"] == 0  # nothing lost: nothing to do
+    assert (await relay_mod.recover(cfg))["requeued"] == 0  # nothing lost: nothing to do
     # lose the jobs and their idempotency keys, keep the routing and queue conf
     qk = QueueKeys(prefix, "default")
     await r.delete(qk.stream, qk.state)  # (the consumer group goes with the stream)
     await delete_prefix(r, prefix, match=f"\\{{{prefix}:default}}:i:*")
 
-    first = await outbox.recover(cfg)
+    first = await relay_mod.recover(cfg)
     assert first == {"checked": 10, "present": 0, "finished": 0, "requeued": 10,
                      "published": 10, "pending": 0}
     new = {x["job_id"] for x in await db.fetch("SELECT job_id FROM outbox")}
     assert len(new) == 10 and not new & old  # re-published as new jobs
-    second = await outbox.recover(cfg)  # the new jobs are present: skipped
+    second = await relay_mod.recover(cfg)  # the new jobs are present: skipped
     assert second == {"checked": 10, "present": 10, "finished": 0, "requeued": 0,
                       "published": 0, "pending": 0}
     await start_daemon()
@@ -154,7 +155,7 @@ async def test_recover_trusts_the_ledger_for_finished_jobs(
     await db.execute("INSERT INTO jobs (id, prefix, queue, task, status, event_ms, finished_at) "
                      "VALUES ($1, $2, 'default', 'record', 'succeeded', 1, now())",
                      done_id, prefix)
-    counts = await outbox.recover(cfg)
+    counts = await relay_mod.recover(cfg)
     assert counts["finished"] == 1 and counts["requeued"] == 1
     rows = {x["id"]: x for x in await db.fetch("SELECT * FROM outbox")}
     assert rows[done_row]["final_status"] == "succeeded"

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aredis
 
-from jobqd import Client, SyncClient, UnknownTask, config, ledger, outbox
+from jobqd import Client, SyncClient, UnknownTask, config, ledger, outbox, relay
 from jobqd.cli import main
 from jobqd.exitcodes import ExitCode
 from jobqd.runtime import Runtime
@@ -109,7 +109,7 @@ async def test_recover_republishes_lost_outbox_jobs_runnable(
         admin = srv.client()
         admin.flushall()
         cfg = config.load(write_config(redis=redis_cfg, postgres=pgc))
-        counts = await outbox.recover(cfg)
+        counts = await relay.recover(cfg)
         # (published by recover itself or by the daemon's relay, woken by its NOTIFY)
         assert counts["requeued"] == 20, counts
 
