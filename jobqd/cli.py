@@ -123,7 +123,7 @@ def _client(cfg: config.Config) -> SyncClient:
                       results_ttl_s=cfg.results.ttl_s)
 
 
-def _op(c: SyncClient, op: ops.Op) -> Any:
+def _op(c: SyncClient, op: ops.Op[ops.T]) -> ops.T:
     return ops.SyncRunner(c.redis).run(op)
 
 

@@ -34,7 +34,8 @@ class _Base:
 
     def _enqueue_op(self, task: str, args_list: Sequence[Any], *, queue: str | None,
                     delay_s: float | None, idem: Sequence[str | None] | None, wait: bool,
-                    timeout_s: float | None, expires_s: float | None = None) -> ops.Op:
+                    timeout_s: float | None, expires_s: float | None = None
+                    ) -> ops.Op[list[Job]]:
         return ops.waiting(
             lambda: ops.enqueue(self.prefix, self.routing, task, args_list, queue=queue,
                                 delay_s=delay_s, idempotency_keys=idem,
@@ -91,7 +92,7 @@ class Client(_Base):
         jobs = await self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s,
                                                 idem=idem, wait=wait, timeout_s=timeout_s,
                                                 expires_s=expires_s))
-        return jobs[0]  # type: ignore[no-any-return]
+        return jobs[0]
 
     async def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
                            queue: str | None = None, delay_s: float | None = None,
@@ -100,13 +101,13 @@ class Client(_Base):
         """Enqueue many jobs of one task in one round trip (500 jobs per atomic step)."""
         if not args_list:
             return []
-        return await self._run(self._enqueue_op(  # type: ignore[no-any-return]
+        return await self._run(self._enqueue_op(
             task, args_list, queue=queue, delay_s=delay_s, idem=idempotency_keys, wait=wait,
             timeout_s=timeout_s))
 
     async def status(self, job_id: str) -> JobInfo:
         """The job's status; raises `JobNotFound` when no record of it is left."""
-        return await self._run(ops.status(self.prefix, job_id))  # type: ignore[no-any-return]
+        return await self._run(ops.status(self.prefix, job_id))
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> Any:
         """Wait until the job ends; return its result. Raises `JobFailed` (dead: its
@@ -122,12 +123,12 @@ class Client(_Base):
         one is stopped wherever it runs and ends `cancelled` (never retried). A job that
         had already finished is left as it is (`.outcome == "finished"`)."""
         res = await self._run(ops.cancel(self.prefix, [job_id], self.results_ttl_ms))
-        return res[0]  # type: ignore[no-any-return]
+        return res[0]
 
     async def cancel_many(self, queue: str, *, task: str | None = None,
                           scheduled_only: bool = False) -> dict[str, int]:
         """Cancel every unfinished job of a queue (or of one task in it)."""
-        return await self._run(ops.cancel_many(  # type: ignore[no-any-return]
+        return await self._run(ops.cancel_many(
             self.prefix, queue, self.results_ttl_ms, task=task, scheduled_only=scheduled_only))
 
     async def pause(self, queue: str) -> None:
@@ -139,31 +140,31 @@ class Client(_Base):
         await self._run(ops.set_paused(self.prefix, queue, False))
 
     async def dlq_list(self, queue: str | None = None, limit: int = 1000) -> list[ops.DeadJob]:
-        return await self._run(ops.dlq_list(self.prefix, queue, limit))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_list(self.prefix, queue, limit))
 
     async def dlq_show(self, ref: str) -> ops.DeadJob:
-        return await self._run(ops.dlq_show(self.prefix, ref))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_show(self.prefix, ref))
 
     async def dlq_replay(self, ref: str) -> str:
-        return await self._run(ops.dlq_replay(self.prefix, ref))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_replay(self.prefix, ref))
 
     async def dlq_replay_all(self, queue: str | None = None) -> tuple[int, int]:
-        return await self._run(ops.dlq_replay_all(self.prefix, queue))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_replay_all(self.prefix, queue))
 
     async def dlq_purge(self, queue: str | None = None) -> int:
-        return await self._run(ops.dlq_purge(self.prefix, queue))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_purge(self.prefix, queue))
 
     async def dlq_delete(self, ref: str) -> int:
-        return await self._run(ops.dlq_delete(self.prefix, ref))  # type: ignore[no-any-return]
+        return await self._run(ops.dlq_delete(self.prefix, ref))
 
     async def queues(self) -> list[ops.QueueStats]:
-        return await self._run(ops.queue_stats(self.prefix))  # type: ignore[no-any-return]
+        return await self._run(ops.queue_stats(self.prefix))
 
     async def weights(self) -> dict[str, int]:
-        return await self._run(ops.weights_get(self.prefix))  # type: ignore[no-any-return]
+        return await self._run(ops.weights_get(self.prefix))
 
     async def set_weights(self, changes: dict[str, int]) -> dict[str, int]:
-        return await self._run(ops.weights_set(self.prefix, changes))  # type: ignore[no-any-return]
+        return await self._run(ops.weights_set(self.prefix, changes))
 
 
 class SyncClient(_Base):
@@ -204,7 +205,7 @@ class SyncClient(_Base):
         idem = None if idempotency_key is None else [idempotency_key]
         jobs = self._run(self._enqueue_op(task, [args], queue=queue, delay_s=delay_s, idem=idem,
                                           wait=wait, timeout_s=timeout_s, expires_s=expires_s))
-        return jobs[0]  # type: ignore[no-any-return]
+        return jobs[0]
 
     def enqueue_many(self, task: str, args_list: Sequence[dict[str, Any] | None], *,
                      queue: str | None = None, delay_s: float | None = None,
@@ -212,23 +213,23 @@ class SyncClient(_Base):
                      wait: bool = False, timeout_s: float | None = None) -> list[Job]:
         if not args_list:
             return []
-        return self._run(self._enqueue_op(  # type: ignore[no-any-return]
+        return self._run(self._enqueue_op(
             task, args_list, queue=queue, delay_s=delay_s, idem=idempotency_keys, wait=wait,
             timeout_s=timeout_s))
 
     def status(self, job_id: str) -> JobInfo:
-        return self._run(ops.status(self.prefix, job_id))  # type: ignore[no-any-return]
+        return self._run(ops.status(self.prefix, job_id))
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> Any:
         return outcome(wait_sync(self.redis, self.prefix, job_id, timeout_s))
 
     def cancel(self, job_id: str) -> ops.CancelResult:
         res = self._run(ops.cancel(self.prefix, [job_id], self.results_ttl_ms))
-        return res[0]  # type: ignore[no-any-return]
+        return res[0]
 
     def cancel_many(self, queue: str, *, task: str | None = None,
                     scheduled_only: bool = False) -> dict[str, int]:
-        return self._run(ops.cancel_many(  # type: ignore[no-any-return]
+        return self._run(ops.cancel_many(
             self.prefix, queue, self.results_ttl_ms, task=task, scheduled_only=scheduled_only))
 
     def pause(self, queue: str) -> None:
@@ -238,28 +239,28 @@ class SyncClient(_Base):
         self._run(ops.set_paused(self.prefix, queue, False))
 
     def dlq_list(self, queue: str | None = None, limit: int = 1000) -> list[ops.DeadJob]:
-        return self._run(ops.dlq_list(self.prefix, queue, limit))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_list(self.prefix, queue, limit))
 
     def dlq_show(self, ref: str) -> ops.DeadJob:
-        return self._run(ops.dlq_show(self.prefix, ref))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_show(self.prefix, ref))
 
     def dlq_replay(self, ref: str) -> str:
-        return self._run(ops.dlq_replay(self.prefix, ref))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_replay(self.prefix, ref))
 
     def dlq_replay_all(self, queue: str | None = None) -> tuple[int, int]:
-        return self._run(ops.dlq_replay_all(self.prefix, queue))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_replay_all(self.prefix, queue))
 
     def dlq_purge(self, queue: str | None = None) -> int:
-        return self._run(ops.dlq_purge(self.prefix, queue))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_purge(self.prefix, queue))
 
     def dlq_delete(self, ref: str) -> int:
-        return self._run(ops.dlq_delete(self.prefix, ref))  # type: ignore[no-any-return]
+        return self._run(ops.dlq_delete(self.prefix, ref))
 
     def queues(self) -> list[ops.QueueStats]:
-        return self._run(ops.queue_stats(self.prefix))  # type: ignore[no-any-return]
+        return self._run(ops.queue_stats(self.prefix))
 
     def weights(self) -> dict[str, int]:
-        return self._run(ops.weights_get(self.prefix))  # type: ignore[no-any-return]
+        return self._run(ops.weights_get(self.prefix))
 
     def set_weights(self, changes: dict[str, int]) -> dict[str, int]:
-        return self._run(ops.weights_set(self.prefix, changes))  # type: ignore[no-any-return]
+        return self._run(ops.weights_set(self.prefix, changes))

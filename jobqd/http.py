@@ -140,7 +140,7 @@ class _State:
             r = self.routings[prefix] = ops.Routing(prefix)
         return r
 
-    async def run(self, op: ops.Op) -> Any:
+    async def run(self, op: ops.Op[ops.T]) -> ops.T:
         return await self.runner.run(op)
 
     def waiter(self) -> Waiter:

@@ -259,7 +259,8 @@ class Limiter:
             r = self.rt.redis
             try:
                 replies = await scripts.pipelined(r, [
-                    (RENEW, [keys.task_running(name)], [lease, *ids]) for name, ids in calls])
+                    scripts.ScriptCall(RENEW, [keys.task_running(name)], [lease, *ids])
+                    for name, ids in calls])
                 for x in replies:
                     if isinstance(x, Exception):
                         raise x

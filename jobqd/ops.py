@@ -12,12 +12,12 @@ import asyncio
 import time
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import orjson
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from jobqd import scripts
 from jobqd.errors import (
@@ -43,17 +43,8 @@ from jobqd.jobs import (
 )
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 
-
-@dataclass(frozen=True, slots=True)
-class Cmd:
-    args: tuple[Any, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Eval:
-    script: scripts.Script
-    keys: list[str]
-    args: list[Any]
+Cmd = scripts.Command  # a plain command
+Eval = scripts.ScriptCall  # a Lua script call (NOSCRIPT-safe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +61,8 @@ class Sleep:
 
 
 Call: TypeAlias = Cmd | Eval | Pipe | Sleep
-Op: TypeAlias = Generator[Call, Any, Any]
+T = TypeVar("T")
+Op: TypeAlias = Generator[Call, Any, T]  # an operation whose result is a T
 
 
 def cmd(*args: Any) -> Cmd:
@@ -110,7 +102,7 @@ class AsyncRunner:
     def __init__(self, r: aredis.Redis) -> None:
         self.r = r
 
-    async def run(self, op: Op) -> Any:
+    async def run(self, op: Op[T]) -> T:
         try:
             call = next(op)
             while True:
@@ -121,7 +113,8 @@ class AsyncRunner:
                 else:
                     call = op.send(reply)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value  # what the operation returned
+            return result
 
     async def _exec(self, call: Call) -> Any:
         if isinstance(call, Sleep):
@@ -131,26 +124,7 @@ class AsyncRunner:
             return await self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
             return await call.script(self.r, call.keys, call.args)
-        replies: list[Any] = [None] * len(call.calls)
-        todo = list(range(len(call.calls)))
-        for attempt in range(2):
-            async with self.r.pipeline(transaction=False) as p:
-                for i in todo:
-                    c = call.calls[i]
-                    if isinstance(c, Cmd):
-                        p.execute_command(*c.args)
-                    else:
-                        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                got = await p.execute(raise_on_error=False)
-            for i, x in zip(todo, got, strict=True):
-                replies[i] = x
-            # scripts flushed (a Redis restart): load them and run again only the calls
-            # that did not run (re-running one that did could duplicate its writes)
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if attempt == 0 and todo:
-                await scripts.preload(self.r)
-                continue
-            break
+        replies = await scripts.pipelined(self.r, call.calls)
         return _pipe_replies(call, replies)
 
 
@@ -158,7 +132,7 @@ class SyncRunner:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
 
-    def run(self, op: Op) -> Any:
+    def run(self, op: Op[T]) -> T:
         try:
             call = next(op)
             while True:
@@ -169,7 +143,8 @@ class SyncRunner:
                 else:
                     call = op.send(reply)
         except StopIteration as stop:
-            return stop.value
+            result: T = stop.value  # what the operation returned
+            return result
 
     def _exec(self, call: Call) -> Any:
         if isinstance(call, Sleep):
@@ -179,25 +154,7 @@ class SyncRunner:
             return self.r.execute_command(*call.args)  # type: ignore[no-untyped-call]
         if isinstance(call, Eval):
             return call.script.call_sync(self.r, call.keys, call.args)
-        replies: list[Any] = [None] * len(call.calls)
-        todo = list(range(len(call.calls)))
-        for attempt in range(2):
-            with self.r.pipeline(transaction=False) as p:
-                for i in todo:
-                    c = call.calls[i]
-                    if isinstance(c, Cmd):
-                        p.execute_command(*c.args)  # type: ignore[no-untyped-call]
-                    else:
-                        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                got = p.execute(raise_on_error=False)
-            for i, x in zip(todo, got, strict=True):
-                replies[i] = x
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if attempt == 0 and todo:
-                for s in scripts.ALL:
-                    self.r.script_load(s.source)
-                continue
-            break
+        replies = scripts.pipelined_sync(self.r, call.calls)
         return _pipe_replies(call, replies)
 
 
@@ -238,7 +195,7 @@ class Routing:
         self.table: dict[str, str] = {}
         self.loaded_at = 0.0
 
-    def refresh(self) -> Op:
+    def refresh(self) -> Op[dict[str, str]]:
         raw = yield cmd("HGETALL", self.g.routing)
         if isinstance(raw, dict):
             self.table = {s(k): s(v) for k, v in raw.items()}
@@ -247,7 +204,7 @@ class Routing:
         self.loaded_at = time.monotonic()
         return self.table
 
-    def queue_for(self, task: str) -> Op:
+    def queue_for(self, task: str) -> Op[str | None]:
         if task not in self.table or time.monotonic() - self.loaded_at > 30:
             yield from self.refresh()
         return self.table.get(task)
@@ -265,7 +222,7 @@ BATCH = 500  # jobs per enqueue script call (bounds one script's run time)
 def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], *,
             queue: str | None, delay_s: float | None,
             idempotency_keys: Sequence[str | None] | None, idem_ttl_ms: int,
-            expires_s: float | None = None) -> Op:
+            expires_s: float | None = None) -> Op[list[Job]]:
     """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
     if not isinstance(task, str) or not task:
         raise TypeError("task must be a non-empty string")
@@ -358,7 +315,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
     raise UnknownTask(task)  # pragma: no cover - loop always returns or raises
 
 
-def waiting(make: Callable[[], Op], wait: bool, timeout_s: float | None) -> Op:
+def waiting(make: Callable[[], Op[T]], wait: bool, timeout_s: float | None) -> Op[T]:
     """Run the op `make()` builds; with `wait`, retry it while the queue is full.
 
     Backoff 50 ms doubling to 1 s; gives up (re-raising QueueFull) after timeout_s.
@@ -389,7 +346,7 @@ def _ms_to_s(v: Any) -> float | None:
     return None if v in (None, "", b"") else float(v) / 1000.0
 
 
-def status(prefix: str, job_id: str) -> Op:
+def status(prefix: str, job_id: str) -> Op[JobInfo]:
     q = queue_of(job_id)
     if q is None:
         raise JobNotFound(job_id)
@@ -501,12 +458,12 @@ def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:
                    raw=raw, death=death if isinstance(death, dict) else {})
 
 
-def known_queues(prefix: str) -> Op:
+def known_queues(prefix: str) -> Op[list[str]]:
     raw = yield cmd("SMEMBERS", GlobalKeys(prefix).queues)
     return sorted(s(x) for x in raw)
 
 
-def dlq_list(prefix: str, queue: str | None = None, limit: int = 1000) -> Op:
+def dlq_list(prefix: str, queue: str | None = None, limit: int = 1000) -> Op[list[DeadJob]]:
     queues = [queue] if queue else (yield from known_queues(prefix))
     out: list[DeadJob] = []
     for q in queues:
@@ -515,7 +472,7 @@ def dlq_list(prefix: str, queue: str | None = None, limit: int = 1000) -> Op:
     return out
 
 
-def dlq_totals(prefix: str, queues: Sequence[str]) -> Op:
+def dlq_totals(prefix: str, queues: Sequence[str]) -> Op[dict[str, int]]:
     """queue -> number of dead-letter entries (XLEN), in one round trip."""
     if not queues:
         return {}
@@ -523,14 +480,14 @@ def dlq_totals(prefix: str, queues: Sequence[str]) -> Op:
     return {q: int(n) for q, n in zip(queues, lens, strict=True)}
 
 
-def dlq_page(prefix: str, queue: str, after: str | None, count: int) -> Op:
+def dlq_page(prefix: str, queue: str, after: str | None, count: int) -> Op[list[DeadJob]]:
     """Up to ``count`` dead-letter entries of one queue, after entry id ``after``."""
     start = "-" if after is None else "(" + after
     entries = yield cmd("XRANGE", QueueKeys(prefix, queue).dlq, start, "+", "COUNT", count)
     return [dead_entry(queue, eid, flat) for eid, flat in entries]
 
 
-def _dlq_locate(prefix: str, ref: str) -> Op:
+def _dlq_locate(prefix: str, ref: str) -> Op[tuple[str, str]]:
     """ref -> (queue, dlq entry id)."""
     if "/" in ref:
         q, _, eid = ref.partition("/")
@@ -546,7 +503,7 @@ def _dlq_locate(prefix: str, ref: str) -> Op:
     return q, v[1:]
 
 
-def dlq_show(prefix: str, ref: str) -> Op:
+def dlq_show(prefix: str, ref: str) -> Op[DeadJob]:
     q, eid = yield from _dlq_locate(prefix, ref)
     entries = yield cmd("XRANGE", QueueKeys(prefix, q).dlq, eid, eid)
     if not entries:
@@ -554,7 +511,7 @@ def dlq_show(prefix: str, ref: str) -> Op:
     return dead_entry(q, entries[0][0], entries[0][1])
 
 
-def _replay(prefix: str, dead: DeadJob) -> Op:
+def _replay(prefix: str, dead: DeadJob) -> Op[bool]:
     if dead.job is None:
         raise BadJob(f"{dead.ref} was never a valid job and cannot be replayed "
                      f"(raw: {dead.raw[:200]!r})")
@@ -571,16 +528,16 @@ def _replay(prefix: str, dead: DeadJob) -> Op:
     return new_eid is not None
 
 
-def dlq_replay(prefix: str, ref: str) -> Op:
+def dlq_replay(prefix: str, ref: str) -> Op[str]:
     """Replay one dead job (attempts reset). Never refused by backpressure."""
     dead = yield from dlq_show(prefix, ref)
     ok = yield from _replay(prefix, dead)
-    if not ok:
+    if not ok or dead.job_id is None:
         raise JobNotFound(ref)
     return dead.job_id
 
 
-def dlq_replay_all(prefix: str, queue: str | None = None) -> Op:
+def dlq_replay_all(prefix: str, queue: str | None = None) -> Op[tuple[int, int]]:
     """Replay every valid dead job present when called; returns (replayed, skipped garbage).
 
     Works on a snapshot (entries up to each DLQ's last id at the start), so a
@@ -609,7 +566,7 @@ def dlq_replay_all(prefix: str, queue: str | None = None) -> Op:
     return replayed, skipped
 
 
-def dlq_purge(prefix: str, queue: str | None = None) -> Op:
+def dlq_purge(prefix: str, queue: str | None = None) -> Op[int]:
     queues = [queue] if queue else (yield from known_queues(prefix))
     removed = 0
     for q in queues:
@@ -626,20 +583,20 @@ def dlq_purge(prefix: str, queue: str | None = None) -> Op:
     return removed
 
 
-def dlq_delete(prefix: str, ref: str) -> Op:
+def dlq_delete(prefix: str, ref: str) -> Op[int]:
     q, eid = yield from _dlq_locate(prefix, ref)
     qk = QueueKeys(prefix, q)
     job_id = "" if "/" in ref else ref
     removed = yield Eval(scripts.DLQ_REMOVE, [qk.dlq, qk.state], [eid, job_id])
     if not removed:
         raise JobNotFound(ref)
-    return removed
+    return int(removed)
 
 
 # ---------------------------------------------------------------- weights & queue stats
 
 
-def weights_get(prefix: str) -> Op:
+def weights_get(prefix: str) -> Op[dict[str, int]]:
     raw = yield cmd("HGETALL", GlobalKeys(prefix).weights)
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
@@ -647,7 +604,7 @@ def weights_get(prefix: str) -> Op:
 
 
 def weights_set(prefix: str, changes: dict[str, int],
-                declared: Collection[str] = ()) -> Op:
+                declared: Collection[str] = ()) -> Op[dict[str, int]]:
     """Set queue weights; a queue must be published by a daemon or in ``declared``
     (the queues of the config file the caller was given)."""
     queues = yield from known_queues(prefix)
@@ -683,7 +640,7 @@ class QueueStats:
         return {k: getattr(self, k) for k in self.__slots__ if k != "enqueued"}
 
 
-def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
+def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op[list[QueueStats]]:
     """Every queue's numbers in a constant number of round trips (pipelined stages)."""
     if queues is None:
         queues = yield from known_queues(prefix)
@@ -714,7 +671,7 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op:
     return out
 
 
-def _pending_and_lag(prefix: str, queues: Sequence[str]) -> Op:
+def _pending_and_lag(prefix: str, queues: Sequence[str]) -> Op[dict[str, tuple[int, float]]]:
     """queue -> (entries in flight, age of the oldest waiting job), in two round trips."""
     if not queues:
         return {}
@@ -755,7 +712,7 @@ class CancelResult:
         return {"id": self.job_id, "outcome": self.outcome, "status": self.status}
 
 
-def cancel(prefix: str, job_ids: Sequence[str], result_ttl_ms: int) -> Op:
+def cancel(prefix: str, job_ids: Sequence[str], result_ttl_ms: int) -> Op[list[CancelResult]]:
     """Cancel jobs (one pipelined round trip); returns list[CancelResult] in order.
     Raises JobNotFound for an id no queue knows (after the others are done)."""
     g = GlobalKeys(prefix)
@@ -792,7 +749,7 @@ CANCEL_SCAN = 500
 
 
 def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None = None,
-                scheduled_only: bool = False) -> Op:
+                scheduled_only: bool = False) -> Op[dict[str, int]]:
     """Cancel every job of a queue (or of one task in it) that has not finished:
     scheduled ones, and unless `scheduled_only` queued and running ones. Pages
     through the queue (never loads it whole); returns {outcome: count}."""
@@ -842,7 +799,7 @@ def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None
             try:
                 done = yield from cancel(prefix, pick, result_ttl_ms)
             except JobNotFound as e:  # finished and gone meanwhile: count the rest
-                done = e.accepted
+                done = list(e.accepted)
             for res in done:
                 if res.outcome in counts:
                     counts[res.outcome] += 1
@@ -850,7 +807,7 @@ def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None
     return counts
 
 
-def set_paused(prefix: str, queue: str, paused: bool) -> Op:
+def set_paused(prefix: str, queue: str, paused: bool) -> Op[bool]:
     """Pause (no daemon starts the queue's jobs; enqueues are still accepted) or resume."""
     known = yield from known_queues(prefix)
     if queue not in known:
@@ -859,6 +816,6 @@ def set_paused(prefix: str, queue: str, paused: bool) -> Op:
     return paused
 
 
-def paused_queues(prefix: str) -> Op:
+def paused_queues(prefix: str) -> Op[list[str]]:
     raw = yield cmd("SMEMBERS", GlobalKeys(prefix).paused)
     return sorted(s(x) for x in raw)

@@ -206,7 +206,7 @@ class Publisher:
 
     async def _enqueue(self, task: str, queue: str | None, delay_ms: int,
                        rows: Sequence[_Row]) -> list[Any]:
-        return await self.runner.run(ops.enqueue(  # type: ignore[no-any-return]
+        return await self.runner.run(ops.enqueue(
             self.prefix, self.routing, task, [r.args for r in rows], queue=queue,
             delay_s=delay_ms / 1000.0 if delay_ms > 0 else None,
             idempotency_keys=[r.idem for r in rows],
@@ -267,7 +267,7 @@ class Publisher:
 # ---------------------------------------------------------------- completion
 
 
-def statuses(prefix: str, job_ids: Sequence[str]) -> ops.Op:
+def statuses(prefix: str, job_ids: Sequence[str]) -> ops.Op[dict[str, JobInfo | None]]:
     """Pipelined status of many jobs: {job id: JobInfo, or None when Redis does not know it}."""
     calls: list[ops.Cmd | ops.Eval] = []
     known: list[tuple[str, str]] = []

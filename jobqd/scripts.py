@@ -44,13 +44,36 @@ class Script:
             return r.evalsha(self.sha, len(keys), *keys, *args)
 
 
-Call = tuple[Script, Sequence[Any], Sequence[Any]]  # script, keys, args
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A plain Redis command in a pipeline."""
+
+    args: tuple[Any, ...]
 
 
-async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """Run many script calls in one pipelined round trip (not a transaction).
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """A script call (EVALSHA) in a pipeline."""
 
-    NOSCRIPT-safe: when calls find the script cache empty (Redis restarted), every
+    script: Script
+    keys: Sequence[Any]
+    args: Sequence[Any]
+
+
+PipeCall = Command | ScriptCall
+
+
+def _queue(p: Any, c: PipeCall) -> None:
+    if isinstance(c, Command):
+        p.execute_command(*c.args)
+    else:
+        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+
+
+async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
+    """Run commands and script calls in one pipelined round trip (not a transaction).
+
+    NOSCRIPT-safe: when script calls find the cache empty (Redis restarted), every
     script is loaded again and only those calls are run again (the others ran: a
     second run of an enqueue would duplicate jobs). Replies come back in order; an
     error reply is returned in its place (never raised), so the caller decides per
@@ -61,8 +84,7 @@ async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
     for attempt in range(2):
         async with r.pipeline(transaction=False) as p:
             for i in todo:
-                script, keys, args = calls[i]
-                p.evalsha(script.sha, len(keys), *keys, *args)
+                _queue(p, calls[i])
             got = await p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x
@@ -74,15 +96,14 @@ async def pipelined(r: aredis.Redis, calls: Sequence[Call]) -> list[Any]:
     return replies
 
 
-def pipelined_sync(r: redis.Redis, calls: Sequence[Call]) -> list[Any]:
+def pipelined_sync(r: redis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
     """`pipelined` for a blocking client."""
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
     for attempt in range(2):
         with r.pipeline(transaction=False) as p:
             for i in todo:
-                script, keys, args = calls[i]
-                p.evalsha(script.sha, len(keys), *keys, *args)
+                _queue(p, calls[i])
             got = p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x

@@ -333,7 +333,7 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
     prefix = cfg.redis.prefix
     ttl_ms = int(cfg.results.ttl_s * 1000)
     done_channel = GlobalKeys(prefix).done
-    calls: list[scripts.Call] = []
+    calls: list[scripts.PipeCall] = []
     groups: list[tuple[str, list[Settle]]] = []
     for q, items in batch.items():
         qk = QueueKeys(prefix, q)
@@ -349,7 +349,7 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
                     rk = len(keys) - 10
                 argv += [s.op, s.eid, s.job_id, s.payload,
                          s.extra if s.extra is not None else "", rk]
-            calls.append((scripts.COMPLETE, keys, argv))
+            calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
             groups.append((q, chunk))
     replies = await scripts.pipelined(r, calls)
     for x in replies:

@@ -167,7 +167,8 @@ class Waiter:
                     if exc is not None or (info is not None and info.status in FINAL):
                         self._resolve(job_id, info, exc)
 
-    def _batch(self, job_ids: list[str]) -> ops.Op:
+    def _batch(self, job_ids: list[str]
+               ) -> ops.Op[list[tuple[JobInfo | None, BaseException | None]]]:
         replies = yield ops.Pipe(_register_calls(self.prefix, job_ids))
         out: list[tuple[JobInfo | None, BaseException | None]] = []
         for i, job_id in enumerate(job_ids):
@@ -193,7 +194,7 @@ def wait_sync(r: redis.Redis, prefix: str, job_id: str, timeout_s: float | None)
         while True:
             info = run(_read_one(prefix, job_id))
             if info.status in FINAL:
-                return info  # type: ignore[no-any-return]
+                return info
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -210,7 +211,7 @@ def wait_sync(r: redis.Redis, prefix: str, job_id: str, timeout_s: float | None)
         pubsub.close()
 
 
-def _read_one(prefix: str, job_id: str) -> ops.Op:
+def _read_one(prefix: str, job_id: str) -> ops.Op[JobInfo]:
     calls = _register_calls(prefix, [job_id])
     replies = yield ops.Pipe(calls)
     q = queue_of(job_id)
