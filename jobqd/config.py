@@ -19,13 +19,17 @@ import math
 import os
 import re
 import sys
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import cronsim
+import orjson
 import yaml
 
 from jobqd.errors import ConfigError
@@ -109,6 +113,20 @@ class TaskConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    name: str
+    task: str  # a task declared under tasks:
+    args: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # JSON object
+    cron: str | None = None  # 5 fields, or 6 with seconds first; exactly one of cron / every_s
+    every_s: float | None = None  # a tick every N seconds (>= 1), aligned to the Unix epoch
+    timezone: str = "UTC"  # IANA name the cron fields are read in (DST handled by cronsim)
+    queue: str | None = None  # null: the task's queue
+    jitter_s: float = 0.0  # delay each tick's job by a deterministic 0..jitter_s seconds
+    misfire: Literal["skip", "once"] = "skip"  # after downtime: skip missed ticks, or run one job
+    enabled: bool = True  # false: never fires (its state in Redis is kept)
+
+
+@dataclass(frozen=True, slots=True)
 class ReaperConfig:
     interval_s: float = 5.0  # how often the (single, locked) reaper scans
     visibility_timeout_s: float = 300.0  # backstop: reclaim an entry whose lease stopped renewing
@@ -155,6 +173,8 @@ class Config:
     consumers: int = 16  # how many jobs this daemon runs at once (0: route and reap only)
     queues: Mapping[str, QueueConfig] = field(default_factory=lambda: MappingProxyType({}))
     tasks: Mapping[str, TaskConfig] = field(default_factory=lambda: MappingProxyType({}))
+    schedules: Mapping[str, ScheduleConfig] = field(
+        default_factory=lambda: MappingProxyType({}))
     reaper: ReaperConfig = ReaperConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
@@ -467,6 +487,7 @@ class _Validator:
 
         queues = self.queues(top.pop("queues", None))
         tasks = self.tasks(top.pop("tasks", None), queues, pythonpath)
+        schedules = self.schedules(top.pop("schedules", None), queues, tasks)
 
         sec = self.section(top.pop("reaper", None), "reaper")
         reaper = ReaperConfig(
@@ -531,7 +552,8 @@ class _Validator:
 
         self.done(top, "")
         return Config(path=self.path, redis=redis_cfg, postgres=pg_cfg, http=http_cfg,
-                      consumers=consumers, queues=queues, tasks=tasks, reaper=reaper,
+                      consumers=consumers, queues=queues, tasks=tasks, schedules=schedules,
+                      reaper=reaper,
                       heartbeat=heartbeat, shutdown=shutdown, results=results, weights=weights,
                       log=log, max_payload_bytes=max_payload, idempotency_ttl_s=idem_ttl,
                       state_dir=state_dir, pythonpath=pythonpath)
@@ -627,6 +649,61 @@ class _Validator:
                                    is_async=is_async)
         return MappingProxyType(out)
 
+    def schedules(self, raw: Any, queues: Mapping[str, QueueConfig],
+                  tasks: Mapping[str, TaskConfig]) -> Mapping[str, ScheduleConfig]:
+        sec = self.section(raw, "schedules")
+        out: dict[str, ScheduleConfig] = {}
+        for name in list(sec):
+            key = f"schedules.{name}"
+            if not NAME_RE.match(name):
+                raise self.err(key, f"schedule names must match {NAME_RE.pattern}")
+            s = self.section(sec.pop(name), key)
+            task = self.string(s, key, "task", None)
+            if task is None:
+                raise self.err(f"{key}.task", "required (a task declared under tasks:)")
+            if task not in tasks:
+                raise self.err(f"{key}.task", f"task {task!r} is not declared under tasks:")
+            args = self.schedule_args(s.pop("args", None), f"{key}.args")
+            cron = self.string(s, key, "cron", None, nullable=True)
+            every = self.num(s, key, "every_s", None, minimum=1, exclusive=False, nullable=True)
+            if (cron is None) == (every is None):
+                raise self.err(key, "set exactly one of cron or every_s")
+            tz = str(self.string(s, key, "timezone", ScheduleConfig))
+            try:
+                zone = zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise self.err(f"{key}.timezone",
+                               f"unknown time zone {tz!r} (an IANA name, e.g. Europe/Berlin)"
+                               ) from None
+            if cron is not None:
+                problem = _cron_problem(str(cron), zone)
+                if problem:
+                    raise self.err(f"{key}.cron", f"bad cron expression {cron!r}: {problem}")
+            queue = str(self.string(s, key, "queue", tasks[task].queue, nullable=True))
+            if queue not in queues:
+                raise self.err(f"{key}.queue", f"queue {queue!r} is not declared under queues:")
+            jitter = self.num(s, key, "jitter_s", ScheduleConfig, minimum=0, exclusive=False)
+            misfire = self.string(s, key, "misfire", ScheduleConfig)
+            if misfire not in ("skip", "once"):
+                raise self.err(f"{key}.misfire", f"must be skip or once, got {misfire!r}")
+            enabled = self.boolean(s, key, "enabled", True)
+            self.done(s, key)
+            out[name] = ScheduleConfig(name=name, task=task, args=args, cron=cron,
+                                       every_s=every, timezone=tz, queue=queue, jitter_s=jitter,
+                                       misfire=misfire, enabled=enabled)
+        return MappingProxyType(out)
+
+    def schedule_args(self, raw: Any, key: str) -> Mapping[str, Any]:
+        if raw is None:
+            return MappingProxyType({})
+        if not isinstance(raw, dict):
+            raise self.err(key, f"must be a mapping (a JSON object), got {type(raw).__name__}")
+        try:
+            orjson.dumps(raw)
+        except TypeError as e:
+            raise self.err(key, f"must be JSON: {e}") from None
+        return MappingProxyType(raw)
+
     def rate_limit(self, t: dict[str, Any], key: str) -> RateLimit | None:
         raw = self.string(t, key, "rate_limit", None, nullable=True)
         if raw is None:
@@ -657,6 +734,17 @@ class _Validator:
         if not callable(obj):
             raise self.err(key, f"{spec!r} is not callable")
         return obj  # type: ignore[no-any-return]
+
+
+def _cron_problem(expr: str, zone: zoneinfo.ZoneInfo) -> str | None:
+    """Why a cron expression is unusable (None if it is fine): 5 or 6 fields, cronsim."""
+    if len(expr.split()) not in (5, 6):
+        return "must have 5 fields (minute hour day month weekday) or 6 (seconds first)"
+    try:
+        next(cronsim.CronSim(expr, datetime.now(zone)))
+    except (cronsim.CronSimError, StopIteration) as e:
+        return str(e) or "it never fires"
+    return None
 
 
 def _is_async_callable(fn: Any) -> bool:

@@ -88,6 +88,10 @@ class GlobalKeys:
     def reaper_lock(self) -> str:  # STRING owner token, PX reaper lease
         return self.prefix + ":reaper:lock"
 
+    @property
+    def schedules(self) -> str:  # HASH schedule name -> "<last tick ms> <info json>"
+        return self.prefix + ":sched"
+
     def task_tag(self, task: str) -> str:  # hash tag of one task's limit keys
         return "{" + self.prefix + ":task:" + task + "}"
 
