@@ -217,6 +217,31 @@ async def test_racing_daemons_make_one_job_per_tick(
     assert last * 1000 in t
 
 
+async def test_a_daemon_dying_between_enqueue_and_mark_makes_no_duplicate(
+        make_rt: Callable[..., Runtime], sync_r: redis.Redis, prefix: str,
+        client: Any) -> None:
+    """A daemon made the tick's job and died before marking the tick handled: the
+    next daemon gets the same job back; a disabled schedule never fires."""
+    rt = make_rt(schedules={"beat": {"task": "noop", "every_s": 1},
+                            "off": {"task": "noop", "every_s": 1, "enabled": False}})
+    await publish.publish(rt)
+    c = cron.Cron(rt)
+    await c.turn()
+    now = await schedules.redis_now_ms(rt.redis)
+    nxt = next_tick(rt.config.schedules["beat"], now)
+    ghost = await client.enqueue("noop", {}, idempotency_key=f"sched:beat:{nxt}")
+    await asyncio.sleep((nxt - now) / 1000 + 0.05)
+    await c.turn()
+    keys = tick_keys(sync_r, prefix, "beat")
+    assert keys[str(nxt)] == ghost.id
+    assert sync_r.xlen(QueueKeys(prefix, "default").stream) == len(keys)
+    assert rt.metrics.schedule_runs.labels("beat")._value.get() == len(keys) - 1
+    st = State.decode(sync_r.hget(GlobalKeys(prefix).schedules, "beat"))
+    assert st is not None and st.tick_ms >= nxt
+    assert tick_keys(sync_r, prefix, "off") == {}
+    assert sync_r.hget(GlobalKeys(prefix).schedules, "off") is None
+
+
 async def test_jitter_delays_the_job(make_rt: Callable[..., Runtime], sync_r: redis.Redis,
                                      prefix: str) -> None:
     rt = make_rt(schedules={"j": {"task": "noop", "every_s": 1, "jitter_s": 30}})
@@ -358,7 +383,9 @@ def test_three_daemons_one_killed_exactly_one_job_per_tick(
     for dp in daemons:
         dp.wait_ready(prefix)
     started = time.monotonic()
-    time.sleep(10)
+    time.sleep(9.5)
+    now_ms = _redis_ms(sync_r)
+    time.sleep((1000 - now_ms % 1000 + 1) / 1000)  # 1 ms after a tick, on the Redis clock
     daemons[0].kill()  # kill -9, whatever it was doing at the tick
     time.sleep(5)
     daemons.append(spawn(path))
