@@ -557,6 +557,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise
 
 
+def cmd_schedules(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+
+    async def read() -> list[dict[str, Any]]:
+        import redis.asyncio as aredis  # noqa: PLC0415
+
+        from jobqd import schedules  # noqa: PLC0415
+
+        r = aredis.Redis.from_url(cfg.redis_url)
+        try:
+            return await schedules.describe(r, cfg)
+        finally:
+            await r.aclose()
+
+    rows = asyncio.run(read())
+    if args.json:
+        _out({"schedules": rows})
+        return ExitCode.OK
+    if not rows:
+        sys.stdout.write("no schedules in the config\n")
+        return ExitCode.OK
+    cols = ("name", "task", "expression", "timezone", "next_run", "last_run", "last_job_id",
+            "last_job_status")
+    table = [["disabled" if c == "next_run" and not row["enabled"] else
+              iso(row[c]) if c in ("next_run", "last_run") else _text_value(c, row[c])
+              for c in cols] for row in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    for line in ([c.upper() for c in cols], *table):
+        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True))
+                         .rstrip() + "\n")
+    return ExitCode.OK
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     target = Path(args.dir)
     share = resources.files("jobqd") / "share"
@@ -790,6 +823,12 @@ jobqd cancel --queue bulk --task checksum --scheduled-only""", fn=cmd_cancel)
                     help="rate sampling window (default 1)")
     st.add_argument("--watch", nargs="?", const=2.0, type=_positive_float, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")
+
+    sc = _add(sub, "schedules", "schedules: expression, next run, last run and its job",
+              "Every schedule in the config: task, expression, time zone, next run, and the\n"
+              "last run with its job id and status (read from Redis).",
+              "jobqd schedules\njobqd schedules --json", fn=cmd_schedules)
+    sc.add_argument("--json", action="store_true", help="as JSON")
 
     i = _add(sub, "init", "write the example config, systemd unit, alerts and dashboard",
              "Write the files jobqd ships into DIR (default: the current directory):\n"

@@ -32,13 +32,17 @@ import re
 import sys
 import types
 import typing
+import zoneinfo
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import cronsim
+import orjson
 import yaml
 
 from jobqd.errors import ConfigError
@@ -72,6 +76,7 @@ _RULES = frozenset({
     "relative_path",  # relative paths are resolved against the config file's directory
     "key_check",  # for a mapping: fn(name) -> error message or None, for each name
     "if_empty",  # for a mapping: fn() -> the value read when the file gives none
+    "json_object",  # a free-form mapping that must be a JSON object (a job's args)
 })
 
 
@@ -140,6 +145,29 @@ def _check_queue_name(name: str) -> str | None:
 
 def _check_task_name(name: str) -> str | None:
     return None if NAME_RE.match(name) else f"task names must match {NAME_RE.pattern}"
+
+
+def _check_schedule_name(name: str) -> str | None:
+    return None if NAME_RE.match(name) else f"schedule names must match {NAME_RE.pattern}"
+
+
+def _check_timezone(tz: str) -> str | None:
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return f"unknown time zone {tz!r} (an IANA name, e.g. Europe/Berlin)"
+    return None
+
+
+def _cron_problem(expr: str, zone: zoneinfo.ZoneInfo) -> str | None:
+    """Why a cron expression is unusable (None if it is fine): 5 or 6 fields, cronsim."""
+    if len(expr.split()) not in (5, 6):
+        return "must have 5 fields (minute hour day month weekday) or 6 (seconds first)"
+    try:
+        next(cronsim.CronSim(expr, datetime.now(zone)))
+    except (cronsim.CronSimError, StopIteration) as e:
+        return str(e) or "it never fires"
+    return None
 
 
 def _parse_rate(raw: str) -> RateLimit:
@@ -263,6 +291,31 @@ class TaskConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    name: str = opt(internal=True)
+    task: str = opt(required="required (a task declared under tasks:)")  # a declared task
+    # the job's args (a JSON object)
+    args: Mapping[str, Any] = opt(factory=lambda: MappingProxyType({}), json_object=True)
+    cron: str | None = None  # 5 fields, or 6 with seconds first; exactly one of cron / every_s
+    every_s: float | None = opt(None, ge=1, unit="s")  # a tick every N s, aligned to the epoch
+    # the IANA time zone the cron fields are read in (DST handled by cronsim)
+    timezone: str = opt("UTC", check=_check_timezone)
+    queue: str | None = None  # null: the task's queue (filled in at load)
+    jitter_s: float = opt(0.0, ge=0, unit="s")  # delay each tick's job by 0..jitter_s (same
+    #                                               on every daemon)
+    misfire: Literal["skip", "once"] = "skip"  # after downtime: skip missed ticks, or run one
+    enabled: bool = True  # false: never fires (its state in Redis is kept)
+
+    def _constraints(self) -> Problems:
+        if (self.cron is None) == (self.every_s is None):
+            yield "", "set exactly one of cron or every_s"
+        if self.cron is not None:
+            problem = _cron_problem(self.cron, zoneinfo.ZoneInfo(self.timezone))
+            if problem:
+                yield "cron", f"bad cron expression {self.cron!r}: {problem}"
+
+
+@dataclass(frozen=True, slots=True)
 class ReaperConfig:
     # how often the (single, locked) reaper scans; its lock lives 3x this
     interval_s: float = opt(5.0, ge=0.01, unit="s")
@@ -335,6 +388,9 @@ class Config:
                                             if_empty=_one_default_queue)
     tasks: Mapping[str, TaskConfig] = opt(factory=lambda: MappingProxyType({}),
                                           key_check=_check_task_name)
+    # periodic jobs (cron or every_s): exactly one job per tick across daemons
+    schedules: Mapping[str, ScheduleConfig] = opt(factory=lambda: MappingProxyType({}),
+                                                  key_check=_check_schedule_name)
     reaper: ReaperConfig = ReaperConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
@@ -351,12 +407,24 @@ class Config:
                                       items="directories")
 
     def __post_init__(self) -> None:
-        for name in ("queues", "tasks"):
+        for name in ("queues", "tasks", "schedules"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):
                 object.__setattr__(self, name, MappingProxyType(dict(value)))
+        if any(s.queue is None and s.task in self.tasks for s in self.schedules.values()):
+            object.__setattr__(self, "schedules", MappingProxyType({
+                n: dataclasses.replace(s, queue=self.tasks[s.task].queue)
+                if s.queue is None and s.task in self.tasks else s
+                for n, s in self.schedules.items()}))
 
     def _constraints(self) -> Problems:
+        for name, sched in self.schedules.items():
+            if sched.task not in self.tasks:
+                yield f"schedules.{name}.task", (f"task {sched.task!r} is not declared under "
+                                                 "tasks:")
+            elif sched.queue not in self.queues:
+                yield f"schedules.{name}.queue", (f"queue {sched.queue!r} is not declared "
+                                                  "under queues:")
         for name, task in self.tasks.items():
             if task.queue not in self.queues:
                 declared = ", ".join(sorted(self.queues))
@@ -638,6 +706,8 @@ class _Reader:
                 raise self.err(key, str(e)) from None
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.dataclass(tp, raw, key, {})
+        if meta.get("json_object"):
+            return self.json_object(raw, key)
         if origin is Mapping or origin is dict:
             return self.mapping(typing.get_args(tp)[1], raw, key, meta)
         if origin is tuple:
@@ -723,6 +793,17 @@ class _Reader:
             out = meta["if_empty"]()
         return MappingProxyType(out)
 
+    def json_object(self, raw: Any, key: str) -> Mapping[str, Any]:
+        if raw is None:
+            return MappingProxyType({})
+        if not isinstance(raw, dict):
+            raise self.err(key, f"must be a mapping (a JSON object), got {type(raw).__name__}")
+        try:
+            orjson.dumps(raw)
+        except TypeError as e:
+            raise self.err(key, f"must be JSON: {e}") from None
+        return MappingProxyType(raw)
+
     def sequence(self, item: type, raw: Any, key: str,
                  meta: Mapping[str, Any]) -> tuple[Any, ...]:
         if raw is None:
@@ -798,7 +879,7 @@ class _Reader:
 
 
 def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
+    return f"{key}.{name}" if key and name else key or name
 
 
 def _is_async_callable(fn: Any) -> bool:

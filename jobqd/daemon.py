@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 from jobqd import (
+    cron,
     gauges,
     heartbeat,
     http,
@@ -228,6 +229,7 @@ class Daemon:
                     tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop))),
                     tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
                     tg.create_task(guarded("scheduler", scheduler.run(rt, bg_stop))),
+                    tg.create_task(guarded("cron", cron.run(rt, bg_stop))),
                     tg.create_task(guarded("weights", weights.run(rt, bg_stop))),
                     tg.create_task(guarded("redisguard", redisguard.run(rt, guard, bg_stop))),
                     tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, bg_stop))),

@@ -63,7 +63,7 @@ import redis.exceptions as rexc
 from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from jobqd import openapi, ops
+from jobqd import openapi, ops, schedules
 from jobqd.config import QUEUE_RE, Config
 from jobqd.errors import (
     ConfigError,
@@ -563,6 +563,11 @@ async def queues(request: web.Request) -> web.Response:
     return json_response({"queues": [s.to_dict() for s in stats]})
 
 
+async def schedules_list(request: web.Request) -> web.Response:
+    rt = _state(request).runtime
+    return json_response({"schedules": await schedules.describe(rt.redis, rt.config)})
+
+
 async def dlq_list(request: web.Request) -> web.Response:
     st = _state(request)
     prefix = st.runtime.config.redis.prefix
@@ -630,6 +635,7 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_post("/v1/queues/{queue}/pause", queue_pause)
     app.router.add_post("/v1/queues/{queue}/resume", queue_resume)
     app.router.add_get("/v1/queues", queues)
+    app.router.add_get("/v1/schedules", schedules_list)
     app.router.add_get("/v1/dlq", dlq_list)
     app.router.add_post("/v1/dlq/{id}/replay", dlq_replay, expect_handler=_expect)
     return app

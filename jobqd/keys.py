@@ -116,6 +116,10 @@ class GlobalKeys:
     def done(self) -> str:  # pub/sub channel: "<job id> <status>" for waited-for jobs
         return self.prefix + ":done"
 
+    @property
+    def schedules(self) -> str:  # HASH schedule name -> "<last tick ms> <info json>"
+        return self.prefix + ":sched"
+
     def task_tag(self, task: str) -> str:  # hash tag of one task's limit keys
         return "{" + self.prefix + ":task:" + task + "}"
 

@@ -57,6 +57,15 @@ class Metrics:
                                registry=reg)
         for result in ("ok", "error"):  # both series exist from the start (alerts use rate)
             self.reloads.labels(result)
+        self.schedule_runs = Counter("jobqd_schedule_runs", "Schedule ticks whose job this "
+                                     "daemon created (a tick another daemon made is not "
+                                     "counted here)", ["schedule"], registry=reg)
+        self.schedule_last_run = Gauge("jobqd_schedule_last_run_timestamp_seconds", "Time of the "
+                                       "last tick that got a job (by any daemon), read from "
+                                       "Redis", ["schedule"], registry=reg)
+        self.schedule_due = Gauge("jobqd_schedule_due_timestamp_seconds", "Time of the latest "
+                                  "tick at or before now: its job should exist", ["schedule"],
+                                  registry=reg)
         self.build = PromInfo("jobqd_build", "Version information", registry=reg)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._completed: dict[tuple[str, str, str], Any] = {}

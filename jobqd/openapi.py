@@ -162,6 +162,34 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["queues"],
         "properties": {"queues": {"type": "array", "items": _ref("QueueStats")}},
     },
+    "Schedules": {
+        "type": "object",
+        "required": ["schedules"],
+        "properties": {"schedules": {"type": "array", "items": _ref("Schedule")}},
+    },
+    "Schedule": {
+        "type": "object",
+        "required": ["name", "task", "queue", "expression", "timezone", "enabled"],
+        "properties": {
+            "name": {"type": "string"},
+            "task": {"type": "string"},
+            "queue": {"type": "string"},
+            "cron": _nullable({"type": "string"}),
+            "every_s": _nullable({"type": "number"}),
+            "expression": {"type": "string", "description": "cron, or every <N>s"},
+            "timezone": {"type": "string"},
+            "misfire": {"type": "string", "enum": ["skip", "once"]},
+            "jitter_s": {"type": "number"},
+            "enabled": {"type": "boolean"},
+            "next_run": _nullable({"type": "number", "description": "seconds since the "
+                                                                    "epoch; null if disabled"}),
+            "last_run": _nullable({"type": "number", "description": "the tick time of the "
+                                                                    "last job made"}),
+            "last_job_id": _nullable({"type": "string"}),
+            "last_job_status": _nullable({"type": "string", "description": "expired: its "
+                                          "record outlived results.ttl_s"}),
+        },
+    },
     "DeadJob": {
         "type": "object",
         "required": ["id", "queue", "entry_id"],
@@ -335,6 +363,10 @@ def build(*, auth: bool = False) -> dict[str, Any]:
             "/v1/queues": {"get": v1({
                 "operationId": "queues", "summary": "Every queue's depth, weight and state",
                 "responses": {"200": _json("Queue statistics", _ref("Queues"))}})},
+            "/v1/schedules": {"get": v1({
+                "operationId": "schedules",
+                "summary": "Every configured schedule with its next run and last job",
+                "responses": {"200": _json("Schedules", _ref("Schedules"))}})},
             "/v1/dlq": {"get": v1({
                 "operationId": "dlq_list", "summary": "Dead-letter entries",
                 "parameters": [

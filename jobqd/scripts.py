@@ -150,8 +150,9 @@ FORGET_CONSUMER = _load("forget_consumer")
 CANCEL = _load("cancel")
 LIMIT_ACQUIRE = _load("limit_acquire")
 LIMIT_RENEW = _load("limit_renew")
+SCHED_MARK = _load("sched_mark")
 ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
-       FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW)
+       FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW, SCHED_MARK)
 
 
 async def preload(r: aredis.Redis) -> None:

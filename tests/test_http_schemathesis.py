@@ -68,7 +68,10 @@ async def test_openapi_document_matches_the_handlers(start_daemon: Callable[...,
                                                      tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    d = await start_daemon(http={"listen": "127.0.0.1:0", "token_file": str(token_file)})
+    d = await start_daemon(http={"listen": "127.0.0.1:0", "token_file": str(token_file)},
+                           schedules={"beat": {"task": "noop", "every_s": 1},
+                                      "off": {"task": "noop", "cron": "0 3 * * *",
+                                              "enabled": False}})
     done = await client.enqueue("record", {"key": f"{prefix}:k", "value": {"a": [1, None]}})
     dead = await client.enqueue("fail_now", {"reason": "bad input"})
     await wait_status(client, done.id, "succeeded")
@@ -81,6 +84,7 @@ async def test_openapi_document_matches_the_handlers(start_daemon: Callable[...,
         ("GET", "/v1/jobs/{id}", {"path_parameters": {"id": done.id}}, 200),
         ("GET", "/v1/jobs/{id}", {"path_parameters": {"id": dead.id}}, 200),
         ("GET", "/v1/queues", {}, 200),
+        ("GET", "/v1/schedules", {}, 200),
         ("GET", "/v1/dlq", {"query": {"queue": "default", "limit": 10}}, 200),
         ("POST", "/v1/dlq/{id}/replay", {"path_parameters": {"id": dead.id}}, 202),
         ("GET", "/readyz", {}, 200),
@@ -96,5 +100,5 @@ async def test_openapi_document_matches_the_handlers(start_daemon: Callable[...,
     assert sorted(tested) == sorted([
         "GET /healthz", "GET /readyz", "GET /metrics", "POST /v1/jobs", "GET /v1/jobs/{id}",
         "DELETE /v1/jobs/{id}", "POST /v1/queues/{queue}/pause",
-        "POST /v1/queues/{queue}/resume",
+        "POST /v1/queues/{queue}/resume", "GET /v1/schedules",
         "GET /v1/queues", "GET /v1/dlq", "POST /v1/dlq/{id}/replay"])

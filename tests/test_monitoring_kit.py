@@ -40,6 +40,9 @@ JOBQD_METRICS: dict[str, frozenset[str]] = {
     "jobqd_jobs_reclaimed_total": frozenset({"reason"}),
     "jobqd_consumers": frozenset({"state"}),
     "jobqd_config_reloads_total": frozenset({"result"}),
+    "jobqd_schedule_runs_total": frozenset({"schedule"}),
+    "jobqd_schedule_last_run_timestamp_seconds": frozenset({"schedule"}),
+    "jobqd_schedule_due_timestamp_seconds": frozenset({"schedule"}),
     "jobqd_build_info": frozenset({"version", "python"}),  # a prometheus-client Info
 }
 # Classic histograms: only the _bucket/_sum/_count series exist, so a query on
