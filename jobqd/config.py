@@ -104,8 +104,27 @@ class TaskConfig:
     retry_backoff: BackoffConfig = BackoffConfig()
     concurrency: int | None = None  # max running at once across all daemons; None: unlimited
     rate_limit: RateLimit | None = None  # "100/s", "1000/m", "10/h" across all daemons
+    # where the handler runs: async (on the event loop; async def only), thread (a
+    # plain def in a thread) or process (a plain def in a worker process:
+    # process_pool); None: async for an async def, thread for a plain def
+    executor: Literal["async", "thread", "process"] | None = None
     fn: Callable[..., Any] = field(default=lambda: None, compare=False, repr=False)
     is_async: bool = field(default=False, compare=False)
+
+    @property
+    def kind(self) -> Literal["async", "thread", "process"]:
+        """The executor this task's jobs run in (`executor`, or the handler's default)."""
+        if self.executor is not None:
+            return self.executor
+        return "async" if self.is_async else "thread"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessPoolConfig:
+    size: int | None = None  # worker processes for executor: process; None: the CPU count
+    max_tasks_per_child: int | None = None  # replace a child after this many jobs; None: never
+    max_memory_mb: int | None = None  # replace a child whose RSS exceeds this (between jobs)
+    kill_grace_s: float = 2.0  # a child past its job's timeout: SIGTERM, SIGKILL after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +180,7 @@ class Config:
     results: ResultsConfig = ResultsConfig()
     weights: WeightsConfig = WeightsConfig()
     log: LogConfig = LogConfig()
+    process_pool: ProcessPoolConfig = ProcessPoolConfig()
     max_payload_bytes: int = 1024 * 1024  # largest encoded job accepted at enqueue
     idempotency_ttl_s: float = 86400.0  # how long an idempotency key maps to its job
     state_dir: str = "/var/lib/jobqd"  # embedded Redis socket and AOF live here
@@ -529,12 +549,24 @@ class _Validator:
                                             exclusive=False))
         self.done(sec, "log")
 
+        sec = self.section(top.pop("process_pool", None), "process_pool")
+        process_pool = ProcessPoolConfig(
+            size=self.num(sec, "process_pool", "size", None, integer=True, minimum=0,
+                          nullable=True),
+            max_tasks_per_child=self.num(sec, "process_pool", "max_tasks_per_child", None,
+                                         integer=True, minimum=0, nullable=True),
+            max_memory_mb=self.num(sec, "process_pool", "max_memory_mb", None, integer=True,
+                                   minimum=0, nullable=True),
+            kill_grace_s=self.num(sec, "process_pool", "kill_grace_s", ProcessPoolConfig,
+                                  minimum=0, exclusive=False))
+        self.done(sec, "process_pool")
+
         self.done(top, "")
         return Config(path=self.path, redis=redis_cfg, postgres=pg_cfg, http=http_cfg,
                       consumers=consumers, queues=queues, tasks=tasks, reaper=reaper,
                       heartbeat=heartbeat, shutdown=shutdown, results=results, weights=weights,
                       log=log, max_payload_bytes=max_payload, idempotency_ttl_s=idem_ttl,
-                      state_dir=state_dir, pythonpath=pythonpath)
+                      state_dir=state_dir, pythonpath=pythonpath, process_pool=process_pool)
 
     def pythonpath(self, raw: Any) -> tuple[str, ...]:
         if raw is None:
@@ -615,16 +647,25 @@ class _Validator:
             concurrency = self.num(t, key, "concurrency", None, integer=True, minimum=0,
                                    nullable=True)
             rate = self.rate_limit(t, key)
+            executor = self.string(t, key, "executor", None, nullable=True)
+            if executor not in (None, "async", "thread", "process"):
+                raise self.err(f"{key}.executor", f"must be async, thread or process, "
+                                                  f"got {executor!r}")
             self.done(t, key)
             fn: Callable[..., Any] = _d(TaskConfig, "fn")
             is_async = False
             if self.import_handlers:
                 fn = self.import_handler(str(handler), f"{key}.handler", pythonpath)
                 is_async = _is_async_callable(fn)
+                if executor is not None and (executor == "async") != is_async:
+                    raise self.err(f"{key}.executor", (
+                        f"{handler} is an async def: it runs on the event loop (executor: "
+                        f"async), not in a {executor}" if is_async else
+                        f"{handler} is a plain def: use executor thread or process"))
             out[name] = TaskConfig(name=name, handler=str(handler), queue=queue,
                                    timeout_s=timeout, max_retries=retries, retry_backoff=backoff,
-                                   concurrency=concurrency, rate_limit=rate, fn=fn,
-                                   is_async=is_async)
+                                   concurrency=concurrency, rate_limit=rate,
+                                   executor=executor, fn=fn, is_async=is_async)
         return MappingProxyType(out)
 
     def rate_limit(self, t: dict[str, Any], key: str) -> RateLimit | None:

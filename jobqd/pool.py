@@ -45,6 +45,7 @@ from jobqd.fetch import Fetcher
 from jobqd.keys import GROUP, QueueKeys
 from jobqd.limits import Limiter
 from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
+from jobqd.process_pool import ProcessPool
 from jobqd.runtime import Runtime
 from jobqd.scripts import FORGET_CONSUMER
 from jobqd.settle import Settle, Settler
@@ -134,7 +135,9 @@ class Pool:
         self.threads = ThreadPoolExecutor(max_workers=10_000, thread_name_prefix="jobqd-sync")
         self.limiter = Limiter(rt)  # per-task concurrency and rate limits (all daemons)
         self.fetcher = Fetcher(rt.redis, rt.name)
-        self.executor = Executor(self.limiter, _Starts(rt), self.threads)
+        # worker processes for tasks with executor: process (started only if one exists)
+        self.procs = ProcessPool(lambda: rt.config)
+        self.executor = Executor(self.limiter, _Starts(rt), self.threads, self.procs)
         self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config)
         self.tg: asyncio.TaskGroup | None = None
         self.fetch_task: asyncio.Task[None] | None = None
@@ -155,15 +158,19 @@ class Pool:
                          tg.create_task(self._renew_loop(), name="jobqd-lease-renewal"),
                          tg.create_task(self._deadline_loop(), name="jobqd-timeouts")]
                 self.resize(self.capacity)
+                if any(t.kind == "process" for t in rt.config.tasks.values()):
+                    self.procs.start()  # else lazily, by the first process job (a reload)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
                 rt.consumers_started.set()
                 await stop.wait()
                 await self._drain()
+                await self.procs.close()  # running process jobs were killed by the drain
                 for t in loops:
                     t.cancel()
         finally:
             rt.health.consumers_running = False
+            self.procs.kill_all()  # a forced stop; a no-op after close
             self.threads.shutdown(wait=False, cancel_futures=True)
 
     def resize(self, n: int) -> None:

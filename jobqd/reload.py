@@ -29,7 +29,7 @@ from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.reload")
 
-RESTART_KEYS = ("redis", "http", "postgres", "state_dir")
+RESTART_KEYS = ("redis", "http", "postgres", "state_dir", "process_pool")
 DEBOUNCE_MS = 300
 
 
