@@ -7,6 +7,7 @@ still end as the contract says, and only the job whose child died is affected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from jobqd import SyncClient, config
-from jobqd.errors import ConfigError
+from jobqd.errors import ConfigError, UnknownTask
 from jobqd.jobs import JobInfo
 
 from .conftest import REDIS_URL, DaemonProcess, base_config
@@ -296,3 +297,45 @@ def test_drain_kills_running_process_jobs_and_hands_them_back(
         done = status(c, job.id, "succeeded", timeout=30)
         assert done.attempts == 1 and done.lost == 0
         assert done.result != child and sync_r.hget(key, job.id) == b"2"
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out |= {int(p) for p in (task / "children").read_text().split()}
+    return out
+
+
+def test_process_pool_starts_only_with_a_process_task_and_lazily_on_reload(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
+        prefix: str) -> None:
+    import yaml
+
+    path = write_config(**FAST)
+    d = spawn(path)
+    d.wait_ready(prefix)
+    with SyncClient(REDIS_URL, prefix) as c:
+        run_one(c, "noop", {})
+        assert children(d.pid) == set()  # no process task: no worker processes
+        cfg = yaml.safe_load(path.read_text())
+        cfg["tasks"]["proc_info"] = proc_tasks()["proc_info"]
+        path.write_text(yaml.safe_dump(cfg))
+        d.signal(signal.SIGHUP)
+
+        def routed() -> bool:
+            try:
+                c.enqueue("proc_info", {})
+            except UnknownTask:
+                return False
+            return True
+
+        wait_until(routed, 20, "the reloaded config routes proc_info")
+        pid = run_one(c, "proc_info", {}).result["pid"]
+        assert pid in children(d.pid)
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0, d.log()
+    assert not pid_alive(pid)  # closed after the drain
