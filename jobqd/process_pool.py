@@ -322,7 +322,15 @@ class ProcessPool:
         that is starting (a replacement) to be ready."""
         while True:
             if self.idle:
-                return self.idle.pop()
+                child = self.idle.pop()
+                assert child.proc.stdout is not None
+                if child.alive and not child.proc.stdout.at_eof():
+                    return child
+                # it died while idle (killed from outside): no job was lost with it
+                log.warning("worker process %d %s while idle; replacing it", child.pid,
+                            exit_text(child.proc.returncode))
+                self._retire(child, terminate=True)
+                continue
             if self.live < self.size:
                 self.live += 1
                 return await self._spawn()

@@ -339,3 +339,32 @@ def test_process_pool_starts_only_with_a_process_task_and_lazily_on_reload(
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0, d.log()
     assert not pid_alive(pid)  # closed after the drain
+
+
+async def test_in_process_daemon_runs_process_jobs_and_closes_its_children_cleanly(
+        start_daemon: Callable[..., Any], client: Any) -> None:
+    """The same on the default asyncio loop (not uvloop), as tests run daemons: no
+    unclosed pipe or transport is left behind (warnings are errors here)."""
+    from .conftest import wait_status
+
+    d = await start_daemon(**FAST, tasks=proc_tasks(), process_pool={"size": 2})
+    job = await client.enqueue("proc_info", {})
+    info = await wait_status(client, job.id, "succeeded")
+    assert info.result["pid"] != os.getpid()
+    procs = d.daemon.pool.procs
+    assert info.result["pid"] in procs.pids()
+    assert await d.stop() == 0
+    assert procs.pids() == [] and procs.live == 0
+    assert not pid_alive(info.result["pid"])
+
+
+def test_a_child_killed_while_idle_costs_no_job_a_delivery(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
+        prefix: str) -> None:
+    d = start(spawn, write_config, prefix, process_pool={"size": 1})
+    with SyncClient(REDIS_URL, prefix) as c:
+        a = run_one(c, "proc_info", {}).result["pid"]
+        os.kill(a, signal.SIGKILL)
+        wait_until(lambda: a not in children(d.pid), 10, "the killed child reaped")
+        info = run_one(c, "proc_info", {})
+        assert info.result["pid"] != a and info.lost == 0 and info.attempts == 1
