@@ -48,9 +48,10 @@ def test_template_is_the_single_unit_plus_the_instance_lines() -> None:
     unit, single = parse_unit(TEMPLATE.read_text()), parse_unit(SINGLE.read_text())
     assert values(unit, "Service", "Environment") == [
         *values(single, "Service", "Environment"), "JOBQD_INSTANCE=%i"]
-    assert last(unit, "Service", "KillMode") == "mixed"  # the daemon stops its children
+    # the daemon stops its own worker processes (both units)
+    assert last(unit, "Service", "KillMode") == last(single, "Service", "KillMode") == "mixed"
     assert last(unit, "Service", "RuntimeDirectory") == "jobqd-%i"
-    instance_keys = {"Environment", "KillMode", "RuntimeDirectory", "Description"}
+    instance_keys = {"Environment", "RuntimeDirectory", "Description"}
     for section in ("Unit", "Service", "Install"):
         assert [kv for kv in unit[section] if kv[0] not in instance_keys] == \
             [kv for kv in single[section] if kv[0] not in instance_keys], section
