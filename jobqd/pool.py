@@ -136,7 +136,7 @@ class Pool:
         self.limiter = Limiter(rt)  # per-task concurrency and rate limits (all daemons)
         self.fetcher = Fetcher(rt.redis, rt.name)
         # worker processes for tasks with executor: process (started only if one exists)
-        self.procs = ProcessPool(lambda: rt.config)
+        self.procs = ProcessPool(lambda: rt.config, rt.metrics)
         self.executor = Executor(self.limiter, _Starts(rt), self.threads, self.procs)
         self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config)
         self.tg: asyncio.TaskGroup | None = None

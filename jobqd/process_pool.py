@@ -43,6 +43,7 @@ import orjson
 from jobqd.config import Config, ProcessPoolConfig, TaskConfig
 from jobqd.errors import Fail, Retry
 from jobqd.jobs import Envelope
+from jobqd.metrics import Metrics
 from jobqd.outcomes import MAX_ERROR_CHARS, MAX_TRACEBACK_CHARS, safe_text
 from jobqd.process_child import HEADER
 
@@ -87,6 +88,13 @@ def rss_mb(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _child_env() -> dict[str, str]:
+    """The daemon's environment, less what systemd meant for the daemon alone."""
+    private = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+               "LISTEN_FDNAMES")
+    return {k: v for k, v in os.environ.items() if k not in private}
 
 
 def exit_text(rc: int | None) -> str:
@@ -168,8 +176,9 @@ class Child:
 class ProcessPool:
     """The daemon's worker processes. `run` runs one job in one of them."""
 
-    def __init__(self, get_config: Callable[[], Config]) -> None:
+    def __init__(self, get_config: Callable[[], Config], metrics: Metrics | None = None) -> None:
         self.get_config = get_config
+        self.metrics = metrics
         self.settings: ProcessPoolConfig | None = None  # fixed at start (a restart key)
         self.size = 0
         self.idle: list[Child] = []
@@ -231,6 +240,16 @@ class ProcessPool:
     def _idle(self, child: Child) -> None:
         self.idle.append(child)
         self.changed.set()
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.process_workers.labels("idle").set(len(self.idle))
+            self.metrics.process_workers.labels("busy").set(len(self.busy))
+
+    def _replaced(self, reason: str) -> None:
+        if self.metrics is not None and not self.closed:
+            self.metrics.process_replaced.labels(reason).inc()
 
     def _grace(self) -> float:
         return self.settings.kill_grace_s if self.settings is not None else 2.0
@@ -244,6 +263,7 @@ class ProcessPool:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "jobqd.process_child",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=_child_env(),
                 start_new_session=True)  # a terminal's Ctrl-C is for the daemon only
             child = Child(proc)
             self.spawned += 1
@@ -270,6 +290,7 @@ class ProcessPool:
         self.live -= 1
         self.busy.discard(child)
         self.changed.set()
+        self._gauge()
 
     def _retire(self, child: Child, *, terminate: bool) -> None:
         """Stop a child in the background and start its replacement."""
@@ -292,6 +313,7 @@ class ProcessPool:
         async with self.slots:  # cancelled while waiting: nothing ran
             child = await self._acquire()
             self.busy.add(child)
+            self._gauge()
             on_start()
             done = False
             try:
@@ -305,10 +327,12 @@ class ProcessPool:
                 await child.stop(self._grace(), terminate=True)
                 log.info("worker process %d killed (%s)", child.pid, exit_text(
                     child.proc.returncode))
+                self._replaced("killed")
                 self._gone(child)
                 self._top_up()
                 raise
             except WorkerLost:
+                self._replaced("died")
                 self._gone(child)
                 self._top_up()
                 raise
@@ -329,6 +353,7 @@ class ProcessPool:
                 # it died while idle (killed from outside): no job was lost with it
                 log.warning("worker process %d %s while idle; replacing it", child.pid,
                             exit_text(child.proc.returncode))
+                self._replaced("died")
                 self._retire(child, terminate=True)
                 continue
             if self.live < self.size:
@@ -347,10 +372,12 @@ class ProcessPool:
         why = None
         if s.max_tasks_per_child is not None and child.jobs >= s.max_tasks_per_child:
             why = f"it ran {child.jobs} jobs (max_tasks_per_child)"
+            self._replaced("max_tasks")
         elif s.max_memory_mb is not None:
             rss = rss_mb(child.pid)
             if rss is not None and rss > s.max_memory_mb:
                 why = f"its RSS is {rss:.0f} MiB (max_memory_mb {s.max_memory_mb})"
+                self._replaced("max_memory")
         if why is None and (self.closed or not child.alive or self.live > self.size):
             why = "the pool is closing" if self.closed else \
                 "it exited" if not child.alive else "the pool has more than its size"

@@ -347,12 +347,21 @@ async def test_in_process_daemon_runs_process_jobs_and_closes_its_children_clean
     unclosed pipe or transport is left behind (warnings are errors here)."""
     from .conftest import wait_status
 
-    d = await start_daemon(**FAST, tasks=proc_tasks(), process_pool={"size": 2})
-    job = await client.enqueue("proc_info", {})
-    info = await wait_status(client, job.id, "succeeded")
-    assert info.result["pid"] != os.getpid()
+    d = await start_daemon(**FAST, tasks=proc_tasks(),
+                           process_pool={"size": 1, "max_tasks_per_child": 2})
+    seen = []
+    for _ in range(3):
+        job = await client.enqueue("proc_info", {})
+        seen.append((await wait_status(client, job.id, "succeeded")).result["pid"])
+    assert seen[0] == seen[1] != seen[2] != os.getpid()
     procs = d.daemon.pool.procs
-    assert info.result["pid"] in procs.pids()
+    assert procs.pids() == [seen[2]]
+    assert d.daemon.rt is not None
+    text = d.daemon.rt.metrics.exposition().decode()
+    assert 'jobqd_process_workers_replaced_total{reason="max_tasks"} 1.0' in text
+    assert 'jobqd_process_workers{state="idle"} 1.0' in text
+    assert 'jobqd_process_workers{state="busy"} 0.0' in text
+    info = await client.status(job.id)
     assert await d.stop() == 0
     assert procs.pids() == [] and procs.live == 0
     assert not pid_alive(info.result["pid"])
