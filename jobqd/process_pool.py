@@ -115,6 +115,7 @@ class Child:
         self.proc = proc
         self.pid = proc.pid
         self.jobs = 0
+        self.counted = True  # in ProcessPool.live until `_gone`
 
     @property
     def alive(self) -> bool:
@@ -279,14 +280,16 @@ class ProcessPool:
                 raise HandlerError(f"the worker process did not start: {e}") from None
             raise
         if "ready" not in hello:
-            self.live -= 1
-            self.changed.set()
+            self._gone(child)
             await child.stop(self._grace(), terminate=True)
             raise HandlerError(f"the worker process did not start: {hello.get('error')}")
         log.debug("worker process %d started", child.pid)
         return child
 
     def _gone(self, child: Child) -> None:
+        if not child.counted:  # already gone (a busy child retired by close)
+            return
+        child.counted = False
         self.live -= 1
         self.busy.discard(child)
         self.changed.set()
@@ -324,12 +327,14 @@ class ProcessPool:
                 done = True
             except asyncio.CancelledError:
                 # our deadline, the drain or a forced stop: the job must not run on
-                await child.stop(self._grace(), terminate=True)
-                log.info("worker process %d killed (%s)", child.pid, exit_text(
-                    child.proc.returncode))
-                self._replaced("killed")
-                self._gone(child)
-                self._top_up()
+                try:
+                    await child.stop(self._grace(), terminate=True)
+                finally:  # even if a second cancellation cut the grace short (SIGKILL)
+                    log.info("worker process %d killed (%s)", child.pid, exit_text(
+                        child.proc.returncode))
+                    self._replaced("killed")
+                    self._gone(child)
+                    self._top_up()
                 raise
             except WorkerLost:
                 self._replaced("died")

@@ -252,3 +252,12 @@ def alloc_mb(mb: int, key: str = "") -> int:
     _note_pid(key)
     _leak.append(bytearray(b"\x01") * (mb * 1024 * 1024))
     return os.getpid()
+
+
+def proc_ignore_term(key: str, seconds: float = 60.0) -> None:
+    """A handler that ignores SIGTERM (only SIGKILL stops it)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _note_pid(key)
+    time.sleep(seconds)

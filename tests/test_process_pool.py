@@ -42,6 +42,8 @@ def proc_tasks(**extra: Any) -> dict[str, Any]:
         "proc_retry": {"handler": h + "proc_retry", "executor": "process"},
         "proc_unserialisable": {"handler": h + "proc_unserialisable", "executor": "process"},
         "alloc_mb": {"handler": h + "alloc_mb", "executor": "process"},
+        "proc_ignore_term": {"handler": h + "proc_ignore_term", "executor": "process",
+                             "max_retries": 0},
     }
     for name, over in extra.items():
         tasks[name] = {**tasks[name], **over}
@@ -228,6 +230,41 @@ def test_timeout_kills_the_child_and_fails_the_job(
         wait_until(lambda: not pid_alive(pid), 10, f"the timed-out child {pid} gone")
         # the child was replaced: the pool still runs jobs
         assert run_one(c, "proc_info", {}).result["pid"] != pid
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
+        prefix: str, sync_r: redis.Redis) -> None:
+    key = f"{prefix}:k"
+    start(spawn, write_config, prefix, process_pool={"size": 1, "kill_grace_s": 0.5},
+          tasks=proc_tasks(proc_ignore_term={"timeout_s": 1}))
+    with SyncClient(REDIS_URL, prefix) as c:
+        info = run_one(c, "proc_ignore_term", {"key": key}, "dead")
+        assert info.reason == "timeout"
+        pid = pids(sync_r, key)[info.id]
+        wait_until(lambda: not pid_alive(pid), 10, f"child {pid} gone")
+        assert run_one(c, "proc_info", {}).status == "succeeded"
+
+
+def test_drain_during_a_timeout_kill_still_kills_and_hands_back(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
+        prefix: str, sync_r: redis.Redis) -> None:
+    """The drain's cancellation cuts the timeout's SIGTERM grace short: SIGKILL at once,
+    and the pool's books stay right (the daemon exits 0)."""
+    key = f"{prefix}:k"
+    d = start(spawn, write_config, prefix, process_pool={"size": 1, "kill_grace_s": 30},
+              tasks=proc_tasks(proc_ignore_term={"timeout_s": 1}),
+              shutdown={"drain_timeout_s": 0.2, "handback_timeout_s": 5})
+    with SyncClient(REDIS_URL, prefix) as c:
+        job = c.enqueue("proc_ignore_term", {"key": key})
+        wait_until(lambda: job.id in pids(sync_r, key), 20, "the job started")
+        pid = pids(sync_r, key)[job.id]
+        time.sleep(1.5)  # past its timeout: SIGTERM sent (ignored), 30 s grace running
+        assert pid_alive(pid)
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0, d.log()
+        assert not pid_alive(pid)
+        assert c.status(job.id).status in ("queued", "scheduled")
 
 
 # ------------------------------------------------------------------ children that die
