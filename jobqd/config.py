@@ -285,9 +285,20 @@ class TaskConfig:
     rate_limit: RateLimit | None = opt(None, parse=_parse_rate)  # noqa: RUF009 - a field()
     # a job not started this long after it was due ends dead, reason expired; None: never
     expires_s: float | None = opt(None, gt=0, unit="s")
+    # where the handler runs: async (on the event loop; async def only), thread (a
+    # plain def in a thread) or process (a plain def in a worker process:
+    # process_pool); None: async for an async def, thread for a plain def
+    executor: Literal["async", "thread", "process"] | None = None
     fn: Callable[..., Any] = opt(lambda: None, internal=True, compare=False,  # noqa: RUF009
                                  show=False)
     is_async: bool = opt(False, internal=True, compare=False)
+
+    @property
+    def kind(self) -> Literal["async", "thread", "process"]:
+        """The executor this task's jobs run in (`executor`, or the handler's default)."""
+        if self.executor is not None:
+            return self.executor
+        return "async" if self.is_async else "thread"
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +324,17 @@ class ScheduleConfig:
             problem = _cron_problem(self.cron, zoneinfo.ZoneInfo(self.timezone))
             if problem:
                 yield "cron", f"bad cron expression {self.cron!r}: {problem}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessPoolConfig:
+    size: int | None = opt(None, gt=0)  # worker processes for executor: process; None: CPUs
+    # replace a child after this many jobs; None: never
+    max_tasks_per_child: int | None = opt(None, gt=0)
+    # replace a child whose RSS exceeds this (checked between jobs); None: never
+    max_memory_mb: int | None = opt(None, gt=0)
+    # a child past its job's timeout gets SIGTERM, then SIGKILL after this
+    kill_grace_s: float = opt(2.0, ge=0, unit="s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +419,7 @@ class Config:
     results: ResultsConfig = ResultsConfig()
     weights: WeightsConfig = WeightsConfig()
     log: LogConfig = LogConfig()
+    process_pool: ProcessPoolConfig = ProcessPoolConfig()
     # largest encoded job accepted at enqueue
     max_payload_bytes: int = opt(1024 * 1024, gt=0, unit="bytes")
     # how long an idempotency key maps to its job
@@ -845,7 +868,13 @@ class _Reader:
         tasks = {}
         for name, t in cfg.tasks.items():
             fn = self.import_handler(t.handler, f"tasks.{name}.handler", cfg.pythonpath)
-            tasks[name] = dataclasses.replace(t, fn=fn, is_async=_is_async_callable(fn))
+            is_async = _is_async_callable(fn)
+            if t.executor is not None and (t.executor == "async") != is_async:
+                raise self.err(f"tasks.{name}.executor", (
+                    f"{t.handler} is an async def: it runs on the event loop (executor: "
+                    f"async), not in a {t.executor}" if is_async else
+                    f"{t.handler} is a plain def: use executor thread or process"))
+            tasks[name] = dataclasses.replace(t, fn=fn, is_async=is_async)
         return dataclasses.replace(cfg, tasks=MappingProxyType(tasks))
 
     def import_handler(self, spec: str, key: str,

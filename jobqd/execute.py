@@ -48,6 +48,7 @@ from jobqd.outcomes import (
     safe_text,
     traceback_text,
 )
+from jobqd.process_pool import HandlerError, ProcessPool, WorkerLost
 
 
 class Limits(Protocol):
@@ -84,10 +85,11 @@ class Running:
 
     def cancel(self) -> None:
         """Stop this job because it was cancelled: an async handler gets CancelledError
-        at its next await; a plain def sees `current_job().cancelled` turn true."""
+        at its next await; a process job's worker process is killed; a plain def in a
+        thread sees `current_job().cancelled` turn true (a thread cannot be stopped)."""
         if self.current is not None:
             self.current._cancel.set()
-        if self.stop_reason is None and (self.task is None or self.task.is_async):
+        if self.stop_reason is None and (self.task is None or self.task.kind != "thread"):
             self.stop_reason = "cancel"
             self.consumer.cancel()
 
@@ -136,12 +138,14 @@ def bad_args(fn: Any, args: dict[str, Any]) -> str | None:
 
 class Executor:
     def __init__(self, limits: Limits, starts: StartSink,
-                 threads: concurrent.futures.ThreadPoolExecutor, *,
+                 threads: concurrent.futures.ThreadPoolExecutor,
+                 procs: ProcessPool | None = None, *,
                  cancelled: Container[str] = frozenset(),
                  progress: ProgressSink | None = None) -> None:
         self.limits = limits
         self.starts = starts
         self.threads = threads
+        self.procs = procs  # for tasks with executor: process
         self.cancelled = cancelled  # job ids cancelled before they started here
         self.progress = progress
 
@@ -177,11 +181,12 @@ class Executor:
             if wait is not None:  # over its limit: back through the delayed set
                 return Deferred(wait)
         try:
-            return await self._run_handler(run, task, env)
+            return await self._run_handler(run, task, env, cfg)
         finally:
             self.limits.release(task, env.id)  # no-op unless it holds a slot; never blocks
 
-    async def _run_handler(self, run: Running, task: TaskConfig, env: Envelope) -> Outcome:
+    async def _run_handler(self, run: Running, task: TaskConfig, env: Envelope,
+                           cfg: Config) -> Outcome:
         me = run.consumer
         run.started_ms = now_ms()
         self.starts.started(run)
@@ -219,6 +224,19 @@ class Executor:
             return Dead("failed", safe_text(str(e.reason), MAX_ERROR_CHARS), attempts=attempts)
         except JobCancelled:  # check_cancelled() in the handler
             return Cancelled()
+        except HandlerError as e:  # raised in a worker process (executor: process)
+            if e.dead == "bad_args":
+                return Dead("bad_args", f"the job's args do not fit {task.handler}: {e.error}",
+                            attempts=attempts)
+            if e.dead is not None:
+                return Dead(e.dead, e.error, attempts=attempts)
+            return self._failure(task, env, "error", e.error, e.tb)
+        except WorkerLost as e:  # its worker process died: a lost delivery, as for a daemon
+            lost = env.lost + 1
+            if lost >= cfg.reaper.max_deliveries:
+                return Dead("worker_lost", safe_text(f"worker lost {lost} times ({e})",
+                                                     MAX_ERROR_CHARS), lost=lost)
+            return HandedBack(lost=lost)
         except Exception as e:
             if isinstance(e, TypeError):
                 why = bad_args(task.fn, env.args)
@@ -242,7 +260,18 @@ class Executor:
                              requested_delay=requested)
 
     async def _call(self, task: TaskConfig, env: Envelope, run: Running) -> Any:
-        if task.is_async:
+        kind = task.kind
+        if kind == "process" and self.procs is not None:
+            # A worker process can be killed: cancelling us (deadline, drain) kills it.
+            # The deadline counts from when a child takes the job, not while it waits.
+            run.deadline = None
+
+            def started() -> None:
+                if task.timeout_s is not None:
+                    run.deadline = time.monotonic() + task.timeout_s
+
+            return await self.procs.run(task, env, run.delivery.queue, started, self.progress)
+        if kind == "async":
             return await task.fn(**env.args)
         # A plain def runs in a thread. A thread cannot be killed: at the deadline we
         # stop waiting and count a timeout; the thread finishes on its own (documented).

@@ -53,6 +53,13 @@ class Metrics:
                                  "(worker_lost, stalled, handback)", ["reason"], registry=reg)
         self.consumers = Gauge("jobqd_consumers", "Consumer slots of this daemon by state",
                                ["state"], registry=reg)
+        self.process_workers = Gauge("jobqd_process_workers", "Worker processes of "
+                                     "executor: process, by state (idle, busy)", ["state"],
+                                     registry=reg)
+        self.process_replaced = Counter("jobqd_process_workers_replaced", "Worker processes "
+                                        "ended and replaced, by reason (killed: a timeout or "
+                                        "the drain; died; max_tasks; max_memory)", ["reason"],
+                                        registry=reg)
         self.reloads = Counter("jobqd_config_reloads", "Config reloads by result", ["result"],
                                registry=reg)
         for result in ("ok", "error"):  # both series exist from the start (alerts use rate)

@@ -157,6 +157,10 @@ def after_cancel(*, own: Literal["timeout", "cancel"] | None, thread_running: bo
     * otherwise (drain, forced stop): hand it back for immediate redelivery,
       unless a thread still runs the handler: another worker would run it
       alongside that thread, so the job is abandoned to the reaper.
+
+    A process job (``executor: process``) is never abandoned: its worker
+    process is killed before the cancellation gets here (`process_pool`), so
+    `thread_running` is False for it.
     """
     if own == "timeout":
         return "timeout"

@@ -48,6 +48,7 @@ from jobqd.fetch import Fetcher
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.limits import Limiter
 from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
+from jobqd.process_pool import ProcessPool
 from jobqd.runtime import Runtime
 from jobqd.scripts import FORGET_CONSUMER
 from jobqd.settle import Settle, Settler
@@ -141,7 +142,9 @@ class Pool:
         self.cancelled: set[str] = set()  # held job ids cancelled before they started
         self.progress_latest: dict[str, tuple[str, bytes]] = {}  # job id -> (queue, json)
         self.progress_lock = threading.Lock()  # handlers in threads report progress too
-        self.executor = Executor(self.limiter, _Starts(rt), self.threads,
+        # worker processes for tasks with executor: process (started only if one exists)
+        self.procs = ProcessPool(lambda: rt.config, rt.metrics)
+        self.executor = Executor(self.limiter, _Starts(rt), self.threads, self.procs,
                                  cancelled=self.cancelled, progress=self)
         self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config)
         self.tg: asyncio.TaskGroup | None = None
@@ -165,15 +168,19 @@ class Pool:
                          tg.create_task(self._control_loop(), name="jobqd-control"),
                          tg.create_task(self._progress_loop(), name="jobqd-progress")]
                 self.resize(self.capacity)
+                if any(t.kind == "process" for t in rt.config.tasks.values()):
+                    self.procs.start()  # else lazily, by the first process job (a reload)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
                 rt.consumers_started.set()
                 await stop.wait()
                 await self._drain()
+                await self.procs.close()  # running process jobs were killed by the drain
                 for t in loops:
                     t.cancel()
         finally:
             rt.health.consumers_running = False
+            self.procs.kill_all()  # a forced stop; a no-op after close
             self.threads.shutdown(wait=False, cancel_futures=True)
 
     def resize(self, n: int) -> None:

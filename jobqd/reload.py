@@ -36,7 +36,7 @@ from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.reload")
 
-RESTART_KEYS = ("redis", "http", "postgres", "state_dir")
+RESTART_KEYS = ("redis", "http", "postgres", "state_dir", "process_pool")
 DEBOUNCE_MS = 300
 # A load (read, parse, validate, import handlers) taking longer is refused: a handler
 # module that hangs at import must not hold every later reload up.

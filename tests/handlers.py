@@ -192,3 +192,104 @@ async def progress_then_wait(key: str) -> str:
                 break
             await asyncio.sleep(0.02)
     return "done"
+
+
+# -- plain defs for executor: process (they run in a worker process) -----------------
+
+
+def _note_pid(key: str) -> None:
+    """Record which process runs this job: hash `key:pids` (job id -> pid), one
+    start more in hash `key` (job id -> runs)."""
+    if key:
+        job = current_job()
+        with _sync.pipeline(transaction=False) as p:
+            p.hset(key + ":pids", job.id, os.getpid())
+            p.hincrby(key, job.id, 1)
+            p.execute()
+
+
+def proc_info(key: str = "") -> dict[str, Any]:
+    """What current_job() says inside the worker process, and which process it is."""
+    _note_pid(key)
+    job = current_job()
+    return {"pid": os.getpid(), "id": job.id, "task": job.task, "queue": job.queue,
+            "attempt": job.attempt}
+
+
+def cpu_burn(seconds: float, key: str = "") -> int:
+    """Hold a CPU (no sleeping, no I/O) for `seconds`, then return the pid."""
+    _note_pid(key)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += sum(i * i for i in range(1000))
+    return os.getpid()
+
+
+def cpu_work(n: int = 200_000) -> int:
+    """A fixed amount of pure-Python CPU work (for throughput comparisons)."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def proc_exit(code: int = 1, key: str = "") -> None:
+    """Kill its own worker process from inside (as a segfault would)."""
+    _note_pid(key)
+    os._exit(code)
+
+
+def proc_wait(key: str, seconds: float = 60.0) -> int:
+    """First delivery: wait (to be killed from outside); later ones return at once."""
+    _note_pid(key)
+    if int(_sync.hget(key, current_job().id) or 0) == 1:
+        time.sleep(seconds)
+    return os.getpid()
+
+
+def proc_fail(reason: str = "proc boom") -> None:
+    raise ValueError(reason)
+
+
+def proc_fail_now(reason: str = "bad input") -> None:
+    raise Fail(reason)
+
+
+def proc_retry(delay_s: float) -> int:
+    if current_job().attempt == 1:
+        raise Retry(delay_s=delay_s)
+    return current_job().attempt
+
+
+def proc_unserialisable() -> object:
+    return object()
+
+
+_leak: list[bytearray] = []
+
+
+def alloc_mb(mb: int, key: str = "") -> int:
+    """Keep `mb` MiB of touched memory alive in this worker process (a leak)."""
+    _note_pid(key)
+    _leak.append(bytearray(b"\x01") * (mb * 1024 * 1024))
+    return os.getpid()
+
+
+def proc_ignore_term(key: str, seconds: float = 60.0) -> None:
+    """A handler that ignores SIGTERM (only SIGKILL stops it)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _note_pid(key)
+    time.sleep(seconds)
+
+
+def proc_progress(key: str) -> str:
+    """A process job that reports progress, then waits until the test sets `key`."""
+    current_job().progress(0.25, "a quarter")
+    for _ in range(500):
+        if _sync.exists(key):
+            break
+        time.sleep(0.02)
+    return "done"

@@ -199,7 +199,7 @@ def test_example_documents_every_key_with_its_default() -> None:
                 "http": config.HttpConfig, "reaper": config.ReaperConfig,
                 "heartbeat": config.HeartbeatConfig, "shutdown": config.ShutdownConfig,
                 "results": config.ResultsConfig, "weights": config.WeightsConfig,
-                "log": config.LogConfig}
+                "log": config.LogConfig, "process_pool": config.ProcessPoolConfig}
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
             assert f.name in example[name], f"{name}.{f.name} missing from etc/jobqd.yaml"
