@@ -631,11 +631,10 @@ def _workers(cfg: config.Config) -> list[dict[str, Any]]:
         import redis.asyncio as aredis  # noqa: PLC0415
 
         from jobqd.heartbeat import RedisHeartbeats  # noqa: PLC0415
-        from jobqd.runtime import Runtime  # noqa: PLC0415
 
         r = aredis.Redis.from_url(cfg.redis_url)
         try:
-            return await RedisHeartbeats(Runtime(config=cfg, redis=r)).workers()
+            return await RedisHeartbeats(r, cfg.redis.prefix).workers()
         finally:
             await r.aclose()
 

@@ -150,7 +150,12 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000.0, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-async def run(rt: Runtime, stop: asyncio.Event) -> None:
+async def run(rt: Runtime, stop: asyncio.Event, *,
+              changed: asyncio.Event | None = None) -> None:
+    """Fire schedules until `stop`; `changed` (set by the daemon after an applied
+    reload) re-plans at once, so added, changed and removed schedules take effect at
+    their next tick."""
+    changed = changed or asyncio.Event()
     cron = Cron(rt)
     backoff = Backoff()
     while not stop.is_set():
@@ -162,8 +167,7 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
                 raise
             wait = backoff.next()
             log.warning("schedules cannot reach redis (%s); retrying in %.1fs", e, wait)
-        woke = await wait_first(stop, rt.config_changed, timeout_s=wait)
-        if woke is rt.config_changed:
-            rt.config_changed.clear()
+        if await wait_first(stop, changed, timeout_s=wait) is changed:
+            changed.clear()
 
 

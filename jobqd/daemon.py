@@ -44,6 +44,7 @@ from jobqd import (
     weights,
 )
 from jobqd.aio import Backoff, wait_first
+from jobqd.channels import QueueWeights
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
 from jobqd.embedded import EmbeddedError, EmbeddedRedis
@@ -79,6 +80,9 @@ class Daemon:
         self.notifier = sdnotify.Notifier()
         self.http_address: tuple[str, int] | None = None
         self.http_bound = asyncio.Event()
+        # channels between components, made here so who tells whom what is in one place
+        self.weights = QueueWeights()  # weights loop, Redis guard -> pool, gauges
+        self.schedules_changed = asyncio.Event()  # an applied reload -> the schedule loop
         self._http_socks: list[socket.socket] = []
         self._exit_code: ExitCode | None = None  # a fault that decides the exit code
 
@@ -170,14 +174,15 @@ class Daemon:
         if self._pending_stop:
             rt.stop(self._pending_stop)
         store = heartbeat.make_store(rt)
-        guard = redisguard.Guard(rt)
+        guard = redisguard.Guard(rt, self.weights)
         try:
             problem = await guard.start()
             if problem is not None:
                 log.error("refusing to run: %s", problem)
                 return ExitCode.CONFIG
-            await publish.publish(rt)
-            await weights.publish(rt)
+            await publish.publish(r, rt.config)
+            await publish.publish_weights(r, rt.config)
+            await weights.refresh(r, rt.config, self.weights)
             if self.cfg.postgres.ledger:
                 from jobqd.ledger import Ledger  # noqa: PLC0415 - only with PostgreSQL
 
@@ -205,7 +210,9 @@ class Daemon:
 
     async def _supervise(self, rt: Runtime, store: heartbeat.HeartbeatStore,
                          guard: redisguard.Guard) -> ExitCode:
-        pool = self.pool = Pool(rt)
+        # the channels between components (jobqd.channels): who tells whom what
+        scheduler_wakeup = asyncio.Event()  # the pool scheduled a retry: re-plan the sleep
+        pool = self.pool = Pool(rt, self.weights, scheduler_wakeup)
         bg_stop = asyncio.Event()
         last_stop = asyncio.Event()
 
@@ -226,13 +233,17 @@ class Daemon:
                 last = [tg.create_task(c)
                         for c in self._last_components(rt, guarded, last_stop)]
                 bg = [
-                    tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop))),
+                    tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop,
+                                                                      stats=pool.snapshot))),
                     tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
-                    tg.create_task(guarded("scheduler", scheduler.run(rt, bg_stop))),
-                    tg.create_task(guarded("cron", cron.run(rt, bg_stop))),
-                    tg.create_task(guarded("weights", weights.run(rt, bg_stop))),
+                    tg.create_task(guarded("scheduler", scheduler.run(rt, scheduler_wakeup,
+                                                                      bg_stop))),
+                    tg.create_task(guarded("cron", cron.run(rt, bg_stop,
+                                                            changed=self.schedules_changed))),
+                    tg.create_task(guarded("weights", weights.run(rt, self.weights, bg_stop))),
                     tg.create_task(guarded("redisguard", redisguard.run(rt, guard, bg_stop))),
-                    tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, bg_stop))),
+                    tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, self.weights,
+                                                                bg_stop))),
                     tg.create_task(guarded("reload", reload.run(
                         rt, pool.resize, self.reload_requests, bg_stop,
                         watch=self.watch_config, before=self._reload_started,
@@ -305,7 +316,8 @@ class Daemon:
     async def _announce(self, rt: Runtime) -> None:
         """READY=1 once the consumers run; STOPPING=1 when the drain begins."""
         async def up() -> None:
-            await rt.consumers_started.wait()
+            assert self.pool is not None
+            await self.pool.started.wait()
             await self.http_bound.wait()
 
         started = asyncio.Event()
@@ -327,6 +339,8 @@ class Daemon:
         self.notifier.reloading()
 
     async def _reload_done(self, ok: bool) -> None:
+        if ok:
+            self.schedules_changed.set()  # the schedule loop re-plans at once
         if self.rt is not None:
             self.notifier.ready(self._status_line(self.rt) + ("" if ok else
                                                               ", last reload REJECTED"))

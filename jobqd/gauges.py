@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from jobqd import ops
 from jobqd.aio import sleep_or_stop
+from jobqd.channels import QueueWeights
 from jobqd.deps import is_redis_error
 from jobqd.runtime import Runtime
 
@@ -19,9 +20,9 @@ log = logging.getLogger("jobqd.gauges")
 INTERVAL_S = 2.0
 
 
-async def refresh(rt: Runtime, snapshot: Callable[[], dict[str, int]]) -> list[ops.QueueStats]:
+async def refresh(rt: Runtime, snapshot: Callable[[], dict[str, int]],
+                  weights: QueueWeights) -> list[ops.QueueStats]:
     snap = snapshot()
-    rt.pool_stats = snap
     m = rt.metrics
     m.consumers.labels("busy").set(snap["running"])
     m.consumers.labels("idle").set(max(0, snap["capacity"] - snap["running"]))
@@ -32,15 +33,16 @@ async def refresh(rt: Runtime, snapshot: Callable[[], dict[str, int]]) -> list[o
         m.queue_lag.labels(st.name).set(st.lag_s)
         m.dlq_depth.labels(st.name).set(st.dead)
         m.accepting.labels(st.name).set(1 if st.accepting else 0)
-        m.weight.labels(st.name).set(rt.weights.get(st.name, st.weight or 0))
+        m.weight.labels(st.name).set(weights.weights.get(st.name, st.weight or 0))
         m.set_enqueued(st.name, st.enqueued)
     return stats
 
 
-async def run(rt: Runtime, snapshot: Callable[[], dict[str, int]], stop: asyncio.Event) -> None:
+async def run(rt: Runtime, snapshot: Callable[[], dict[str, int]], weights: QueueWeights,
+              stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await refresh(rt, snapshot)
+            await refresh(rt, snapshot, weights)
         except Exception as e:
             if not is_redis_error(e):
                 raise

@@ -20,9 +20,11 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import orjson
+import redis.asyncio as aredis
 
 from jobqd import __version__, scripts
 from jobqd.aio import sleep_or_stop
@@ -48,9 +50,9 @@ class HeartbeatStore(Protocol):
 
 
 class RedisHeartbeats:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.g = GlobalKeys(rt.config.redis.prefix)
+    def __init__(self, r: aredis.Redis, prefix: str) -> None:
+        self.r = r
+        self.g = GlobalKeys(prefix)
 
     async def start(self) -> None:  # the daemon's Redis connection is already up
         return None
@@ -59,12 +61,12 @@ class RedisHeartbeats:
         return None
 
     async def beat(self, name: str, info: dict[str, object]) -> None:
-        await scripts.HEARTBEAT(self.rt.redis, [self.g.heartbeats, self.g.workers],
+        await scripts.HEARTBEAT(self.r, [self.g.heartbeats, self.g.workers],
                                 [name, orjson.dumps(info)])
 
     async def alive(self, timeout_s: float) -> set[str] | None:
         try:
-            r = self.rt.redis
+            r = self.r
             sec, usec = await r.time()
             now_ms = sec * 1000 + usec // 1000
             names = await r.zrangebyscore(self.g.heartbeats, now_ms - timeout_s * 1000, "+inf")
@@ -82,13 +84,13 @@ class RedisHeartbeats:
         return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
 
     async def remove(self, name: str) -> None:
-        async with self.rt.redis.pipeline(transaction=False) as p:
+        async with self.r.pipeline(transaction=False) as p:
             p.zrem(self.g.heartbeats, name)
             p.hdel(self.g.workers, name)
             await p.execute()
 
     async def workers(self) -> list[dict[str, object]]:
-        r = self.rt.redis
+        r = self.r
         sec, usec = await r.time()
         now_ms = sec * 1000 + usec // 1000
         beats: dict[Any, float] = dict(
@@ -110,21 +112,23 @@ def make_store(rt: Runtime) -> HeartbeatStore:
 
         store: HeartbeatStore = PgHeartbeats(rt)
         return store
-    return RedisHeartbeats(rt)
+    return RedisHeartbeats(rt.redis, rt.config.redis.prefix)
 
 
-def worker_info(rt: Runtime) -> dict[str, object]:
+def worker_info(rt: Runtime, stats: Mapping[str, int]) -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
-            "started": rt.started_at, "queues": list(rt.config.queues), **rt.pool_stats}
+            "started": rt.started_at, "queues": list(rt.config.queues), **stats}
 
 
-async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
-    """Beat until `stop`; then deregister (the pool has drained by then)."""
+async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event, *,
+              stats: Callable[[], Mapping[str, int]] = dict) -> None:
+    """Beat until `stop`; then deregister (the pool has drained by then). `stats`: the
+    pool's numbers (busy, capacity...), sent with each beat for `jobqd stats`."""
     failing = False
     try:
         while not stop.is_set():
             try:
-                await store.beat(rt.name, worker_info(rt))
+                await store.beat(rt.name, worker_info(rt, stats()))
                 if failing:
                     log.info("heartbeat store reachable again")
                 failing = False

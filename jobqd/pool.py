@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from jobqd.aio import Backoff
+from jobqd.channels import QueueWeights
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
 from jobqd.execute import Executor, Running
@@ -118,8 +119,13 @@ def _eid_ms(eid: bytes) -> float:
 
 
 class Pool:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, weights: QueueWeights | None = None,
+                 scheduler_wakeup: asyncio.Event | None = None) -> None:
         self.rt = rt
+        self.weights = weights if weights is not None else QueueWeights()  # what may start
+        # set when this pool schedules a retry or deferral: the scheduler re-plans its sleep
+        self.scheduler_wakeup = scheduler_wakeup or asyncio.Event()
+        self.started = asyncio.Event()  # the consumers run (the daemon then says READY)
         self.buffer = Handoff()
         self.held: dict[str, dict[bytes, Delivery]] = {}
         self.n_held = 0
@@ -172,7 +178,7 @@ class Pool:
                     self.procs.start()  # else lazily, by the first process job (a reload)
                 self.fetch_task = tg.create_task(self._fetch_loop(stop), name="jobqd-fetcher")
                 rt.health.consumers_running = True
-                rt.consumers_started.set()
+                self.started.set()
                 await stop.wait()
                 await self._drain()
                 await self.procs.close()  # running process jobs were killed by the drain
@@ -326,9 +332,7 @@ class Pool:
                     await self.slot_freed.wait()
                 continue
             cfg = rt.config
-            weights = rt.weights or {q.name: q.weight for q in cfg.queues.values()}
-            if rt.paused:  # paused queues start nothing (their jobs stay queued)
-                weights = {q: 0 if q in rt.paused else w for q, w in weights.items()}
+            weights = self.weights.for_fetch(cfg)  # paused queues start nothing
             try:
                 got = await self.fetcher.fetch(cfg.redis.prefix, cfg.queues, weights,
                                                self.capacity - self.n_held)
@@ -388,7 +392,7 @@ class Pool:
                 if self.retiring:
                     self.retiring -= 1
                 return
-            if self.rt.paused and d.queue in self.rt.paused:
+            if not self.weights.starts(d.queue):
                 # fetched just before the pause was seen (a blocking read in flight):
                 # back to the queue unstarted, no attempt used
                 self._outcome(d, None, HandedBack())
@@ -584,7 +588,7 @@ class Pool:
         if released:
             self.slot_freed.set()
         if scheduled:
-            self.rt.scheduler_wakeup.set()
+            self.scheduler_wakeup.set()
 
     # ------------------------------------------------------------ leases
 

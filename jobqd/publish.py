@@ -10,13 +10,14 @@ one to start or reload wins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import redis.asyncio as aredis
 
 from jobqd import scripts
 from jobqd.config import Config
 from jobqd.keys import GlobalKeys, QueueKeys
-from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.publish")
 
@@ -25,23 +26,17 @@ async def publish_config(cfg: Config) -> None:
     """Publish routing, queue settings and weights without running a daemon
     (`jobqd publish`: a deploy step, so producers can enqueue before any daemon
     has started with this prefix)."""
-    import redis.asyncio as aredis  # noqa: PLC0415
-
-    from jobqd import scripts, weights  # noqa: PLC0415
-
     r = aredis.Redis.from_url(cfg.redis_url)
     try:
-        rt = Runtime(config=cfg, redis=r)
         await scripts.preload(r)
-        await publish(rt)
-        await weights.publish(rt)
+        await publish(r, cfg)
+        await publish_weights(r, cfg)
     finally:
         await r.aclose()
 
 
-async def publish(rt: Runtime, cfg: Config | None = None) -> None:
-    cfg = cfg or rt.config
-    r = rt.redis
+async def publish(r: aredis.Redis, cfg: Config) -> None:
+    """The routing, each queue's settings and consumer group."""
     g = GlobalKeys(cfg.redis.prefix)
     routing = cfg.routing()
     known = {m.decode() if isinstance(m, bytes) else m for m in await r.smembers(g.queues)}
@@ -101,3 +96,41 @@ async def held_jobs(r: Any, prefix: str, queues: Iterable[str]) -> dict[str, tup
 
 def describe_held(queued: int, scheduled: int) -> str:
     return f"{queued} queued or running and {scheduled} scheduled jobs"
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def parse_weights(raw: Mapping[bytes | str, bytes | str], key: str) -> dict[str, int]:
+    """A weights hash as {queue: weight}; a value that is not a whole number >= 0 (written
+    by hand, say) is skipped with one warning, so it cannot stop the daemon."""
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        q = k.decode() if isinstance(k, bytes) else k
+        text = v.decode() if isinstance(v, bytes) else v
+        try:
+            w = int(text)
+        except ValueError:
+            w = -1
+        if w < 0:
+            if (key, q, text) not in _warned:
+                _warned.add((key, q, text))
+                log.warning("ignoring weight %r of queue %r in %s: not a whole number >= 0",
+                            text, q, key)
+            continue
+        out[q] = w
+    return out
+
+
+async def publish_weights(r: aredis.Redis, cfg: Config) -> None:
+    """Apply the YAML weights with the documented precedence: a queue whose YAML weight
+    changed since it was last applied (``<prefix>:weights:yaml``) is overwritten with
+    it; an unchanged YAML weight leaves the runtime value (`jobqd weights set`) alone."""
+    g = GlobalKeys(cfg.redis.prefix)
+    seed = parse_weights(await r.hgetall(g.weights_seed), g.weights_seed)
+    changed = {q.name: q.weight for q in cfg.queues.values() if seed.get(q.name) != q.weight}
+    if changed:
+        async with r.pipeline(transaction=True) as p:
+            p.hset(g.weights, mapping=changed)  # type: ignore[arg-type]
+            p.hset(g.weights_seed, mapping=changed)  # type: ignore[arg-type]
+            await p.execute()

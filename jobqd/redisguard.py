@@ -35,8 +35,9 @@ import redis.asyncio as aredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import ResponseError
 
-from jobqd import ops, publish, scripts, weights
+from jobqd import ops, publish, scripts
 from jobqd.aio import sleep_or_stop
+from jobqd.channels import QueueWeights
 from jobqd.config import Config, mask_url
 from jobqd.deps import is_redis_error
 from jobqd.keys import GlobalKeys
@@ -91,8 +92,9 @@ def _metric(kind: type[Counter] | type[Gauge], name: str, doc: str, rt: Runtime)
 class Guard:
     """One daemon's checks; `start` before the components, then `run`."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, weights: QueueWeights | None = None) -> None:
         self.rt = rt
+        self.weights = weights if weights is not None else QueueWeights()  # halted on eviction
         self.token: str | None = None  # the epoch this daemon knows
         self._m_policy_ok = _metric(
             Gauge, "jobqd_redis_eviction_policy_ok", "1 while Redis's maxmemory-policy is "
@@ -128,6 +130,7 @@ class Guard:
         ok = policy_problem(self.rt.config, policy) is None
         h.redis_policy = policy
         h.redis_eviction_ok = ok
+        self.weights.halted = not ok  # the pool starts nothing while Redis may evict
         self._m_policy_ok.set(1 if ok else 0)
         return ok
 
@@ -147,10 +150,8 @@ class Guard:
         ok = self._set_policy(policy)
         if not ok and was_ok:
             log.error("consuming paused: %s", policy_problem(rt.config, policy))
-            await weights.refresh(rt)  # every queue's weight reads 0 from now on
         elif ok and not was_ok:
             log.warning("redis maxmemory-policy is %s again: consuming resumes", policy)
-            await weights.refresh(rt)
 
         prefix = rt.config.redis.prefix
         key = epoch_key(prefix)
@@ -191,8 +192,8 @@ class Guard:
     async def _republish(self) -> None:
         rt = self.rt
         await scripts.preload(rt.redis)
-        await publish.publish(rt)  # routing, queue settings, consumer groups
-        await weights.publish(rt)
+        await publish.publish(rt.redis, rt.config)  # routing, queue settings, groups
+        await publish.publish_weights(rt.redis, rt.config)
         log.warning("republished routing of %d tasks on %d queues", len(rt.config.tasks),
                     len(rt.config.queues))
 

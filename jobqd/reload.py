@@ -28,7 +28,7 @@ from pathlib import Path
 import watchfiles
 
 from jobqd import config as config_mod
-from jobqd import logs, publish, weights
+from jobqd import logs, publish
 from jobqd.aio import wait_first
 from jobqd.deps import is_redis_error
 from jobqd.errors import ConfigError
@@ -106,8 +106,8 @@ async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
         new = dataclasses.replace(new, **kept)
     rt.swap_config(new)
     try:
-        await publish.publish(rt)
-        await weights.publish(rt)
+        await publish.publish(rt.redis, new)
+        await publish.publish_weights(rt.redis, new)
     except Exception as e:
         if not is_redis_error(e):
             raise

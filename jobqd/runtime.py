@@ -48,16 +48,9 @@ class Runtime:
     force_event: asyncio.Event = field(default_factory=asyncio.Event)
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
-    weights: dict[str, int] = field(default_factory=dict)
-    paused: frozenset[str] = frozenset()  # queues no daemon starts jobs from (jobqd pause)
     name: str = field(default_factory=lambda: (
         f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"))
     started_at: float = field(default_factory=time.time)
-    config_changed: asyncio.Event = field(default_factory=asyncio.Event)
-    consumers_started: asyncio.Event = field(default_factory=asyncio.Event)
-    # set when this daemon schedules a retry or deferral: the scheduler re-plans its sleep
-    scheduler_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    pool_stats: dict[str, int] = field(default_factory=dict)  # filled by the gauge loop
     events: JobEvents = field(default_factory=NoEvents)  # job lifecycle sink (the ledger)
 
     @property
@@ -73,8 +66,8 @@ class Runtime:
             self.stop_event.set()
 
     def swap_config(self, new: Config) -> None:
+        """The one reference a reload swaps (components read it once per unit of work)."""
         self.config = new
-        self.config_changed.set()
 
 
 

@@ -41,7 +41,9 @@ async def promote_once(rt: Runtime) -> float:
     return max(MIN_SLEEP_S, next_due)
 
 
-async def run(rt: Runtime, stop: asyncio.Event) -> None:
+async def run(rt: Runtime, wakeup: asyncio.Event, stop: asyncio.Event) -> None:
+    """Promote due jobs until `stop`; `wakeup` (set by the pool when it schedules a
+    retry or a deferral) re-plans the sleep at once."""
     backoff = Backoff()
     while not stop.is_set():
         try:
@@ -52,11 +54,5 @@ async def run(rt: Runtime, stop: asyncio.Event) -> None:
                 raise
             wait = backoff.next()
             log.warning("scheduler cannot reach redis (%s); retrying in %.1fs", e, wait)
-        await _sleep(rt, wait, stop)
-
-
-async def _sleep(rt: Runtime, seconds: float, stop: asyncio.Event) -> None:
-    """Sleep until the next due job, a stop, or this daemon scheduling a new one."""
-    wake = rt.scheduler_wakeup
-    await wait_first(stop, wake, timeout_s=seconds)
-    wake.clear()
+        await wait_first(stop, wakeup, timeout_s=wait)
+        wakeup.clear()

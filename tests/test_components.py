@@ -26,8 +26,8 @@ from .conftest import REDIS_URL
 async def test_redis_heartbeats_alive_workers_and_pruning(
         make_rt: Callable[..., Runtime], prefix: str, r: aredis.Redis) -> None:
     rt = make_rt()
-    hb = RedisHeartbeats(rt)
-    await hb.beat("w1", worker_info(rt))
+    hb = RedisHeartbeats(rt.redis, rt.config.redis.prefix)
+    await hb.beat("w1", worker_info(rt, {"running": 0}))
     g = GlobalKeys(prefix)
     sec, usec = await r.time()
     now_ms = sec * 1000 + usec // 1000
@@ -50,7 +50,7 @@ async def test_redis_heartbeats_blip_returns_none() -> None:
     cfg = config.loads("redis: {url: 'redis://127.0.0.1:1/0'}\n")
     bad = aredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     try:
-        assert await RedisHeartbeats(Runtime(config=cfg, redis=bad)).alive(10) is None
+        assert await RedisHeartbeats(bad, cfg.redis.prefix).alive(10) is None
     finally:
         await bad.aclose()
 
@@ -64,7 +64,7 @@ async def test_reaper_dead_consumer_with_garbage_and_an_empty_dead_consumer(
         make_rt: Callable[..., Runtime], prefix: str, r: aredis.Redis) -> None:
     rt = make_rt(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},
                  reaper={"visibility_timeout_s": 60})
-    await publish(rt)
+    await publish(rt.redis, rt.config)
     qk = QueueKeys(prefix, "default")
     async with Client(REDIS_URL, prefix) as c:
         job = await c.enqueue("noop")

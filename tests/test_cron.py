@@ -196,7 +196,7 @@ async def test_racing_daemons_make_one_job_per_tick(
     jobqd_schedule_runs_total counts only the jobs each one really created."""
     over = {"schedules": {"beat": {"task": "noop", "every_s": 1}}}
     rts = [make_rt(**over) for _ in range(3)]
-    await publish.publish(rts[0])
+    await publish.publish(rts[0].redis, rts[0].config)
     crons = [cron.Cron(rt) for rt in rts]
     deadline = time.monotonic() + 3.5
     while time.monotonic() < deadline:
@@ -224,7 +224,7 @@ async def test_a_daemon_dying_between_enqueue_and_mark_makes_no_duplicate(
     next daemon gets the same job back; a disabled schedule never fires."""
     rt = make_rt(schedules={"beat": {"task": "noop", "every_s": 1},
                             "off": {"task": "noop", "every_s": 1, "enabled": False}})
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     c = cron.Cron(rt)
     await c.turn()
     now = await schedules.redis_now_ms(rt.redis)
@@ -245,7 +245,7 @@ async def test_a_daemon_dying_between_enqueue_and_mark_makes_no_duplicate(
 async def test_jitter_delays_the_job(make_rt: Callable[..., Runtime], sync_r: redis.Redis,
                                      prefix: str) -> None:
     rt = make_rt(schedules={"j": {"task": "noop", "every_s": 1, "jitter_s": 30}})
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     c = cron.Cron(rt)
     await c.turn()
     keys = tick_keys(sync_r, prefix, "j")

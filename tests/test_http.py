@@ -70,7 +70,7 @@ async def make_runtime(write_config: Callable[..., Path]) -> AsyncIterator[Calla
                      redis=aredis.Redis.from_url(redis_url, socket_connect_timeout=1))
         made.append(rt)
         if publish_routing:
-            await publish.publish(rt)
+            await publish.publish(rt.redis, rt.config)
         return rt
 
     yield make

@@ -55,7 +55,8 @@ def test_depth_and_delay_rules() -> None:
 
 async def test_python_clients_refuse_and_write_nothing(make_rt: Callable[..., Runtime],
                                                        prefix: str, r: aredis.Redis) -> None:
-    await publish.publish(make_rt())
+    rt0 = make_rt()
+    await publish.publish(rt0.redis, rt0.config)
     qk = QueueKeys(prefix, "default")
     async with Client(REDIS_URL, prefix) as c:
         with pytest.raises(PayloadTooDeep):
@@ -78,7 +79,7 @@ async def test_python_clients_refuse_and_write_nothing(make_rt: Callable[..., Ru
 async def test_http_refuses_with_400_naming_the_field(make_rt: Callable[..., Runtime],
                                                       prefix: str, r: aredis.Redis) -> None:
     rt = make_rt()
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     async with api(rt) as s:
         status, body = await post_job(s, {"task": "noop", "args": nested(MAX_JSON_DEPTH + 1)})
         assert (status, body["field"]) == (400, "args"), body
@@ -104,7 +105,8 @@ async def test_http_refuses_with_400_naming_the_field(make_rt: Callable[..., Run
 async def test_cli_refuses_bad_delay(make_rt: Callable[..., Runtime],
                                      write_config: Callable[..., Path],
                                      capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
-    await publish.publish(make_rt())
+    rt0 = make_rt()
+    await publish.publish(rt0.redis, rt0.config)
     code = await asyncio.to_thread(main, ["-c", str(write_config()), "enqueue", "noop", "{}",
                                           *extra])
     _, err = capsys.readouterr()
@@ -115,7 +117,8 @@ async def test_cli_refuses_bad_delay(make_rt: Callable[..., Runtime],
 async def test_cli_refuses_deep_args(make_rt: Callable[..., Runtime],
                                      write_config: Callable[..., Path],
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    await publish.publish(make_rt())
+    rt0 = make_rt()
+    await publish.publish(rt0.redis, rt0.config)
     code = await asyncio.to_thread(main, ["-c", str(write_config()), "enqueue", "noop",
                                           orjson.dumps(nested(MAX_JSON_DEPTH + 1)).decode()])
     _, err = capsys.readouterr()
@@ -193,7 +196,7 @@ async def test_dlq_replay_refuses_a_too_deep_job(make_rt: Callable[..., Runtime]
     from jobqd.jobs import BadJob
 
     rt = make_rt()
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     qk = QueueKeys(prefix, "default")
     job_id = "01ARZ3NDEKTSV4RRFFQ69G5FB1-default"
     env = {"id": job_id, "task": "noop", "args": nested(MAX_JSON_DEPTH + 1), "attempt": 1,

@@ -134,7 +134,7 @@ async def test_recover_report_lists_ledger_jobs_redis_lost(
     rt = make_rt(postgres=pgc)
     from jobqd import publish
 
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     lg = ledger.Ledger(rt)
     t = time.time() * 1000
     lost = "01ARZ3NDEKTSV4RRFFQ69G5FA1-default"  # enqueued straight to Redis, started, lost

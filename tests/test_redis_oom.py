@@ -45,7 +45,7 @@ async def rt_on(full_redis: OwnRedis, write_config: Callable[..., Path],
                                                         "prefix": prefix})),
                  redis=aredis.Redis.from_url(full_redis.url))
     await scripts.preload(rt.redis)
-    await publish.publish(rt)
+    await publish.publish(rt.redis, rt.config)
     yield rt
     await rt.redis.aclose()
 

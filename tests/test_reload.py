@@ -181,7 +181,7 @@ async def test_edit_applies_tasks_queues_routing_and_log_level(
     assert extra["high"] == "100" and extra["low"] == "50" and "t:record" in extra
     assert "t:noop" not in conf_hash(sync_r, prefix, "default")
     assert conf_hash(sync_r, prefix, "old") == {}  # a removed queue refuses new jobs
-    assert rt.weights == {"default": 1, "extra": 5}
+    assert d.daemon.weights.weights == {"default": 1, "extra": 5}
     assert logging.getLogger("jobqd").getEffectiveLevel() == logging.WARNING
     # the job that was running finishes under its own config (timeout 300 s, not 0.3 s)
     info = await wait_status(client, running.id, "succeeded")
@@ -514,10 +514,10 @@ async def test_stop_during_a_reload_exits_cleanly(
     d = await InProcessDaemon(config.load(cf.path)).start()
     real = publish.publish
 
-    async def stop_midway(rt: Runtime, cfg: Any = None) -> None:
+    async def stop_midway(r: Any, cfg: Any) -> None:
         d.daemon.stop("SIGTERM")
         await asyncio.sleep(pause_s)  # the drain runs meanwhile
-        await real(rt, cfg)
+        await real(r, cfg)
 
     monkeypatch.setattr(publish, "publish", stop_midway)
     cf.edit(lambda c: c.update(consumers=5))

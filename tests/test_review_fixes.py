@@ -86,7 +86,7 @@ async def test_visibility_scan_reaches_stalled_entries_behind_1000_live_ones(
     """F5: XAUTOCLAIM looks at <= 10 x COUNT entries a call; keep scanning to the end."""
     rt = make_rt(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},
                  reaper={"visibility_timeout_s": 0.35})
-    await publish(rt)
+    await publish(rt.redis, rt.config)
     stream = QueueKeys(prefix, "default").stream
     jobs = await client.enqueue_many("noop", [{}] * 1101)
     reply = await r.xreadgroup(GROUP, "live-worker", {stream: ">"}, count=2000)
@@ -104,7 +104,7 @@ async def test_reaper_spares_a_consumer_that_is_active_in_the_group(
         make_rt: Callable[..., Runtime], client: Client, prefix: str, r: aredis.Redis) -> None:
     """F2: missing from the heartbeat snapshot but active in the group: not dead."""
     rt = make_rt()
-    await publish(rt)
+    await publish(rt.redis, rt.config)
     stream = QueueKeys(prefix, "default").stream
     await client.enqueue_many("noop", [{}] * 3)
     await r.xreadgroup(GROUP, "just-started", {stream: ">"}, count=10)

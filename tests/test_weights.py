@@ -17,6 +17,7 @@ import redis.asyncio as aredis
 import yaml
 
 from jobqd import Client, config
+from jobqd.channels import QueueWeights
 from jobqd.cli import main
 from jobqd.exitcodes import ExitCode
 from jobqd.runtime import Runtime
@@ -80,10 +81,10 @@ async def sighup(d: InProcessDaemon) -> None:
         await asyncio.sleep(0.01)
 
 
-async def wait_weights(rt: Runtime, want: dict[str, int], timeout: float) -> float:
+async def wait_weights(view: QueueWeights, want: dict[str, int], timeout: float) -> float:
     t0 = time.monotonic()
-    while rt.weights != want:
-        assert time.monotonic() - t0 < timeout, (rt.weights, want)
+    while view.weights != want:
+        assert time.monotonic() - t0 < timeout, (view.weights, want)
         await asyncio.sleep(0.005)
     return time.monotonic() - t0
 
@@ -101,13 +102,13 @@ async def test_weights_set_reaches_a_running_daemon_within_refresh_interval(
         await client.enqueue_many("record", [{"key": key, "sleep_s": 0.002}] * 1200, queue=q)
     d = await start(cfg.path)
     try:
-        rt = rt_of(d)
-        assert rt.weights == {"a": 1, "b": 1}
+        view = d.daemon.weights
+        assert view.weights == {"a": 1, "b": 1}
         while await r.llen(key + ":order") < 400:
             await asyncio.sleep(0.01)
         code, out, _ = await cli(capsys, cfg.path, "set", "a=9")
         assert code == ExitCode.OK and out.splitlines() == ["a=9", "b=1"]
-        took = await wait_weights(rt, {"a": 9, "b": 1}, refresh + 1.0)
+        took = await wait_weights(view, {"a": 9, "b": 1}, refresh + 1.0)
         changed_at = await r.llen(key + ":order")
         print(f"\nweights set reached the daemon after {took:.2f}s (refresh {refresh}s)")
         assert took <= refresh + 0.4
@@ -148,26 +149,26 @@ async def test_precedence_on_restart(tmp_path: Path, prefix: str, r: aredis.Redi
                                      capsys: pytest.CaptureFixture[str]) -> None:
     cfg = Cfg(tmp_path, prefix, {"a": 60, "b": 30, "c": 10})
     d = await start(cfg.path)
-    assert rt_of(d).weights == {"a": 60, "b": 30, "c": 10}
+    assert d.daemon.weights.weights == {"a": 60, "b": 30, "c": 10}
     code, _, _ = await cli(capsys, cfg.path, "set", "a=5", "b=7")
     assert code == ExitCode.OK
-    await wait_weights(rt_of(d), {"a": 5, "b": 7, "c": 10}, 2)
+    await wait_weights(d.daemon.weights, {"a": 5, "b": 7, "c": 10}, 2)
     await d.stop()
     # restart with the same YAML: the runtime values stay
     d = await start(cfg.path)
-    assert rt_of(d).weights == {"a": 5, "b": 7, "c": 10}
+    assert d.daemon.weights.weights == {"a": 5, "b": 7, "c": 10}
     assert await stored(r, prefix) == {"a": 5, "b": 7, "c": 10}
     await d.stop()
     # the YAML weight of a changed: YAML wins for a; b and c keep their values
     cfg.write({"a": 70, "b": 30, "c": 10})
     d = await start(cfg.path)
-    assert rt_of(d).weights == {"a": 70, "b": 7, "c": 10}
+    assert d.daemon.weights.weights == {"a": 70, "b": 7, "c": 10}
     assert await stored(r, prefix) == {"a": 70, "b": 7, "c": 10}
     await d.stop()
     # a runtime change after that survives the next restart too
     assert (await cli(capsys, cfg.path, "set", "a=1"))[0] == ExitCode.OK
     d = await start(cfg.path)
-    assert rt_of(d).weights == {"a": 1, "b": 7, "c": 10}
+    assert d.daemon.weights.weights == {"a": 1, "b": 7, "c": 10}
     await d.stop()
 
 
@@ -177,23 +178,24 @@ async def test_precedence_on_reload(tmp_path: Path, prefix: str, r: aredis.Redis
     d = await start(cfg.path)
     try:
         rt = rt_of(d)
+        view = d.daemon.weights
         assert (await cli(capsys, cfg.path, "set", "a=5", "b=7"))[0] == ExitCode.OK
-        await wait_weights(rt, {"a": 5, "b": 7}, 2)
+        await wait_weights(view, {"a": 5, "b": 7}, 2)
         # a reload whose YAML weights did not change leaves the runtime values alone
         cfg.write({"a": 60, "b": 30}, consumers=3)
         await sighup(d)
         assert reloads(rt, "ok") == 1 and rt.config.consumers == 3
-        assert rt.weights == {"a": 5, "b": 7}
+        assert view.weights == {"a": 5, "b": 7}
         assert await stored(r, prefix) == {"a": 5, "b": 7}
         # b changed in the YAML: YAML wins for b only; a new queue gets its YAML weight
         cfg.write({"a": 60, "b": 40, "c": 2})
         await sighup(d)
-        assert rt.weights == {"a": 5, "b": 40, "c": 2}
+        assert view.weights == {"a": 5, "b": 40, "c": 2}
         assert await stored(r, prefix) == {"a": 5, "b": 40, "c": 2}
         # back to the old YAML value is a change as well
         cfg.write({"a": 60, "b": 30, "c": 2})
         await sighup(d)
-        assert rt.weights == {"a": 5, "b": 30, "c": 2}
+        assert view.weights == {"a": 5, "b": 30, "c": 2}
         assert reloads(rt, "error") == 0
     finally:
         await d.stop()
@@ -205,23 +207,24 @@ async def test_bad_runtime_weight_in_redis_does_not_stop_the_daemon(
     d = await start(cfg.path)
     try:
         rt = rt_of(d)
+        view = d.daemon.weights
         # someone writes garbage straight into the hash (redis-cli, a buggy tool)
         await r.hset(f"{prefix}:weights", mapping={"a": "lots", "b": "-3"})
         await asyncio.sleep(0.5)  # several refreshes
         assert not rt.stop_event.is_set(), rt.health.crashed
         assert rt.health.crashed is None
-        assert rt.weights == {"a": 2, "b": 1}  # unusable values fall back to the YAML
+        assert view.weights == {"a": 2, "b": 1}  # unusable values fall back to the YAML
         job = await client.enqueue("record", {"key": f"{prefix}:runs"})
         deadline = time.monotonic() + 5
         while (await client.status(job.id)).status != "succeeded":
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         await r.hset(f"{prefix}:weights", "a", 4)
-        await wait_weights(rt, {"a": 4, "b": 1}, 2)
+        await wait_weights(view, {"a": 4, "b": 1}, 2)
     finally:
         await d.stop()
     # and a restart with garbage in the hash starts
     await r.hset(f"{prefix}:weights", "b", "x")
     d = await start(cfg.path)
-    assert rt_of(d).weights == {"a": 4, "b": 1}
+    assert d.daemon.weights.weights == {"a": 4, "b": 1}
     await d.stop()
