@@ -247,7 +247,7 @@ class Daemon:
                     tg.create_task(guarded("reload", reload.run(
                         rt, pool.resize, self.reload_requests, bg_stop,
                         watch=self.watch_config, before=self._reload_started,
-                        after=self._reload_done))),
+                        after=self._reload_done, applied=self._reload_applied))),
                     tg.create_task(self._announce(rt)),
                 ]
                 if self.embedded is not None:
@@ -338,9 +338,14 @@ class Daemon:
     async def _reload_started(self) -> None:
         self.notifier.reloading()
 
+    async def _reload_applied(self, new: Config) -> None:
+        """A reload swapped the config: the weights the pool reads and the schedule loop
+        follow at once (not at their next turn)."""
+        self.schedules_changed.set()
+        if self.rt is not None:
+            await weights.refresh(self.rt.redis, new, self.weights)
+
     async def _reload_done(self, ok: bool) -> None:
-        if ok:
-            self.schedules_changed.set()  # the schedule loop re-plans at once
         if self.rt is not None:
             self.notifier.ready(self._status_line(self.rt) + ("" if ok else
                                                               ", last reload REJECTED"))

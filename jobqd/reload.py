@@ -78,13 +78,16 @@ async def _load_off_loop(path: str) -> config_mod.Config:
                           "that hangs at import?)", path=path) from None
 
 
-async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
+async def reload(rt: Runtime, resize: Callable[[int], None],
+                 applied: Callable[[config_mod.Config], Awaitable[None]] | None = None) -> bool:
     """Reload the config file; True when the new config was applied.
 
     Reading, parsing, validating and importing handlers run in a worker thread
     (`_load_off_loop`): a huge file or a handler module that takes seconds to
     import never stalls the event loop, so heartbeats and lease renewal go on.
     Only the swap of `rt.config` (and what follows from it) happens on the loop.
+    `applied(new)` is awaited once the new config is published (the supervisor
+    refreshes the weights the pool reads and wakes the schedule loop).
     """
     old = rt.config
     try:
@@ -108,6 +111,8 @@ async def reload(rt: Runtime, resize: Callable[[int], None]) -> bool:
     try:
         await publish.publish(rt.redis, new)
         await publish.publish_weights(rt.redis, new)
+        if applied is not None:
+            await applied(new)
     except Exception as e:
         if not is_redis_error(e):
             raise
@@ -153,7 +158,8 @@ async def _refuse_stranding(rt: Runtime, old: config_mod.Config,
 async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Event,
               stop: asyncio.Event, *, watch: bool = True,
               before: Callable[[], Awaitable[None]] | None = None,
-              after: Callable[[bool], Awaitable[None]] | None = None) -> None:
+              after: Callable[[bool], Awaitable[None]] | None = None,
+              applied: Callable[[config_mod.Config], Awaitable[None]] | None = None) -> None:
     """Reload on each `requests` (SIGHUP) and on each change of the config file.
 
     `before` and `after(ok)` bracket every reload (systemd RELOADING=1 / READY=1).
@@ -165,7 +171,7 @@ async def run(rt: Runtime, resize: Callable[[int], None], requests: asyncio.Even
         async with serial:
             if before is not None:
                 await before()
-            ok = await reload(rt, resize)
+            ok = await reload(rt, resize, applied)
             if after is not None:
                 await after(ok)
 
