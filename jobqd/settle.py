@@ -168,7 +168,9 @@ class OutcomeLog:
 
     def write(self, rep: Report) -> None:
         failure = rep.outcome in ("retried", "dead")
-        if not self.allow(failure):
+        level = (logging.ERROR if rep.outcome == "dead" else
+                 logging.WARNING if failure else logging.INFO)
+        if not log.isEnabledFor(level) or not self.allow(failure):
             return
         extra: dict[str, Any] = {"job_id": rep.job_id, "task": rep.task, "queue": rep.queue,
                                  "attempt": rep.attempt, "duration_ms":
