@@ -46,6 +46,7 @@ log = logging.getLogger("jobqd.cli")
 SHARE_FILES: tuple[tuple[str, str], ...] = (
     ("jobqd.yaml", "etc/jobqd.yaml"),
     ("systemd/jobqd.service", "systemd/jobqd.service"),
+    ("systemd/jobqd@.service", "systemd/jobqd@.service"),
     ("systemd/jobqd.sysusers.conf", "systemd/jobqd.sysusers.conf"),
     ("prometheus/jobqd-alerts.yml", "etc/prometheus/jobqd-alerts.yml"),
     ("grafana/jobqd-dashboard.json", "etc/grafana/jobqd-dashboard.json"),

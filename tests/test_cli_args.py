@@ -65,7 +65,7 @@ def test_config_option_before_and_after_every_subcommand() -> None:
 def test_every_subcommand_help_shows_config_a_description_and_an_example(
         capsys: pytest.CaptureFixture[str]) -> None:
     found = list(subcommands(build_parser()))
-    assert len(found) == 19  # 13 commands, 4 dlq and 2 weights subcommands
+    assert len(found) == 23  # 17 commands, 4 dlq and 2 weights subcommands
     for path, sub in found:
         text = sub.format_help()
         assert "-c FILE, --config FILE" in text, path

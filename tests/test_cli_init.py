@@ -22,7 +22,7 @@ SHARE = ROOT / "jobqd" / "share"
 
 def test_shipped_copies_are_identical_to_the_repository_files() -> None:
     """jobqd/share/ is what the wheel carries; etc/ and systemd/ are what the docs point to.
-    Change one, copy it to the other (the message says how)."""
+    The share/ entries are symlinks to those files, so there is one copy to edit."""
     shipped = sorted(str(p.relative_to(SHARE)) for p in SHARE.rglob("*") if p.is_file())
     assert shipped == sorted(rel for rel, _ in SHARE_FILES)
     for rel, repo in SHARE_FILES:
