@@ -75,7 +75,30 @@ class PayloadTooLarge(JobqdError):
         super().__init__(f"job payload is {size} bytes, over max_payload_bytes={limit}")
 
 
-class PayloadTooDeep(JobqdError, ValueError):
+class FieldError(Exception):
+    """A producer-side validation error, naming the request field it is about (the HTTP
+    API answers 400 with that `field`)."""
+
+    field: str = "args"
+
+
+class InvalidArgument(FieldError, TypeError):
+    """A field of an enqueue has the wrong type (task, args, idempotency_key...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class InvalidValue(FieldError, ValueError):
+    """A field of an enqueue has a value out of range (delay_s, expires_s...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class PayloadTooDeep(FieldError, JobqdError, ValueError):
     """The job's args nest deeper than ``MAX_JSON_DEPTH`` (`jobqd.jobs`) levels.
 
     The daemon re-encodes a job when it retries or dead-letters it; orjson writes

@@ -67,6 +67,7 @@ from jobqd import openapi, ops, schedules
 from jobqd.config import QUEUE_RE, Config
 from jobqd.errors import (
     ConfigError,
+    FieldError,
     JobNotFound,
     PayloadTooDeep,
     PayloadTooLarge,
@@ -425,13 +426,9 @@ def parse_enqueue(data: Any) -> EnqueueRequest:
                           idempotency_key=idem, expires_s=expires)
 
 
-def _field_of(e: Exception) -> str | None:
+def _field_of(e: Exception) -> str:
     """The request field a validation error from `jobqd.ops`/`jobqd.jobs` is about."""
-    msg = str(e)
-    for name in ("idempotency_key", "delay_s", "task", "queue"):
-        if msg.startswith(name):
-            return name
-    return "args"  # args must be..., args keys..., job args are not JSON-serialisable
+    return e.field if isinstance(e, FieldError) else "args"
 
 
 async def enqueue(request: web.Request) -> web.Response:

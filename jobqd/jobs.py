@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from jobqd.errors import PayloadTooDeep
+from jobqd.errors import InvalidArgument, InvalidValue, PayloadTooDeep
 from jobqd.ids import queue_of
 
 Status = Literal["queued", "scheduled", "running", "succeeded", "dead", "cancelled"]
@@ -44,7 +44,7 @@ def validate_delay_s(x: float) -> float:
     """A delay in seconds: a finite number from 0 to MAX_DELAY_S (ValueError otherwise)."""
     if (isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x)
             or not 0 <= x <= MAX_DELAY_S):
-        raise ValueError(f"delay_s must be a finite number of seconds from 0 to "
+        raise InvalidValue("delay_s", f"delay_s must be a finite number of seconds from 0 to "
                          f"{MAX_DELAY_S:g}, got {x!r}")
     return float(x)
 
@@ -54,7 +54,8 @@ def validate_expires_s(x: float) -> float:
     above 0, at most MAX_DELAY_S (ValueError otherwise)."""
     if (isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x)
             or not 0 < x <= MAX_DELAY_S):
-        raise ValueError(f"expires_s must be a finite number of seconds above 0 and at most "
+        raise InvalidValue("expires_s", "expires_s must be a finite number of seconds above 0 "
+                                        "and at most "
                          f"{MAX_DELAY_S:g}, got {x!r}")
     return float(x)
 
@@ -88,10 +89,11 @@ def encode_args(args: Any) -> Any:
     if args is None:
         return {}
     if not isinstance(args, dict):
-        raise TypeError(f"args must be a dict of keyword arguments, got {type(args).__name__}")
+        raise InvalidArgument("args", "args must be a dict of keyword arguments, got "
+                                      f"{type(args).__name__}")
     for k in args:
         if not isinstance(k, str):
-            raise TypeError(f"args keys must be strings, got {k!r}")
+            raise InvalidArgument("args", f"args keys must be strings, got {k!r}")
     check_depth(args)
     return args
 
@@ -110,7 +112,7 @@ def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float, *,
     try:
         return orjson.dumps(env)
     except TypeError as e:
-        raise TypeError(f"job args are not JSON-serialisable: {e}") from None
+        raise InvalidArgument("args", f"job args are not JSON-serialisable: {e}") from None
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ payloads are not logged unless `log.payloads: true`.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -28,7 +29,10 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:  # text that is not valid UTF-8 (a file name, say): never lose
+            return json.dumps(out, default=str)  # the line; json escapes lone surrogates
 
 
 class TextFormatter(logging.Formatter):

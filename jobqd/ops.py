@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from jobqd import scripts
 from jobqd.errors import (
+    InvalidArgument,
     JobNotFound,
     JobqdError,
     PayloadTooDeep,
@@ -225,7 +226,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             expires_s: float | None = None) -> Op[list[Job]]:
     """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
     if not isinstance(task, str) or not task:
-        raise TypeError("task must be a non-empty string")
+        raise InvalidArgument("task", "task must be a non-empty string")
     if delay_s is not None:
         delay_s = validate_delay_s(delay_s)
     if idempotency_keys is not None and len(idempotency_keys) != len(args_list):
@@ -260,7 +261,8 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                 ki = 0
                 if idem is not None:
                     if not isinstance(idem, str) or not idem:
-                        raise TypeError("idempotency_key must be a non-empty string")
+                        raise InvalidArgument("idempotency_key",
+                                              "idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
                     ki = len(keys) - 6
                 argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,

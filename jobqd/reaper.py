@@ -29,14 +29,13 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
 from jobqd import scripts
 from jobqd.aio import Backoff, sleep_or_stop
 from jobqd.deps import is_redis_error
-from jobqd.heartbeat import HeartbeatStore
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.ops import s
 from jobqd.outcomes import Dead, Delivery, HandedBack, Outcome
@@ -45,12 +44,19 @@ from jobqd.settle import Settle, Settler, try_decode
 
 log = logging.getLogger("jobqd.reaper")
 
+class Liveness(Protocol):
+    """What the reaper needs of the heartbeat store (`jobqd.heartbeat`): who is alive."""
+
+    async def alive(self, timeout_s: float) -> set[str] | None:
+        """Consumers that beat within `timeout_s`; None when the store cannot tell."""
+
+
 CLAIM_BATCH = 100
 MAX_SCAN_CALLS = 100  # per queue and round: up to ~100,000 pending entries looked at
 SPREAD_S = 1.0  # reclaimed jobs of one dead consumer come back spread over this window
 
 
-async def reap_once(rt: Runtime, store: HeartbeatStore, *,
+async def reap_once(rt: Runtime, store: Liveness, *,
                     liveness: bool = True) -> dict[str, int]:
     """One reaper round; returns counts by reason (for tests and logs)."""
     cfg = rt.config
@@ -158,7 +164,7 @@ async def _hand_back(rnd: _Round, q: str, entries: list[Any], reason: str) -> No
         await rnd.settler.settle(rt.redis, cfg, {q: out})
 
 
-async def _holder_is_dead(rt: Runtime, store: HeartbeatStore, lock: str) -> bool:
+async def _holder_is_dead(rt: Runtime, store: Liveness, lock: str) -> bool:
     """Is the reaper lock held by a daemon whose heartbeat is stale? Then release it
     (compare-and-delete on its token), instead of waiting up to 3 x reaper.interval_s
     for it to expire: a killed reaper must not delay the recovery of its own jobs."""
@@ -187,7 +193,7 @@ async def _forget_reaper_consumer(rt: Runtime) -> None:
             raise
 
 
-async def run(rt: Runtime, store: HeartbeatStore, stop: asyncio.Event) -> None:
+async def run(rt: Runtime, store: Liveness, stop: asyncio.Event) -> None:
     g = GlobalKeys(rt.config.redis.prefix)
     backoff = Backoff()
     held = False

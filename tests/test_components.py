@@ -129,3 +129,19 @@ def test_log_setup_chooses_the_format(monkeypatch: Any) -> None:
                 root.addHandler(h)
         root.setLevel(before[1])
         logging.getLogger("jobqd").setLevel(logging.NOTSET)
+
+
+def test_json_log_line_survives_text_that_is_not_utf8() -> None:
+    """A log line about a job whose error holds a lone surrogate (os.fsdecode of a Linux
+    file name) is still written, as valid JSON (the logging of a failure must not fail)."""
+    import json
+    import os
+
+    from jobqd.logs import JsonFormatter
+
+    name = os.fsdecode(b"/tmp/\xff.txt")
+    rec = logging.LogRecord("jobqd", logging.ERROR, __file__, 1, "cannot open %s", (name,),
+                            None)
+    rec.task = name
+    line = JsonFormatter().format(rec)
+    assert json.loads(line)["msg"] == f"cannot open {name}"
