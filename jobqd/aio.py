@@ -4,6 +4,8 @@ sleep until stopped, and capped exponential backoff."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 
 async def wait_first(*events: asyncio.Event,
@@ -33,6 +35,29 @@ async def wait_first(*events: asyncio.Event,
 async def sleep_or_stop(seconds: float, stop: asyncio.Event) -> bool:
     """Sleep up to `seconds`; return True as soon as `stop` is set."""
     return await wait_first(stop, timeout_s=max(0.0, seconds)) is stop
+
+
+async def run_turns(turn: Callable[[], Awaitable[float]], stop: asyncio.Event, *,
+                    wake: asyncio.Event | None = None, what: str,
+                    log: logging.Logger) -> None:
+    """The loop of a periodic component, written once: `turn()` until `stop`, sleeping
+    the seconds it returns; a dependency outage (`deps.is_outage`) backs off
+    (0.1 -> 5 s, logged) instead of crashing; `wake` cuts a sleep short."""
+    from jobqd.deps import is_outage  # noqa: PLC0415 - deps imports nothing of ours
+
+    backoff = Backoff()
+    wake = wake or asyncio.Event()
+    while not stop.is_set():
+        try:
+            wait = await turn()
+            backoff.reset()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            wait = backoff.next()
+            log.warning("%s cannot reach redis (%s); retrying in %.1fs", what, e, wait)
+        if await wait_first(stop, wake, timeout_s=wait) is wake:
+            wake.clear()
 
 
 class Backoff:

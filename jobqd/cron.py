@@ -29,9 +29,8 @@ from datetime import UTC, datetime
 import redis.asyncio as aredis
 
 from jobqd import ops, scripts
-from jobqd.aio import Backoff, wait_first
+from jobqd.aio import run_turns
 from jobqd.config import Config, ScheduleConfig
-from jobqd.deps import is_redis_error
 from jobqd.errors import JobqdError
 from jobqd.keys import GlobalKeys
 from jobqd.runtime import Runtime
@@ -155,19 +154,6 @@ async def run(rt: Runtime, stop: asyncio.Event, *,
     """Fire schedules until `stop`; `changed` (set by the daemon after an applied
     reload) re-plans at once, so added, changed and removed schedules take effect at
     their next tick."""
-    changed = changed or asyncio.Event()
-    cron = Cron(rt)
-    backoff = Backoff()
-    while not stop.is_set():
-        try:
-            wait = await cron.turn()
-            backoff.reset()
-        except Exception as e:
-            if not is_redis_error(e):
-                raise
-            wait = backoff.next()
-            log.warning("schedules cannot reach redis (%s); retrying in %.1fs", e, wait)
-        if await wait_first(stop, changed, timeout_s=wait) is changed:
-            changed.clear()
+    await run_turns(Cron(rt).turn, stop, wake=changed, what="schedules", log=log)
 
 

@@ -190,13 +190,6 @@ def fold(events: list[_Event]) -> dict[str, _State]:
     return out
 
 
-def _metric(kind: type[Counter] | type[Gauge], name: str, doc: str, rt: Runtime) -> Any:
-    try:
-        return kind(name, doc, registry=rt.metrics.registry)
-    except ValueError:  # already registered on this runtime (a second Ledger): unexported
-        return kind(name, doc, registry=None)
-
-
 class Ledger:
     """The JobEvents sink of `jobqd.runtime`, written to ``<schema>.jobs``."""
 
@@ -214,13 +207,13 @@ class Ledger:
         self.db = pg.PgHandle(rt.config, min_size=1, max_size=2)
         self._kick = asyncio.Event()
         self._last_drop_log = 0.0
-        self._m_dropped = _metric(Counter, "jobqd_ledger_events_dropped",
-                                  "Ledger events dropped (buffer full while PostgreSQL was "
-                                  "unreachable)", rt)
-        self._m_written = _metric(Counter, "jobqd_ledger_events_written",
-                                  "Ledger events written to PostgreSQL", rt)
-        self._m_buffered = _metric(Gauge, "jobqd_ledger_events_buffered",
-                                   "Ledger events waiting to be written", rt)
+        m = rt.metrics
+        self._m_dropped = m.component(Counter, "jobqd_ledger_events_dropped", "Ledger events "
+                                      "dropped (buffer full while PostgreSQL was unreachable)")
+        self._m_written = m.component(Counter, "jobqd_ledger_events_written",
+                                      "Ledger events written to PostgreSQL")
+        self._m_buffered = m.component(Gauge, "jobqd_ledger_events_buffered",
+                                       "Ledger events waiting to be written")
         self._m_buffered.set_function(lambda: len(self.buffer))
 
     # ------------------------------------------------------------ hot path

@@ -79,14 +79,9 @@ class Limiter:
         self._calls = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._counters: dict[tuple[str, str], Any] = {}
         self._warned = -WARN_EVERY_S
-        try:
-            self.deferred = Counter(
-                "jobqd_jobs_deferred", "Job starts put off because the task was at its "
-                "concurrency or rate limit (or Redis was unreachable to check)",
-                ["task", "reason"], registry=rt.metrics.registry)
-        except ValueError:  # a second Limiter on one registry: count, unexported
-            self.deferred = Counter("jobqd_jobs_deferred", "", ["task", "reason"],
-                                    registry=None)
+        self.deferred = rt.metrics.component(
+            Counter, "jobqd_jobs_deferred", "Job starts put off because the task was at its "
+            "concurrency or rate limit (or Redis was unreachable to check)", ("task", "reason"))
 
     # ------------------------------------------------------------ acquire
 

@@ -102,6 +102,15 @@ class Metrics:
             h = self._wait[queue] = self.wait.labels(queue)
         h.observe(max(0.0, wait_s))
 
+    def component(self, kind: type[Counter] | type[Gauge], name: str, doc: str,
+                  labels: tuple[str, ...] = ()) -> Any:
+        """A metric a component registers on this daemon's registry. A second instance
+        of the component on the same registry (tests) gets a working, unexported one."""
+        try:
+            return kind(name, doc, list(labels), registry=self.registry)
+        except ValueError:  # already registered here
+            return kind(name, doc, list(labels), registry=None)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -82,13 +82,6 @@ def policy_problem(cfg: Config, policy: str | None) -> str | None:
             f"redis.allow_eviction: true in {cfg.path} to run anyway and accept that risk")
 
 
-def _metric(kind: type[Counter] | type[Gauge], name: str, doc: str, rt: Runtime) -> Any:
-    try:
-        return kind(name, doc, registry=rt.metrics.registry)
-    except ValueError:  # already registered on this runtime (a second Guard): unexported
-        return kind(name, doc, registry=None)
-
-
 class Guard:
     """One daemon's checks; `start` before the components, then `run`."""
 
@@ -96,14 +89,15 @@ class Guard:
         self.rt = rt
         self.weights = weights if weights is not None else QueueWeights()  # halted on eviction
         self.token: str | None = None  # the epoch this daemon knows
-        self._m_policy_ok = _metric(
+        m = rt.metrics
+        self._m_policy_ok = m.component(
             Gauge, "jobqd_redis_eviction_policy_ok", "1 while Redis's maxmemory-policy is "
-            "noeviction (or redis.allow_eviction is set), 0 while it may evict jobs", rt)
-        self._m_data_loss = _metric(
+            "noeviction (or redis.allow_eviction is set), 0 while it may evict jobs")
+        self._m_data_loss = m.component(
             Counter, "jobqd_redis_data_loss", "Times this daemon found that Redis had lost "
-            "its data (the epoch key vanished or changed) and republished its routing", rt)
-        self._m_oom = _metric(Gauge, "jobqd_redis_oom", "1 while this daemon's last write to "
-                              "Redis was refused for lack of memory", rt)
+            "its data (the epoch key vanished or changed) and republished its routing")
+        self._m_oom = m.component(Gauge, "jobqd_redis_oom", "1 while this daemon's last write "
+                                  "to Redis was refused for lack of memory")
         self._m_policy_ok.set(1)
         self._m_oom.set_function(lambda: 1.0 if rt.health.redis_oom else 0.0)
 

@@ -13,8 +13,7 @@ import asyncio
 import logging
 
 from jobqd import scripts
-from jobqd.aio import Backoff, wait_first
-from jobqd.deps import is_redis_error
+from jobqd.aio import run_turns
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 
@@ -44,15 +43,4 @@ async def promote_once(rt: Runtime) -> float:
 async def run(rt: Runtime, wakeup: asyncio.Event, stop: asyncio.Event) -> None:
     """Promote due jobs until `stop`; `wakeup` (set by the pool when it schedules a
     retry or a deferral) re-plans the sleep at once."""
-    backoff = Backoff()
-    while not stop.is_set():
-        try:
-            wait = await promote_once(rt)
-            backoff.reset()
-        except Exception as e:
-            if not is_redis_error(e):
-                raise
-            wait = backoff.next()
-            log.warning("scheduler cannot reach redis (%s); retrying in %.1fs", e, wait)
-        await wait_first(stop, wakeup, timeout_s=wait)
-        wakeup.clear()
+    await run_turns(lambda: promote_once(rt), stop, wake=wakeup, what="scheduler", log=log)
