@@ -1,13 +1,15 @@
-"""jobqd against jobqd: the same bench (`bench/run.py`, core phases) for two builds,
-interleaved in one run, medians of N. For "no regression" claims of a refactor.
+"""jobqd against jobqd: the same bench (`bench/run.py`, core phases) for two
+checkouts, interleaved in one run, medians of N. For "no regression" claims.
 
-    python bench/compare_revisions.py --before /path/to/old/venv/bin/python \
-        --after .venv/bin/python --repeats 3 --n 10000
+    git worktree add --detach /tmp/jobqd-before <commit>
+    (cd /tmp/jobqd-before && python3 -m venv .venv && .venv/bin/pip install -e .)
+    python bench/compare_revisions.py --before /tmp/jobqd-before --after . --repeats 3
 
-Each repeat runs `bench/run.py --systems jobqd --phases core --repeats 1` once for
-each build, alternating (before, after, before, after...) so drift of the machine
-hits both alike, and writes `bench/results/compare.md` (and `.json`): the median of
-each metric, and the after/before ratio. The same bench drivers run both builds.
+Each repeat runs every checkout's own `bench/run.py --systems jobqd --phases core
+--repeats 1` with its own `.venv` (the driver imports jobqd from the checkout it
+runs in), alternating (before, after, before, after...) so drift of the machine
+hits both alike, and writes `compare.md` (and `.json`) to --out: the median of each
+metric, and the after/before ratio.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,10 +27,12 @@ METRICS = ("proc_default", "proc_100", "io_100", "enqueue_single", "enqueue_batc
 LOWER_IS_BETTER = {"lat_p50", "lat_p99"}
 
 
-def one(python: str, n: int, out: Path) -> dict[str, float]:
-    subprocess.run([sys.executable, str(HERE / "run.py"), "--systems", "jobqd", "--phases",
-                    "core", "--repeats", "1", "--n", str(n), "--jobqd-python", python,
-                    "--no-install", "--out", str(out)], check=True, timeout=1800)
+def one(checkout: Path, n: int, out: Path) -> dict[str, float]:
+    python = str(checkout / ".venv" / "bin" / "python")
+    subprocess.run([python, str(checkout / "bench" / "run.py"), "--systems", "jobqd",
+                    "--phases", "core", "--repeats", "1", "--n", str(n), "--jobqd-python",
+                    python, "--no-install", "--out", str(out)], check=True, timeout=1800,
+                   cwd=checkout)
     data = json.loads((out / "results.json").read_text())
     metrics = data["systems"]["jobqd"]["metrics"]
     return {m: float(metrics[m]["runs"][0]) for m in METRICS if metrics.get(m, {}).get("runs")}
@@ -37,8 +40,8 @@ def one(python: str, n: int, out: Path) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", required=True, help="python of the old build's venv")
-    p.add_argument("--after", required=True, help="python of the new build's venv")
+    p.add_argument("--before", required=True, help="the old checkout (with its .venv)")
+    p.add_argument("--after", required=True, help="the new checkout (with its .venv)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -47,8 +50,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeats):
             for label in ("before", "after"):
-                python = a.before if label == "before" else a.after
-                runs[label].append(one(python, a.n, Path(tmp) / f"{label}-{i}"))
+                checkout = Path(a.before if label == "before" else a.after).resolve()
+                runs[label].append(one(checkout, a.n, Path(tmp) / f"{label}-{i}"))
     rows = []
     for m in METRICS:
         b = [r[m] for r in runs["before"] if m in r]
