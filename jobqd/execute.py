@@ -194,7 +194,6 @@ class Executor:
                                  attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000,
                                  _progress=self.progress)
         token = _current.set(run.current)
-        attempts = env.attempt + 1
         if task.timeout_s is not None:
             run.deadline = time.monotonic() + task.timeout_s
         cancel_seen = False
@@ -212,38 +211,8 @@ class Executor:
                 return Cancelled()
             return self._failure(task, env, "timeout",
                                  f"timed out after {task.timeout_s:g}s", None)
-        except Retry as e:
-            requested = retry_delay(e.delay_s)
-            reason = safe_text(str(e.reason), MAX_ERROR_CHARS)
-            if requested is None and e.delay_s is not None:
-                return self._failure(task, env, "error", safe_text(
-                    f"Retry(delay_s={e.delay_s!r}): delay_s must be a finite number of seconds "
-                    f"from 0 to a year; retried with the task's backoff", MAX_ERROR_CHARS), None)
-            return self._failure(task, env, "retry", reason, None, requested=requested)
-        except Fail as e:
-            return Dead("failed", safe_text(str(e.reason), MAX_ERROR_CHARS), attempts=attempts)
-        except JobCancelled:  # check_cancelled() in the handler
-            return Cancelled()
-        except HandlerError as e:  # raised in a worker process (executor: process)
-            if e.dead == "bad_args":
-                return Dead("bad_args", f"the job's args do not fit {task.handler}: {e.error}",
-                            attempts=attempts)
-            if e.dead is not None:
-                return Dead(e.dead, e.error, attempts=attempts)
-            return self._failure(task, env, "error", e.error, e.tb)
-        except WorkerLost as e:  # its worker process died: a lost delivery, as for a daemon
-            lost = env.lost + 1
-            if lost >= cfg.reaper.max_deliveries:
-                return Dead("worker_lost", safe_text(f"worker lost {lost} times ({e})",
-                                                     MAX_ERROR_CHARS), lost=lost)
-            return HandedBack(lost=lost)
         except Exception as e:
-            if isinstance(e, TypeError):
-                why = bad_args(task.fn, env.args)
-                if why is not None:  # a misspelt argument never gets better by retrying
-                    return Dead("bad_args", f"the job's args do not fit {task.handler}: {why}",
-                                attempts=attempts)
-            return self._failure(task, env, "error", error_text(e), traceback_text(e))
+            return self._raised(e, task, env, cfg)
         else:
             return Succeeded(result)
         finally:
@@ -251,6 +220,41 @@ class Executor:
             if run.stop_reason and not cancel_seen:  # (set only when the pool cancelled us)
                 me.uncancel()  # the handler swallowed our own cancellation
             _current.reset(token)
+
+    def _raised(self, e: Exception, task: TaskConfig, env: Envelope, cfg: Config) -> Outcome:
+        """What the handler's exception means for the job."""
+        attempts = env.attempt + 1
+        if isinstance(e, Retry):
+            requested = retry_delay(e.delay_s)
+            if requested is None and e.delay_s is not None:
+                return self._failure(task, env, "error", safe_text(
+                    f"Retry(delay_s={e.delay_s!r}): delay_s must be a finite number of seconds "
+                    f"from 0 to a year; retried with the task's backoff", MAX_ERROR_CHARS), None)
+            return self._failure(task, env, "retry", safe_text(str(e.reason), MAX_ERROR_CHARS),
+                                 None, requested=requested)
+        if isinstance(e, Fail):
+            return Dead("failed", safe_text(str(e.reason), MAX_ERROR_CHARS), attempts=attempts)
+        if isinstance(e, JobCancelled):  # check_cancelled() in the handler
+            return Cancelled()
+        if isinstance(e, HandlerError):  # raised in a worker process (executor: process)
+            if e.dead == "bad_args":
+                return Dead("bad_args", f"the job's args do not fit {task.handler}: {e.error}",
+                            attempts=attempts)
+            if e.dead is not None:
+                return Dead(e.dead, e.error, attempts=attempts)
+            return self._failure(task, env, "error", e.error, e.tb)
+        if isinstance(e, WorkerLost):  # its worker process died: a lost delivery
+            lost = env.lost + 1
+            if lost >= cfg.reaper.max_deliveries:
+                return Dead("worker_lost", safe_text(f"worker lost {lost} times ({e})",
+                                                     MAX_ERROR_CHARS), lost=lost)
+            return HandedBack(lost=lost)
+        if isinstance(e, TypeError):
+            why = bad_args(task.fn, env.args)
+            if why is not None:  # a misspelt argument never gets better by retrying
+                return Dead("bad_args", f"the job's args do not fit {task.handler}: {why}",
+                            attempts=attempts)
+        return self._failure(task, env, "error", error_text(e), traceback_text(e))
 
     def _failure(self, task: TaskConfig, env: Envelope, kind: FailureKind, error: str,
                  tb: str | None, *, requested: float | None = None) -> Outcome:

@@ -102,19 +102,7 @@ class Fetcher:
                 p.xreadgroup(GROUP, self.consumer, {QueueKeys(prefix, q).stream: ">"},
                              count=counts.get(q, 1))
             replies = await p.execute(raise_on_error=False)
-        got: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
-        for q, reply in zip(order, replies, strict=True):
-            if isinstance(reply, Exception):
-                if _nogroup(reply):  # the stream went away (Redis lost it): recreate
-                    self.groups.discard(q)
-                    continue
-                raise reply
-            entries = reply[0][1] if reply else []
-            got[q] = list(reversed(entries))  # pop() from the end in stream order
-            if q in counts and len(entries) < counts[q]:
-                self.empty.add(q)
-            elif q not in counts and entries:
-                self.empty.discard(q)
+        got = self._sort_replies(order, counts, replies)
         out: list[Delivery] = []
         for q in picks:  # job starts follow the SWRR order
             lst = got.get(q)
@@ -124,6 +112,25 @@ class Fetcher:
         for q in order:  # probes, and anything left over
             out.extend(Delivery(q, eid, fields) for eid, fields in reversed(got.get(q, [])))
         return out
+
+    def _sort_replies(self, order: list[str], counts: Counter[str], replies: list[Any]
+                      ) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """Each queue's entries (last first, to pop() in stream order); notes which
+        queues ran dry and which groups went missing (a stream Redis lost)."""
+        got: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        for q, reply in zip(order, replies, strict=True):
+            if isinstance(reply, Exception):
+                if _nogroup(reply):  # the stream went away (Redis lost it): recreate
+                    self.groups.discard(q)
+                    continue
+                raise reply
+            entries = reply[0][1] if reply else []
+            got[q] = list(reversed(entries))
+            if q in counts and len(entries) < counts[q]:
+                self.empty.add(q)
+            elif q not in counts and entries:
+                self.empty.discard(q)
+        return got
 
     async def _blocking(self, prefix: str, queues: list[str], free: int) -> list[Delivery]:
         streams: dict[Any, Any] = {QueueKeys(prefix, q).stream: ">" for q in queues}
