@@ -88,7 +88,7 @@ class Running:
         at its next await; a process job's worker process is killed; a plain def in a
         thread sees `current_job().cancelled` turn true (a thread cannot be stopped)."""
         if self.current is not None:
-            self.current._cancel.set()
+            self.current._cancel.is_set = True
         if self.stop_reason is None and (self.task is None or self.task.kind != "thread"):
             self.stop_reason = "cancel"
             self.consumer.cancel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -202,6 +201,16 @@ class JobInfo:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+class Flag:
+    """A flag set on the event loop and read by a handler in any thread (a plain
+    attribute: cheap to make per job, unlike a threading.Event)."""
+
+    __slots__ = ("is_set",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
 class ProgressSink(Protocol):
     def progress(self, job_id: str, queue: str, fraction: float, message: str | None) -> None:
         ...
@@ -216,18 +225,17 @@ class CurrentJob:
     queue: str
     attempt: int  # 1 on the first try
     enqueued_at: float
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False,
-                                     compare=False)
+    _cancel: Flag = field(default_factory=Flag, repr=False, compare=False)
     _progress: ProgressSink | None = field(default=None, repr=False, compare=False)
 
     @property
     def cancelled(self) -> bool:
         """True once the job was cancelled while running (poll it in a long plain def)."""
-        return self._cancel.is_set()
+        return self._cancel.is_set
 
     def check_cancelled(self) -> None:
         """Raise `JobCancelled` if the job was cancelled; the job then ends `cancelled`."""
-        if self._cancel.is_set():
+        if self._cancel.is_set:
             from jobqd.errors import JobCancelled  # noqa: PLC0415 - errors imports nothing
 
             raise JobCancelled(self.id)
