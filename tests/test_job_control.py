@@ -6,6 +6,7 @@ pause and resume across two daemons, expiry, waiting for results (pushed, on
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -208,3 +209,40 @@ async def test_progress_is_seen_by_status_and_cleared_at_the_end(
     await r.set(f"{prefix}:go", 1)
     await wait_status(client, job.id, "succeeded")
     assert not await r.hexists(QueueKeys(prefix, "default").progress, job.id)
+
+
+def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnects(
+        write_config: Callable[..., Any], spawn: Callable[..., Any], prefix: str,
+        sync_r: Any) -> None:
+    """A subprocess daemon talks to Redis through a proxy. Its connections are cut
+    (blackholed: nothing gets through, nothing is closed) and new ones refused; the
+    cancel is sent meanwhile, so the control message never reaches it. Once it can
+    reconnect, it finds the cancel in Redis and stops the job."""
+    from tests.proxies import BlackholeProxy
+
+    proxy = BlackholeProxy(6379)
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        d = spawn(write_config(redis={"url": url, "prefix": prefix}, tasks=_tasks()))
+        d.wait_ready(prefix)
+        with SyncClient(REDIS_URL, prefix) as c:
+            job = c.enqueue("sleep", {"seconds": 120, "key": f"{prefix}:n"})
+            deadline = time.monotonic() + 10
+            while not sync_r.hexists(f"{prefix}:n:started", job.id):
+                assert time.monotonic() < deadline, "the handler did not start"
+                time.sleep(0.05)
+            proxy.gated.set()  # no new connection gets through
+            proxy.blackhole()  # and the open ones go silent
+            assert c.cancel(job.id).outcome == "cancelling"
+            time.sleep(1.0)
+            assert c.status(job.id).status == "running"  # it cannot know yet
+            proxy.gated.clear()  # the network is back
+            deadline = time.monotonic() + 40  # its socket timeout (10 s), then a renewal
+            while c.status(job.id).status != "cancelled":
+                assert time.monotonic() < deadline, c.status(job.id)
+                time.sleep(0.1)
+            assert sync_r.hget(f"{prefix}:n:started", job.id) == b"1"  # never ran again
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+    finally:
+        proxy.close()
