@@ -1,0 +1,245 @@
+"""The dashboard (jobqd.ui) at the HTTP level, against the real Redis: auth, CSRF,
+read_only/off, escaping of job data, and paging a big queue a page at a time."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aredis
+from yarl import URL
+
+from jobqd import Client, config, ops, publish, ui
+from jobqd.ids import new_job_id
+from jobqd.keys import QueueKeys
+from jobqd.runtime import Runtime
+
+from .conftest import REDIS_URL
+from .test_http import serve
+
+TOKEN = "ui-s3cret"
+XSS_ARG = "<script>window.__xss = 1</script>"
+XSS_ERR = '<img src=x onerror="document.title=\'pwned\'">'
+
+
+@pytest.fixture
+async def make_runtime(write_config: Callable[..., Path]) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Runtime] = []
+
+    async def make(**over: Any) -> Runtime:
+        rt = Runtime(config=config.load(write_config(**over)),
+                     redis=aredis.Redis.from_url(REDIS_URL))
+        made.append(rt)
+        await publish.publish(rt.redis, rt.config)
+        return rt
+
+    yield make
+    for rt in made:
+        await rt.redis.aclose()
+
+
+def _session(url: str, **kw: Any) -> aiohttp.ClientSession:
+    """A client session that keeps cookies of 127.0.0.1 (aiohttp's jar drops IP hosts')."""
+    return aiohttp.ClientSession(url, cookie_jar=aiohttp.CookieJar(unsafe=True), **kw)
+
+
+def _csrf(page: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert m, "no CSRF field on the page"
+    return m.group(1)
+
+
+async def test_pages_render_and_carry_a_strict_csp(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime()
+    async with Client(REDIS_URL, prefix) as c:
+        job = await c.enqueue("noop", {})
+    async with serve(rt) as url, _session(url) as s:
+        for path in ("/ui/", "/ui/queues/default", "/ui/queues/default?where=scheduled",
+                     "/ui/queues/default?where=running", f"/ui/jobs/{job.id}", "/ui/workers",
+                     "/ui/schedules", "/ui/weights", "/ui/dlq"):
+            async with s.get(path) as resp:
+                text = await resp.text()
+                assert resp.status == 200, (path, text)
+                csp = resp.headers["Content-Security-Policy"]
+                assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+                assert "<script>" not in text  # only <script src=...>
+        async with s.get("/ui/api/overview") as resp:
+            data = await resp.json()
+        [q] = [q for q in data["queues"] if q["name"] == "default"]
+        stats = await ops.AsyncRunner(rt.redis).run(ops.queue_stats(prefix, ["default"]))
+        assert q["waiting"] == stats[0].waiting == 1  # the same numbers as `jobqd stats`
+        async with s.get("/ui/static/ui.js") as resp:
+            assert resp.status == 200 and "poll" in await resp.text()
+        async with s.get(f"/ui/job?id={job.id}", allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"].endswith(job.id)
+
+
+async def test_job_data_comes_back_escaped(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime(http={"listen": "127.0.0.1:0", "ui_payloads": True})
+    async with Client(REDIS_URL, prefix) as c:
+        job = await c.enqueue("noop", {"x": XSS_ARG, "y": XSS_ERR})
+    # a dead-letter entry whose error, traceback and task name are attacker-controlled
+    qk = QueueKeys(prefix, "default")
+    env = {"id": new_job_id("default"), "task": "t<script>x</script>",
+           "args": {"a": XSS_ARG}, "enq": 1, "attempt": 1}
+    death = {"reason": "failed", "error": XSS_ERR, "traceback": "Traceback\n" + XSS_ARG,
+             "died": 2}
+    eid = await rt.redis.xadd(qk.dlq, {"j": orjson.dumps(env), "e": orjson.dumps(death)})
+    await rt.redis.hset(qk.state, env["id"], "x" + eid.decode())  # as a dead job's state
+    async with serve(rt) as url, _session(url) as s:
+        pages = [f"/ui/jobs/{job.id}", f"/ui/jobs/{env['id']}", "/ui/dlq",
+                 "/ui/dlq?queue=default"]
+        async with s.get("/ui/dlq") as resp:
+            m = re.search(r'href="(/ui/dlq/show\?ref=[^"]+)"', await resp.text())
+            assert m
+            pages.append(m.group(1).replace("&amp;", "&"))
+        for path in pages:
+            async with s.get(path) as resp:
+                text = await resp.text()
+                assert resp.status == 200, path
+            assert "<script>window" not in text and "<img" not in text
+            assert "t<script>x" not in text
+        assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in text  # the traceback
+        assert "&lt;img src=x onerror=&quot;document.title=" in text
+
+
+async def test_args_hidden_unless_allowed(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime()
+    async with Client(REDIS_URL, prefix) as c:
+        job = await c.enqueue("noop", {"secret": "personal-data-123"})
+    async with serve(rt) as url, _session(url) as s, s.get(f"/ui/jobs/{job.id}") as resp:
+        text = await resp.text()
+    assert "personal-data-123" not in text and "Args hidden" in text
+
+
+async def test_token_login_cookie_and_bearer(make_runtime: Any, prefix: str,
+                                             tmp_path: Path) -> None:
+    tf = tmp_path / "token"
+    tf.write_text(TOKEN + "\n")
+    rt = await make_runtime(http={"listen": "127.0.0.1:0", "token_file": str(tf)})
+    async with serve(rt) as url:
+        async with _session(url) as s:
+            async with s.get("/ui/", allow_redirects=False) as resp:
+                assert resp.status == 303 and resp.headers["Location"].startswith("/ui/login")
+            async with s.get("/ui/api/overview") as resp:
+                assert resp.status == 401
+            async with s.get("/ui/login") as resp:
+                csrf = _csrf(await resp.text())
+            async with s.post("/ui/login", data={"token": "wrong", "csrf": csrf},
+                              allow_redirects=False) as resp:
+                assert "bad=1" in resp.headers["Location"]
+                assert "jobqd_session" not in resp.cookies
+            async with s.post("/ui/login", data={"token": TOKEN, "csrf": csrf},
+                              allow_redirects=False) as resp:
+                assert resp.status == 303
+                cookie = resp.cookies["jobqd_session"]
+                assert cookie["httponly"] and cookie["samesite"] == "Strict"
+                assert TOKEN not in cookie.value
+            async with s.get("/ui/") as resp:
+                assert resp.status == 200 and "Overview" in await resp.text()
+        async with _session(
+                url, headers={"Authorization": f"Bearer {TOKEN}"}) as s:
+            async with s.get("/ui/api/overview") as resp:
+                assert resp.status == 200
+            # a bearer client needs no CSRF token (a browser never sends the header itself)
+            async with s.post("/ui/queues/default/pause", allow_redirects=False) as resp:
+                assert resp.status == 303
+        async with _session(url) as s, s.get("/v1/queues") as resp:
+            assert resp.status == 401  # /v1 still needs the bearer token
+
+
+async def test_actions_need_the_csrf_token(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime()
+    run = ops.AsyncRunner(rt.redis).run
+    async with serve(rt) as url, _session(url) as s:
+        async with s.post("/ui/queues/default/pause") as resp:
+            assert resp.status == 403
+        async with s.post("/ui/queues/default/pause", data={"csrf": "forged"}) as resp:
+            assert resp.status == 403
+        assert await run(ops.paused_queues(prefix)) == []
+        async with s.get("/ui/") as resp:
+            csrf = _csrf(await resp.text())
+        async with s.post("/ui/queues/default/pause", data={"csrf": csrf},
+                          allow_redirects=False) as resp:
+            assert resp.status == 303
+        assert await run(ops.paused_queues(prefix)) == ["default"]
+        async with s.post("/ui/weights", data={"csrf": csrf, "w:default": "7"},
+                          allow_redirects=False) as resp:
+            assert resp.status == 303
+        assert (await run(ops.weights_get(prefix)))["default"] == 7
+
+
+async def test_read_only_hides_and_refuses_actions(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime(http={"listen": "127.0.0.1:0", "ui": "read_only"})
+    async with serve(rt) as url, _session(url) as s:
+        async with s.get("/ui/") as resp:
+            text = await resp.text()
+        assert resp.status == 200 and "read-only" in text
+        assert 'action="/ui/queues/default/pause"' not in text
+        async with s.get("/ui/weights") as resp:
+            assert "<input type=\"number\"" not in await resp.text()
+        csrf = s.cookie_jar.filter_cookies(URL(url + "/ui/")).get("jobqd_csrf")
+        assert csrf is not None
+        async with s.post("/ui/queues/default/pause", data={"csrf": csrf.value}) as resp:
+            assert resp.status == 403
+    assert await ops.AsyncRunner(rt.redis).run(ops.paused_queues(prefix)) == []
+
+
+async def test_off_is_404(make_runtime: Any) -> None:
+    rt = await make_runtime(http={"listen": "127.0.0.1:0", "ui": "off"})
+    async with serve(rt) as url, _session(url) as s:
+        for path in ("/ui/", "/ui/api/overview", "/ui/static/ui.js", "/ui/login"):
+            async with s.get(path) as resp:
+                assert resp.status == 404, path
+
+
+def test_yaml_on_off_read_as_booleans_are_accepted() -> None:
+    for raw, want in (("on", "on"), ("off", "off"), ("read_only", "read_only")):
+        cfg = config.loads(f"redis: {{url: 'redis://127.0.0.1:1'}}\nhttp: {{ui: {raw}}}",
+                           import_handlers=False)
+        assert cfg.http.ui == want
+
+
+async def test_a_page_of_a_big_queue_reads_only_a_page(make_runtime: Any,
+                                                       prefix: str) -> None:
+    rt = await make_runtime()
+    async with Client(REDIS_URL, prefix) as c:
+        await c.enqueue_many("noop", [{"i": i} for i in range(50_000)])
+        await c.enqueue_many("record", [{"key": "k"}] * 3)
+    run = ops.AsyncRunner(rt.redis).run
+    page = await run(ops.queue_jobs(prefix, "default", "stream", count=50))
+    assert len(page.rows) == 50 and page.scanned == 50 and page.next is not None
+    newest = await run(ops.queue_jobs(prefix, "default", "stream", newest_first=True,
+                                      count=50))
+    assert [r.task for r in newest.rows[:3]] == ["record"] * 3 and newest.scanned == 50
+    nxt = await run(ops.queue_jobs(prefix, "default", "stream", after=page.next, count=50))
+    assert not {r.id for r in nxt.rows} & {r.id for r in page.rows}
+    # a filter that matches nothing stops after BROWSE_SCAN entries, not 50,000
+    none = await run(ops.queue_jobs(prefix, "default", "stream", task="record", count=50))
+    assert none.rows == [] and none.scanned <= ops.BROWSE_SCAN
+    async with serve(rt) as url, _session(url) as s:
+        async with s.get("/ui/queues/default") as resp:
+            text = await resp.text()
+        assert resp.status == 200
+        assert text.count('href="/ui/jobs/') == 50
+        assert "read 50 entries" in text and "Next page" in text
+        async with s.get("/ui/queues/default?order=newest&task=record") as resp:
+            text = await resp.text()
+        assert text.count('href="/ui/jobs/') == 3
+
+
+async def test_history_is_sampled_only_when_polled(make_runtime: Any) -> None:
+    rt = await make_runtime()
+    async with serve(rt) as url, _session(url) as s:
+        async with s.get("/ui/api/overview") as resp:
+            assert resp.status == 200
+        async with s.get("/ui/api/overview") as resp:
+            data = await resp.json()
+        assert len(data["history"]["depth"]) == 1  # a second poll within 5 s adds none
+    st = ui.UiState(rt=rt, token=None, runner=ops.AsyncRunner(rt.redis))
+    assert not st.history  # nothing samples until the endpoint is polled
