@@ -52,7 +52,7 @@ from jobqd.runtime import Runtime
 PREFIX = "/ui"
 SESSION_COOKIE = "jobqd_session"
 CSRF_COOKIE = "jobqd_csrf"
-SAMPLE_EVERY_S = 5.0
+SAMPLE_EVERY_S = 2.0  # the overview polls every 2 s: one sample per poll, at most
 HISTORY_S = 3600.0
 RATE_WINDOW_S = 300.0  # rates in/out: over the last five minutes of history
 PAGE_SIZE = 50
@@ -334,6 +334,10 @@ async def _overview_data(st: UiState) -> dict[str, Any]:
         queues.append({**s.to_dict(), "yaml_weight": yaml_w.get(s.name),
                        "rate_in": rin, "rate_out": rout})
     hist = list(st.history)
+    if hist and hist[-1].t < now:  # the current reading ends the lines (not stored)
+        hist.append(Sample(t=now, depth={s.name: s.depth for s in stats},
+                           ins={s.name: sum(s.enqueued.values()) for s in stats},
+                           outs={s.name: s.done for s in stats}))
     t0 = hist[0].t if hist else now
     points = [{"t": h.t - t0, "depth": h.depth} for h in hist]
     thr = []

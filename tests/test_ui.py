@@ -233,13 +233,17 @@ async def test_a_page_of_a_big_queue_reads_only_a_page(make_runtime: Any,
         assert text.count('href="/ui/jobs/') == 3
 
 
-async def test_history_is_sampled_only_when_polled(make_runtime: Any) -> None:
+async def test_history_is_sampled_only_when_polled(make_runtime: Any, prefix: str) -> None:
     rt = await make_runtime()
-    async with serve(rt) as url, _session(url) as s:
-        async with s.get("/ui/api/overview") as resp:
-            assert resp.status == 200
-        async with s.get("/ui/api/overview") as resp:
-            data = await resp.json()
-        assert len(data["history"]["depth"]) == 1  # a second poll within 5 s adds none
     st = ui.UiState(rt=rt, token=None, runner=ops.AsyncRunner(rt.redis))
-    assert not st.history  # nothing samples until the endpoint is polled
+    assert not st.history  # no sampler runs on its own: nothing until the UI polls
+    first = await ui._overview_data(st)
+    second = await ui._overview_data(st)  # within SAMPLE_EVERY_S: nothing new stored
+    assert len(st.history) == 1 and len(first["history"]["depth"]) == 1
+    assert len(second["history"]["depth"]) == 2  # the stored sample + the live reading
+    assert st.history.maxlen == int(ui.HISTORY_S / ui.SAMPLE_EVERY_S) + 1  # bounded
+    async with Client(REDIS_URL, prefix) as c:
+        await c.enqueue_many("noop", [{}] * 5)
+    st.history[0].t -= ui.SAMPLE_EVERY_S  # as if polled a while ago
+    third = await ui._overview_data(st)
+    assert len(st.history) == 2 and third["history"]["depth"][-1]["depth"]["default"] == 5

@@ -39,6 +39,7 @@
     var W = 600, H = 160, L = 40, B = 18, max = 0;
     series.forEach(function (s) { s.points.forEach(function (p) { max = Math.max(max, p[1]); }); });
     max = max > 0 ? max * 1.1 : 1;
+    if (max >= 10) max = Math.ceil(max);
     span = Math.max(span, 1);
     svg.appendChild(el("line", {x1: L, y1: H - B, x2: W, y2: H - B, class: "axis"}));
     [0, 0.5, 1].forEach(function (f) {
@@ -48,7 +49,7 @@
       svg.appendChild(t);
     });
     var label = el("text", {x: W, y: H - 2, "text-anchor": "end", class: "tick"});
-    label.textContent = "last " + Math.round(span / 60) + " min";
+    label.textContent = "last " + (span < 120 ? Math.round(span) + " s" : Math.round(span / 60) + " min");
     svg.appendChild(label);
     series.forEach(function (s, i) {
       if (!s.points.length) return;
