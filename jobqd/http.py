@@ -17,6 +17,8 @@
 ``GET /v1/dlq?queue=&limit=``          dead-letter entries
 ``POST /v1/dlq/{id}/replay``           put a dead job back on its queue -> 202 ``{id}``
 ``GET /v1/openapi.json``               the OpenAPI document (`jobqd.openapi`)
+``/ui/...``                            the web dashboard (`jobqd.ui`: HTML, its own
+                                       login cookie or the bearer token; ``http.ui``)
 =====================================  =====================================================
 
 Security: the port binds ``127.0.0.1`` unless ``http.listen`` says otherwise.
