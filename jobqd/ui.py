@@ -375,7 +375,8 @@ async def overview(request: web.Request) -> web.Response:
             f'<td>{esc(q["weight"])} / {esc(q["yaml_weight"])}</td>'
             f'<td data-k="accepting">{"accepting" if q["accepting"] else "REFUSING"}</td>'
             f'<td data-k="paused">{"paused" if q["paused"] else "running"}</td>'
-            f'<td data-k="dead">{q["dead"]}</td><td>{act}</td></tr>')
+            f'<td><a data-k="dead" href="{PREFIX}/dlq?queue={quote(name)}">{q["dead"]}</a></td>'
+            f"<td>{act}</td></tr>")
     table = _table(["Queue", "Queued", "Scheduled", "Running", "In", "Out", "Oldest",
                     "Weight (runtime / YAML)", "Enqueues", "State", "Dead", ""], rows,
                    "queues")
@@ -468,7 +469,7 @@ async def queue_page(request: web.Request) -> web.Response:
 
 async def find_job(request: web.Request) -> web.StreamResponse:
     job_id = request.query.get("id", "").strip()
-    raise web.HTTPSeeOther(f"{PREFIX}/jobs/{quote(job_id, safe='')}")
+    raise web.HTTPSeeOther(f"{PREFIX}/jobs/{quote(job_id, safe='')}" if job_id else PREFIX + "/")
 
 
 async def job_page(request: web.Request) -> web.Response:

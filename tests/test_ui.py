@@ -3,7 +3,9 @@ read_only/off, escaping of job data, and paging a big queue a page at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from jobqd.ids import new_job_id
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, base_config, wait_status
 from .test_http import serve
 
 TOKEN = "ui-s3cret"
@@ -247,3 +249,88 @@ async def test_history_is_sampled_only_when_polled(make_runtime: Any, prefix: st
     st.history[0].t -= ui.SAMPLE_EVERY_S  # as if polled a while ago
     third = await ui._overview_data(st)
     assert len(st.history) == 2 and third["history"]["depth"][-1]["depth"]["default"] == 5
+
+
+async def test_with_a_daemon_running_workers_schedules_progress(
+        start_daemon: Any, prefix: str, r: aredis.Redis) -> None:
+    d = await start_daemon(
+        tasks={**base_config(prefix)["tasks"], "progress_then_wait": {
+            "handler": "tests.handlers:progress_then_wait"}},
+        schedules={"hourly-tick": {"task": "noop", "every_s": 3600}})
+    key = prefix + ":go"
+    async with Client(REDIS_URL, prefix) as c:
+        job = await c.enqueue("progress_then_wait", {"key": key})
+        await wait_status(c, job.id, "running")
+        for _ in range(300):  # progress is written by the daemon shortly after
+            if (await c.status(job.id)).progress:
+                break
+            await asyncio.sleep(0.02)
+        rt2 = Runtime(config=d.cfg, redis=aredis.Redis.from_url(REDIS_URL))
+        try:
+            async with serve(rt2) as url, _session(url) as s:
+                async with s.get("/ui/queues/default?where=running") as resp:
+                    text = await resp.text()
+                assert job.id in text and "Running (1)" in text
+                async with s.get(f"/ui/jobs/{job.id}") as resp:
+                    text = await resp.text()
+                assert "running" in text and "half way" in text and "<progress" in text, text
+                async with s.get("/ui/workers") as resp:
+                    text = await resp.text()
+                assert socket.gethostname() in text and "STALE" not in text
+                async with s.get("/ui/schedules") as resp:
+                    text = await resp.text()
+                assert "hourly-tick" in text and "<time data-ts" in text
+        finally:
+            await rt2.redis.aclose()
+        await r.set(key, "1")
+        await wait_status(c, job.id, "succeeded")
+
+
+async def test_dead_letter_bulk_actions(start_daemon: Any, prefix: str) -> None:
+    d = await start_daemon()
+    rt = Runtime(config=d.cfg, redis=aredis.Redis.from_url(REDIS_URL))
+    run = ops.AsyncRunner(rt.redis).run
+    try:
+        async with Client(REDIS_URL, prefix) as c:
+            jobs = [await c.enqueue("fail_now", {"reason": f"r{i}"}) for i in range(4)]
+            for j in jobs:
+                await wait_status(c, j.id, "dead")
+            async with serve(rt) as url, _session(url) as s:
+                async with s.get("/ui/dlq?queue=default") as resp:
+                    text = await resp.text()
+                assert all(j.id in text for j in jobs) and "data-confirm" in text
+                csrf = _csrf(text)
+                form = aiohttp.FormData([("csrf", csrf), ("do", "purge"),
+                                         ("ref", jobs[0].id), ("ref", jobs[1].id)])
+                async with s.post("/ui/dlq/bulk", data=form) as resp:
+                    assert "purged 2" in await resp.text()
+                dead = await run(ops.dlq_list(prefix, "default"))
+                assert {x.ref for x in dead} == {jobs[2].id, jobs[3].id}
+                form = aiohttp.FormData([("csrf", csrf), ("do", "replay"),
+                                         ("ref", jobs[2].id)])
+                async with s.post("/ui/dlq/bulk", data=form) as resp:
+                    assert "replayed 1" in await resp.text()
+                await wait_status(c, jobs[2].id, "dead")  # it fails again, by design
+                async with s.post("/ui/dlq/replay-all",
+                                  data={"csrf": csrf, "queue": "default"}) as resp:
+                    assert "replayed 2" in await resp.text()
+    finally:
+        await rt.redis.aclose()
+
+
+async def test_workers_page_marks_stale_heartbeats(make_runtime: Any, prefix: str,
+                                                  r: aredis.Redis) -> None:
+    rt = await make_runtime()  # no daemon (and no reaper to forget the stale one)
+    now_ms = int((await r.time())[0]) * 1000
+    for name, host, beat in (("ghost:1:x", "gone-host", now_ms - 60_000),
+                             ("live:2:y", "live-host", now_ms)):
+        await r.hset(prefix + ":workers", name, orjson.dumps(
+            {"host": host, "pid": 1, "version": "0.1", "started": 0, "running": 3,
+             "capacity": 8}))
+        await r.zadd(prefix + ":hb", {name: beat})
+    async with serve(rt) as url, _session(url) as s, s.get("/ui/workers") as resp:
+        text = await resp.text()
+    rows = {h: row for row in text.split("<tr") for h in ("gone-host", "live-host")
+            if h in row}
+    assert "STALE" in rows["gone-host"] and "STALE" not in rows["live-host"]
+    assert "3 / 8" in rows["live-host"]
