@@ -454,7 +454,8 @@ async def queue_page(request: web.Request) -> web.Response:
         nxt = f'<a class="next" href="?{esc(urlencode(params))}">Next page →</a>'
     pause = _button(request, f"{PREFIX}/queues/{quote(queue)}/"
                     f"{'resume' if stats.paused else 'pause'}",
-                    "Resume" if stats.paused else "Pause")
+                    "Resume" if stats.paused else "Pause",
+                    extra='<input type="hidden" name="back" value="queue">')
     body = (f'<p>{"paused" if stats.paused else "running"} · '
             f'{"accepting" if stats.accepting else "REFUSING enqueues"} · '
             f'dead letters: <a href="{PREFIX}/dlq?queue={quote(queue)}">{stats.dead}</a> '
@@ -537,22 +538,22 @@ async def job_cancel(request: web.Request, form: dict[str, str]) -> str:
 
 
 async def queue_pause(request: web.Request, form: dict[str, str]) -> str:
-    return await _set_paused(request, True)
+    return await _set_paused(request, form, True)
 
 
 async def queue_resume(request: web.Request, form: dict[str, str]) -> str:
-    return await _set_paused(request, False)
+    return await _set_paused(request, form, False)
 
 
-async def _set_paused(request: web.Request, paused: bool) -> str:
+async def _set_paused(request: web.Request, form: dict[str, str], paused: bool) -> str:
     st = request.app[UI]
     queue = _queue_name(request)
     try:
         await st.runner.run(ops.set_paused(st.prefix, queue, paused))
     except ops.UnknownQueue:
         raise web.HTTPNotFound() from None
-    back = request.headers.get("Referer", "")
-    return f"{PREFIX}/queues/{quote(queue)}" if "/queues/" in back else PREFIX + "/"
+    # back to the queue's page when asked from there (no Referer: no-referrer policy)
+    return f"{PREFIX}/queues/{quote(queue)}" if form.get("back") == "queue" else PREFIX + "/"
 
 
 # ---------------------------------------------------------------- workers, schedules

@@ -334,3 +334,24 @@ async def test_workers_page_marks_stale_heartbeats(make_runtime: Any, prefix: st
             if h in row}
     assert "STALE" in rows["gone-host"] and "STALE" not in rows["live-host"]
     assert "3 / 8" in rows["live-host"]
+
+
+async def test_scheduled_jobs_page_by_due_time(make_runtime: Any, prefix: str) -> None:
+    rt = await make_runtime()
+    run = ops.AsyncRunner(rt.redis).run
+    async with Client(REDIS_URL, prefix) as c:
+        late = await c.enqueue("noop", {}, delay_s=900)
+        soon = await c.enqueue("noop", {}, delay_s=60)
+        mid = await c.enqueue("record", {"key": "k"}, delay_s=300)
+    first = await run(ops.queue_jobs(prefix, "default", "scheduled", count=2))
+    assert [x.id for x in first.rows] == [soon.id, mid.id] and first.next == "2"
+    rest = await run(ops.queue_jobs(prefix, "default", "scheduled", after=first.next,
+                                    count=2))
+    assert [x.id for x in rest.rows] == [late.id] and rest.next is None
+    newest = await run(ops.queue_jobs(prefix, "default", "scheduled", newest_first=True,
+                                      count=5))
+    assert [x.id for x in newest.rows] == [late.id, mid.id, soon.id]
+    only = await run(ops.queue_jobs(prefix, "default", "scheduled", task="record", count=5))
+    assert [x.id for x in only.rows] == [mid.id]
+    running = await run(ops.queue_jobs(prefix, "default", "running", count=5))
+    assert running.rows == [] and running.next is None  # no group yet: nothing running

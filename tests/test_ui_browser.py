@@ -204,7 +204,8 @@ def test_pause_a_queue_and_cancel_a_job(env: Env) -> None:
     env.get("/ui/queues/default")
     env.click("//button[text()='Pause']")
     env.wait(lambda: "default" in env.run(ops.paused_queues(env.prefix)), "the pause")
-    env.wait(lambda: "paused" in env.text(), "the page to say paused")
+    env.wait(lambda: "Resume" in env.text(), "the queue page to offer Resume")
+    assert "/ui/queues/default" in env.driver.current_url
     time.sleep(1.0)  # the daemon sees a pause within weights.refresh_interval_s (0.2 s)
     job = env.client.enqueue("noop", {})
     env.get("/ui/queues/default")
