@@ -213,16 +213,18 @@ def page(view: Handler) -> Handler:
     return wrapped
 
 
-def action(view: Callable[[web.Request, dict[str, str]], Awaitable[str]]) -> Handler:
-    """A POST action: refused in read_only (403), without auth (401) or without the
-    CSRF token (403); on success, redirects (303) to the page `view` returns."""
+def action(view: Callable[[web.Request, dict[str, str]], Awaitable[str]], *,
+           read_only_ok: bool = False) -> Handler:
+    """A POST action: refused in read_only (403, unless `read_only_ok`: signing out),
+    without auth (401) or without the CSRF token (403); on success, redirects (303)
+    to the page `view` returns."""
     async def wrapped(request: web.Request) -> web.StreamResponse:
         mode = _mode(request)
         if mode == "off":
             return _error(404, "not found")
         if not _authed(request):
             return _error(401, "sign in first")
-        if mode == "read_only":
+        if mode == "read_only" and not read_only_ok:
             return _error(403, "the dashboard is read-only (http.ui: read_only)")
         form = {k: str(v) for k, v in (await request.post()).items()}
         st = request.app[UI]
@@ -860,5 +862,5 @@ def setup(app: web.Application, rt: Runtime, token: bytes | None) -> None:
     add_post(PREFIX + "/dlq/replay-all", action(dlq_replay_all))
     add_get(PREFIX + "/login", login_page)
     add_post(PREFIX + "/login", login)
-    add_post(PREFIX + "/logout", action(logout))
+    add_post(PREFIX + "/logout", action(logout, read_only_ok=True))
     add_get(PREFIX + "/static/{name}", static)

@@ -143,7 +143,13 @@ async def test_token_login_cookie_and_bearer(make_runtime: Any, prefix: str,
                 assert cookie["httponly"] and cookie["samesite"] == "Strict"
                 assert TOKEN not in cookie.value
             async with s.get("/ui/") as resp:
-                assert resp.status == 200 and "Overview" in await resp.text()
+                text = await resp.text()
+                assert resp.status == 200 and "Overview" in text
+            async with s.post("/ui/logout", data={"csrf": _csrf(text)},
+                              allow_redirects=False) as resp:
+                assert resp.status == 303
+            async with s.get("/ui/", allow_redirects=False) as resp:
+                assert resp.status == 303  # signed out: the login form again
         async with _session(
                 url, headers={"Authorization": f"Bearer {TOKEN}"}) as s:
             async with s.get("/ui/api/overview") as resp:

@@ -119,6 +119,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # browser starts, well within weights.refresh_interval_s)
         with redis.Redis.from_url(REDIS_URL) as r:
             ops.SyncRunner(r).run(ops.set_paused(prefix, "held", True))
+        os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager: never download
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
