@@ -17,6 +17,7 @@ import redis.asyncio as aredis
 from yarl import URL
 
 from jobqd import Client, config, ops, publish, ui
+from jobqd.errors import ConfigError
 from jobqd.ids import new_job_id
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
@@ -211,6 +212,9 @@ def test_yaml_on_off_read_as_booleans_are_accepted() -> None:
         cfg = config.loads(f"redis: {{url: 'redis://127.0.0.1:1'}}\nhttp: {{ui: {raw}}}",
                            import_handlers=False)
         assert cfg.http.ui == want
+    with pytest.raises(ConfigError, match=r"http\.ui.*on, read_only or off"):
+        config.loads("redis: {url: 'redis://127.0.0.1:1'}\nhttp: {ui: maybe}",
+                     import_handlers=False)
 
 
 async def test_a_page_of_a_big_queue_reads_only_a_page(make_runtime: Any,
