@@ -216,6 +216,12 @@ class HttpConfig:
     listen: str = opt("127.0.0.1:8765", check=_check_listen)
     # if set, /v1 needs "Authorization: Bearer <file contents>"; must exist and not be empty
     token_file: str | None = opt(None, check=_check_token_file)
+    # the web dashboard at /ui: on, read_only (no actions: pause, cancel, replay, weights
+    # are hidden and refused), off (404); it asks for the token when token_file is set
+    ui: Literal["on", "read_only", "off"] = "on"
+    # show job args in the dashboard even when log.payloads is false (they may hold
+    # personal data)
+    ui_payloads: bool = False
 
     @property
     def host(self) -> str:
@@ -794,6 +800,8 @@ class _Reader:
                meta: Mapping[str, Any]) -> Any:
         if isinstance(v, str) and meta.get("upper"):
             v = v.upper()
+        if isinstance(v, bool) and ("on" if v else "off") in choices:
+            v = "on" if v else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if v not in choices:
             raise self.err(key, f"must be {_or(choices)}, got {v!r}")
         return v

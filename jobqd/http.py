@@ -17,6 +17,8 @@
 ``GET /v1/dlq?queue=&limit=``          dead-letter entries
 ``POST /v1/dlq/{id}/replay``           put a dead job back on its queue -> 202 ``{id}``
 ``GET /v1/openapi.json``               the OpenAPI document (`jobqd.openapi`)
+``/ui/...``                            the web dashboard (`jobqd.ui`: HTML, its own
+                                       login cookie or the bearer token; ``http.ui``)
 =====================================  =====================================================
 
 Security: the port binds ``127.0.0.1`` unless ``http.listen`` says otherwise.
@@ -63,7 +65,7 @@ import redis.exceptions as rexc
 from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from jobqd import openapi, ops, schedules
+from jobqd import openapi, ops, schedules, ui
 from jobqd.config import QUEUE_RE, Config
 from jobqd.errors import (
     ConfigError,
@@ -229,7 +231,7 @@ def _authorized(header: str | None, token: bytes) -> bool:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = _state(request).token
-    if (token is not None and request.path not in OPEN_PATHS
+    if (token is not None and request.path not in OPEN_PATHS and not ui.owns(request.path)
             and not _authorized(request.headers.get("Authorization"), token)):
         raise ApiError(401, "missing or wrong bearer token",
                        headers={"WWW-Authenticate": 'Bearer realm="jobqd"'})
@@ -635,6 +637,7 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/v1/schedules", schedules_list)
     app.router.add_get("/v1/dlq", dlq_list)
     app.router.add_post("/v1/dlq/{id}/replay", dlq_replay, expect_handler=_expect)
+    ui.setup(app, rt, token)  # the dashboard at /ui (jobqd.ui: its own cookie/bearer auth)
     return app
 
 

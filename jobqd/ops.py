@@ -821,3 +821,109 @@ def set_paused(prefix: str, queue: str, paused: bool) -> Op[bool]:
 def paused_queues(prefix: str) -> Op[list[str]]:
     raw = yield cmd("SMEMBERS", GlobalKeys(prefix).paused)
     return sorted(s(x) for x in raw)
+
+
+# ---------------------------------------------------------------- browsing a queue (dashboard)
+
+BROWSE_SCAN = 2000  # at most this many entries are read to fill one filtered page
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One job as a queue listing shows it (no args: the job page has them)."""
+
+    id: str
+    task: str | None
+    enqueued_at: float | None
+    attempts: int
+    position: str  # stream entry id, or due time (ms) of a scheduled job
+    worker: str | None = None  # running: the consumer holding it
+    idle_s: float | None = None  # running: since it was delivered (or last claimed)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    rows: list[JobRow]
+    next: str | None  # the cursor of the next page, None at the end
+    scanned: int  # entries read from Redis for this page
+
+
+def _row(raw: Any, position: str, **extra: Any) -> JobRow | None:
+    try:
+        env = decode_job(s(raw)).raw
+    except BadJob:
+        return None
+    return JobRow(id=str(env.get("id")), task=env.get("task"),
+                  enqueued_at=_ms_to_s(env.get("enq")), attempts=int(env.get("attempt", 0)),
+                  position=position, **extra)
+
+
+def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = False,
+               after: str | None = None, count: int = 50,
+               task: str | None = None) -> Op[JobPage]:
+    """One page of a queue's jobs: ``where`` is ``stream`` (queued and running, by
+    XRANGE/XREVRANGE), ``scheduled`` (the delayed ZSET by index) or ``running`` (the
+    consumer group's pending entries, oldest delivery first). Reads with COUNT limits
+    only (never the whole queue); with ``task``, keeps reading pages until ``count``
+    matches or BROWSE_SCAN entries were read. ``after``: the cursor a page returned."""
+    if where not in ("stream", "scheduled", "running"):
+        raise ValueError(f"where must be stream, scheduled or running, got {where!r}")
+    qk = QueueKeys(prefix, queue)
+    rows: list[JobRow] = []
+    scanned = 0
+    chunk = max(count, 100) if task else count
+    cursor = after
+    while len(rows) < count and scanned < BROWSE_SCAN:
+        if where == "scheduled":
+            start = int(cursor or 0)
+            args: list[Any] = ["ZRANGE", qk.delayed, start, start + chunk - 1]
+            got = yield cmd(*args, *(["REV"] if newest_first else []), "WITHSCORES")
+            if got and not isinstance(got[0], list | tuple):  # RESP2 flat reply
+                got = list(zip(got[0::2], got[1::2], strict=True))
+            members = [(s(m), float(sc)) for m, sc in got]
+            states = (yield cmd("HMGET", qk.state, *[m for m, _ in members])) if members else []
+            batch: list[tuple[str, JobRow | None]] = []
+            for i, ((_m, score), v) in enumerate(zip(members, states, strict=True)):
+                row = None
+                if v and s(v).startswith("d"):
+                    row = _row(s(v)[1:], str(int(score)))
+                batch.append((str(start + i + 1), row))
+        elif where == "stream":
+            if newest_first:
+                entries = yield cmd("XREVRANGE", qk.stream,
+                                    "+" if cursor is None else "(" + cursor, "-", "COUNT", chunk)
+            else:
+                entries = yield cmd("XRANGE", qk.stream,
+                                    "-" if cursor is None else "(" + cursor, "+", "COUNT", chunk)
+            batch = [(s(eid), _row(fields_dict(flat).get("j", b""), s(eid)))
+                     for eid, flat in entries]
+        else:
+            try:
+                # the name as bytes: redis-py's XPENDING reply parser expects the
+                # summary form; the extended form's raw reply is what is wanted here
+                pend = yield cmd(b"XPENDING", qk.stream, GROUP,
+                                 "-" if cursor is None else "(" + cursor, "+", chunk)
+            except ResponseError as e:  # no stream or no group yet: nothing running
+                if "NOGROUP" not in str(e):
+                    raise
+                pend = []
+            found = (yield Pipe([cmd("XRANGE", qk.stream, p[0], p[0]) for p in pend])
+                     ) if pend else []
+            batch = []
+            for p, got_entry in zip(pend, found, strict=True):
+                eid = s(p[0])
+                row = _row(fields_dict(got_entry[0][1]).get("j", b""), eid, worker=s(p[1]),
+                           idle_s=int(p[2]) / 1000.0) if got_entry else None
+                batch.append((eid, row))
+        scanned += len(batch)
+        consumed_all = True
+        for i, (pos, row) in enumerate(batch):
+            cursor = pos
+            if row is not None and (task is None or row.task == task):
+                rows.append(row)
+                if len(rows) == count:
+                    consumed_all = i == len(batch) - 1
+                    break
+        if len(batch) < chunk:  # the end of the queue
+            return JobPage(rows, None if consumed_all else cursor, scanned)
+    return JobPage(rows, cursor, scanned)

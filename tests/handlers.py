@@ -293,3 +293,16 @@ def proc_progress(key: str) -> str:
             break
         time.sleep(0.02)
     return "done"
+
+
+async def needs_key(key: str) -> str:
+    """Fails (no retries configured) until Redis key `key` exists: its input gets fixed."""
+    async with _r() as r:
+        if not await r.exists(key):
+            raise LookupError(f"redis key {key} is not set")
+    return "found " + key
+
+
+async def fail_with(message: str) -> None:
+    """Fails with the caller's text as the error (job data in an error message)."""
+    raise ValueError(message)
