@@ -198,7 +198,10 @@ class Executor:
             run.deadline = time.monotonic() + task.timeout_s
         cancel_seen = False
         try:
-            result = await self._call(task, env, run)
+            if task.is_async and task.executor is None:  # the hot path: no extra frame
+                result = await task.fn(**env.args)
+            else:
+                result = await self._call(task, env, run)
         except asyncio.CancelledError:
             cancel_seen = True
             own = run.stop_reason if run.stop_reason and me.uncancel() == 0 else None

@@ -44,6 +44,7 @@ from jobqd.aio import Backoff
 from jobqd.channels import QueueWeights
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
+from jobqd.events import NoEvents
 from jobqd.execute import Executor, Running
 from jobqd.fetch import Fetcher
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
@@ -104,14 +105,16 @@ class _Starts:
     """Metrics and the ledger's `started` event when a handler starts."""
 
     def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+        self.metrics = rt.metrics
+        self.events = None if isinstance(rt.events, NoEvents) else rt.events  # hot path
 
     def started(self, run: Running) -> None:
         d, env = run.delivery, run.env
         assert env is not None and run.started_ms is not None
-        self.rt.metrics.job_started(d.queue, (run.started_ms - _eid_ms(d.eid)) / 1000.0)
-        self.rt.events.record("started", env.id, d.queue, env.task, attempt=env.attempt + 1,
-                              lost=env.lost, ts_ms=run.started_ms, enq_ms=env.enq_ms)
+        self.metrics.job_started(d.queue, (run.started_ms - _eid_ms(d.eid)) / 1000.0)
+        if self.events is not None:
+            self.events.record("started", env.id, d.queue, env.task, attempt=env.attempt + 1,
+                               lost=env.lost, ts_ms=run.started_ms, enq_ms=env.enq_ms)
 
 
 def _eid_ms(eid: bytes) -> float:

@@ -27,7 +27,7 @@ import redis.asyncio as aredis
 
 from jobqd import scripts
 from jobqd.config import Config
-from jobqd.events import JobEvents
+from jobqd.events import JobEvents, NoEvents
 from jobqd.jobs import BadJob, Envelope, decode_job
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 from jobqd.metrics import Metrics
@@ -319,7 +319,7 @@ class Settler:
             self.metrics.reclaimed.labels("handback").inc()
             return
         self.metrics.job_done(rep.queue, rep.task, rep.outcome, rep.duration_s)
-        if rep.job_id:
+        if rep.job_id and not isinstance(self.events, NoEvents):
             self.events.record(rep.outcome, rep.job_id, rep.queue, rep.task,
                                attempt=rep.attempt, lost=rep.lost, ts_ms=now_ms(),
                                error=rep.error, reason=rep.reason, result=rep.result)
