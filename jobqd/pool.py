@@ -106,7 +106,7 @@ class _Starts:
 
     def __init__(self, rt: Runtime) -> None:
         self.metrics = rt.metrics
-        self.events = None if isinstance(rt.events, NoEvents) else rt.events  # hot path
+        self.events = None if type(rt.events) is NoEvents else rt.events  # hot path
 
     def started(self, run: Running) -> None:
         d, env = run.delivery, run.env

@@ -319,14 +319,11 @@ class Settler:
             self.metrics.reclaimed.labels("handback").inc()
             return
         self.metrics.job_done(rep.queue, rep.task, rep.outcome, rep.duration_s)
-        if rep.job_id and not isinstance(self.events, NoEvents):
+        if rep.job_id and type(self.events) is not NoEvents:  # skip the no-op sink
             self.events.record(rep.outcome, rep.job_id, rep.queue, rep.task,
                                attempt=rep.attempt, lost=rep.lost, ts_ms=now_ms(),
                                error=rep.error, reason=rep.reason, result=rep.result)
         self.outcome_log.write(rep)
-
-
-_RESULT_OPS = frozenset({"S", "C", "R", "B"})  # ops that write a final record, or may (cancel)
 
 
 async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
@@ -345,12 +342,7 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
                                qk.done, qk.cancel, qk.waiters, qk.progress]
             argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
             for s in chunk:
-                rk = 0
-                if s.op in _RESULT_OPS and s.job_id:
-                    keys.append(qk.result(s.job_id))
-                    rk = len(keys) - 10
-                argv += [s.op, s.eid, s.job_id, s.payload,
-                         s.extra if s.extra is not None else "", rk]
+                argv += [s.op, s.eid, s.job_id, s.payload, "" if s.extra is None else s.extra]
             calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
             groups.append((q, chunk))
     replies = await scripts.pipelined(r, calls)

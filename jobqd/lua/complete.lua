@@ -3,10 +3,10 @@
 -- batch) is skipped, so replaying a batch after a lost reply changes nothing.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=dlq KEYS[5]=conf KEYS[6]=full
 -- KEYS[7]=done counter KEYS[8]=cancel set KEYS[9]=waiters set KEYS[10]=progress hash
--- KEYS[10+k]=result key k (k >= 1)
+-- A job's result key, {p:q}:r:<job id>, is derived from KEYS[1]'s hash tag (the same
+-- slot), so a batch carries no key per job.
 -- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n ARGV[4]=done channel
--- then per entry i (0-based), at b = 5 + 6*i: op, entry id, job id, payload, extra,
--- result key index (0: none)
+-- then per entry i (0-based), at b = 5 + 5*i: op, entry id, job id, payload, extra
 --   op 'S' succeeded:   payload = final record json
 --   op 'R' retry/defer: payload = job json for the next attempt, extra = delay ms
 --   op 'D' dead:        payload = job json (or raw fields json), extra = death json
@@ -20,6 +20,7 @@ local group = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local chan = ARGV[4]
+local tag = string.sub(KEYS[1], 1, -2)  -- '{p:q}:'
 local cancels = redis.call('EXISTS', KEYS[8]) == 1
 local waiters = redis.call('EXISTS', KEYS[9]) == 1
 local progress = redis.call('EXISTS', KEYS[10]) == 1
@@ -33,15 +34,14 @@ local function clock()
   return now
 end
 for i = 0, n - 1 do
-  local b = 5 + 6 * i
+  local b = 5 + 5 * i
   local op, eid, id, payload, extra = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
-  local rk = tonumber(ARGV[b + 5])
   if redis.call('XACK', KEYS[1], group, eid) == 0 then
     flags[#flags + 1] = '0'
   else
     redis.call('XDEL', KEYS[1], eid)
     local flag = '1'
-    if cancels and id ~= '' and redis.call('SREM', KEYS[8], id) == 1 and rk > 0
+    if cancels and id ~= '' and redis.call('SREM', KEYS[8], id) == 1
         and (op == 'R' or op == 'B') then
       op = 'C'
       flag = 'c'
@@ -50,7 +50,7 @@ for i = 0, n - 1 do
     if op == 'S' then
       if id ~= '' then
         redis.call('HDEL', KEYS[3], id)
-        redis.call('SET', KEYS[10 + rk], payload, 'PX', ttl)
+        redis.call('SET', tag .. 'r:' .. id, payload, 'PX', ttl)
         final = 'succeeded'
       end
     elseif op == 'C' then
@@ -58,7 +58,7 @@ for i = 0, n - 1 do
       redis.call('ZREM', KEYS[2], id)
       local attempts = ''
       if extra ~= '' and tonumber(extra) then attempts = ',"attempts":' .. tonumber(extra) end
-      redis.call('SET', KEYS[10 + rk], '{"status":"cancelled","finished":' .. clock() ..
+      redis.call('SET', tag .. 'r:' .. id, '{"status":"cancelled","finished":' .. clock() ..
                  attempts .. ',"job":' .. payload .. '}', 'PX', ttl)
       final = 'cancelled'
     elseif op == 'R' then
