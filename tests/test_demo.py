@@ -1,5 +1,5 @@
 """scripts/demo, run the way a new user runs it (non-interactively: JOBQD_DEMO_ONESHOT=1),
-against this checkout's .venv with its state in a temporary directory."""
+against the venv running the tests, with its state in a temporary directory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,13 @@ import yaml
 from tests.conftest import ROOT
 
 DEMO = ROOT / "scripts" / "demo"
+VENV = Path(sys.prefix)  # the venv running the tests (.venv, or CI's .ci-venv)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server"),
-    pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "jobqd").exists(),
-                       reason="needs the checkout's .venv (python3 -m venv .venv, then "
-                       "pip install -e .)"),
+    pytest.mark.skipif(not (VENV / "bin" / "jobqd").exists(),
+                       reason="needs jobqd installed in the venv running the tests "
+                       "(pip install -e .)"),
 ]
 
 
@@ -57,7 +59,7 @@ def _demo(state_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBQD_", "NOTIFY_"))}
     env.update(JOBQD_DEMO_CONFIG=str(path), JOBQD_STATE_DIR=str(state_dir),
-               JOBQD_DEMO_ONESHOT="1", JOBQD_DEMO_NO_INSTALL="1")
+               JOBQD_DEMO_ONESHOT="1", JOBQD_DEMO_NO_INSTALL="1", JOBQD_VENV=str(VENV))
     try:
         return subprocess.run(["bash", str(DEMO)], capture_output=True, text=True, env=env,
                               timeout=100, check=False, stdin=subprocess.DEVNULL)
