@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _NETWORK = (OSError, ConnectionError, TimeoutError)  # socket-level, from either client
 
@@ -40,5 +47,13 @@ def is_outage(e: BaseException) -> bool:
 
 
 def is_oom(e: BaseException) -> bool:
-    """Redis refused a write because it is at `maxmemory` (policy noeviction)."""
-    return isinstance(e, RedisError) and str(e).startswith("OOM ")
+    """Redis refused a write because it is at `maxmemory` with noeviction (also when the
+    refusal comes from inside a Lua script)."""
+    return isinstance(e, ResponseError) and (
+        isinstance(e, OutOfMemoryError) or "OOM command not allowed" in str(e))
+
+
+def is_redis_unreachable(e: BaseException) -> bool:
+    """Redis unreachable, timing out, loading or read-only: a retry may succeed (HTTP
+    503), unlike a refusal (a script error, OOM) that says something about the request."""
+    return isinstance(e, (RedisConnectionError, RedisTimeoutError, ReadOnlyError, *_NETWORK))

@@ -61,12 +61,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis.exceptions as rexc
 from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobqd import openapi, ops, schedules, ui
 from jobqd.config import QUEUE_RE, Config
+from jobqd.deps import is_redis_unreachable
 from jobqd.errors import (
     ConfigError,
     FieldError,
@@ -174,12 +174,6 @@ def read_token(cfg: Config) -> bytes | None:
     return token.encode()
 
 
-def _transient_redis_error(e: BaseException) -> bool:
-    """Redis unreachable, timing out, loading or read-only: worth a retry (503)."""
-    return isinstance(e, rexc.ConnectionError | rexc.TimeoutError | rexc.ReadOnlyError |
-                      OSError | TimeoutError | ConnectionError)
-
-
 # ---------------------------------------------------------------- middlewares
 
 
@@ -200,7 +194,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         oom = ops.translate(e)
         if isinstance(oom, RedisOutOfMemory):
             return _oom_error(request, oom).response()
-        if _transient_redis_error(e):
+        if is_redis_unreachable(e):
             log.warning("%s %s: redis unavailable: %s", request.method, request.path, e)
             return ApiError(503, "redis unavailable", headers={"Retry-After": "1"}).response()
         log.exception("unexpected error answering %s %s", request.method, request.path)

@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
-from jobqd import scripts
+from jobqd import deps, scripts
 from jobqd.errors import (
     InvalidArgument,
     JobNotFound,
@@ -70,17 +70,9 @@ def cmd(*args: Any) -> Cmd:
     return Cmd(args)
 
 
-def is_oom(e: BaseException) -> bool:
-    """Redis refused a write because it is at maxmemory with noeviction (also when the
-    refusal comes from inside a Lua script)."""
-    return isinstance(e, ResponseError) and (
-        isinstance(e, redis.exceptions.OutOfMemoryError)
-        or "OOM command not allowed" in str(e))
-
-
 def translate(e: BaseException) -> BaseException:
     """A Redis error as the jobqd error a caller should see (OOM -> RedisOutOfMemory)."""
-    if is_oom(e):
+    if deps.is_oom(e):
         err = RedisOutOfMemory(str(e).split("\n")[0][:200])
         err.__cause__ = e
         return err

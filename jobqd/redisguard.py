@@ -39,7 +39,7 @@ from jobqd import ops, publish, scripts
 from jobqd.aio import sleep_or_stop
 from jobqd.channels import QueueWeights
 from jobqd.config import Config, mask_url
-from jobqd.deps import is_redis_error
+from jobqd.deps import is_oom, is_redis_error
 from jobqd.keys import GlobalKeys
 from jobqd.runtime import Runtime
 
@@ -173,7 +173,7 @@ class Guard:
         try:  # the out-of-memory probe: one small write
             await r.set(key, self.token, xx=True)
         except ResponseError as e:
-            if not ops.is_oom(e):
+            if not is_oom(e):
                 raise
             if not rt.health.redis_oom:
                 log.warning("redis is out of memory: writes are refused (%s)", e)
