@@ -591,7 +591,10 @@ def dlq_delete(prefix: str, ref: str) -> Op[int]:
 
 
 def weights_get(prefix: str) -> Op[dict[str, int]]:
-    raw = yield cmd("HGETALL", GlobalKeys(prefix).weights)
+    return _weights((yield cmd("HGETALL", GlobalKeys(prefix).weights)))
+
+
+def _weights(raw: Any) -> dict[str, int]:
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
     return {k: int(v) for k, v in table.items()}
@@ -638,15 +641,16 @@ def queue_stats(prefix: str, queues: Sequence[str] | None = None) -> Op[list[Que
     """Every queue's numbers in a constant number of round trips (pipelined stages)."""
     if queues is None:
         queues = yield from known_queues(prefix)
-    weights = yield from weights_get(prefix)
-    paused = set((yield from paused_queues(prefix)))
-    calls: list[Cmd | Eval] = []
+    g = GlobalKeys(prefix)
+    calls: list[Cmd | Eval] = [cmd("HGETALL", g.weights), cmd("SMEMBERS", g.paused)]
     for q in queues:
         qk = QueueKeys(prefix, q)
         calls += [cmd("XLEN", qk.stream), cmd("ZCARD", qk.delayed), cmd("XLEN", qk.dlq),
                   cmd("EXISTS", qk.full), cmd("HMGET", qk.conf, "high", "low"),
                   cmd("EXISTS", qk.stream), cmd("GET", qk.done), cmd("HGETALL", qk.enqueued)]
-    replies = (yield Pipe(calls)) if calls else []
+    weights_raw, paused_raw, *replies = yield Pipe(calls)  # one round trip for all queues
+    weights = _weights(weights_raw)
+    paused = {s(x) for x in paused_raw}
     rows = [replies[i * 8:(i + 1) * 8] for i in range(len(queues))]
     with_stream = [q for q, row in zip(queues, rows, strict=True) if row[5]]
     pending_lag = yield from _pending_and_lag(prefix, with_stream)
