@@ -53,7 +53,7 @@ from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
 from jobqd.process_pool import ProcessPool
 from jobqd.runtime import Runtime
 from jobqd.scripts import FORGET_CONSUMER
-from jobqd.settle import Settle, Settler
+from jobqd.settle import Settle, Settler, try_decode
 
 log = logging.getLogger("jobqd.pool")
 
@@ -456,7 +456,8 @@ class Pool:
                 run.cancel()
                 return True
         for d in self.buffer.items:
-            if d is not None and job_id.encode() in d.fields.get(b"j", b""):
+            env = try_decode(d) if d is not None else None  # rare: a cancel arrived
+            if env is not None and env.id == job_id:
                 self.cancelled.add(job_id)
                 return True
         return False
@@ -498,11 +499,17 @@ class Pool:
         queues = [q for q, entries in self.held.items() if entries]
         if not queues:
             return
-        prefix = self.rt.config.redis.prefix
         async with self.rt.redis.pipeline(transaction=False) as p:
-            for q in queues:
-                p.smembers(QueueKeys(prefix, q).cancel)
-            replies = await p.execute()
+            self._ask_cancels(p, queues)
+            self._stop_cancelled(await p.execute())
+
+    def _ask_cancels(self, p: Any, queues: list[str]) -> None:
+        prefix = self.rt.config.redis.prefix
+        for q in queues:
+            p.smembers(QueueKeys(prefix, q).cancel)
+
+    def _stop_cancelled(self, replies: list[Any]) -> None:
+        """Stop the held jobs named in these cancel sets (replies of `_ask_cancels`)."""
         for ids in replies:
             for raw in ids:
                 self.cancel_job(raw.decode())
@@ -606,17 +613,16 @@ class Pool:
             if not held:
                 continue
             try:
-                await self._poll_cancels()  # the backstop of the control channel
-            except Exception as e:
-                if not is_redis_error(e):
-                    raise
-            try:
                 async with rt.redis.pipeline(transaction=False) as p:
+                    # the cancel sets first: the backstop of the control channel, in the
+                    # same round trip as the renewal
+                    self._ask_cancels(p, list(held))
                     for q, eids in held.items():
                         for i in range(0, len(eids), 1000):
                             p.xclaim(QueueKeys(cfg.redis.prefix, q).stream, GROUP, rt.name, 0,
                                      list[Any](eids[i:i + 1000]), justid=True)
-                    await p.execute()
+                    replies = await p.execute()
+                self._stop_cancelled(replies[:len(held)])
             except Exception as e:
                 if not is_redis_error(e):
                     raise
