@@ -10,8 +10,10 @@ one EXISTS per settle batch while nobody waits.
 pub/sub connection, registering them in pipelined batches on one more: 10,000
 waits cost two connections and about twenty round trips. After a lost pub/sub
 connection it re-reads the status of every job still waited for, so no
-notification sent meanwhile is missed. `wait_sync` is the blocking version for
-one job.
+notification sent meanwhile is missed; and after `QUIET_S` without any notification
+while waits are pending it re-reads them too, so even a connection that died
+silently (a dropped NAT entry) delays a result by seconds, never for ever.
+`wait_sync` is the blocking version for one job.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from jobqd.keys import GlobalKeys, QueueKeys
 log = logging.getLogger("jobqd.waiting")
 
 BATCH = 500  # registrations per round trip
+CLOSE_S = 2.0  # close() waits this long for its tasks
+QUIET_S = 5.0  # no notification for this long while waits are pending: re-read them
 
 
 def outcome(info: JobInfo) -> Any:
@@ -98,11 +102,12 @@ class Waiter:
                     del self.waiting[job_id]
 
     async def close(self) -> None:
+        """Stop listening (bounded: a task cancelled in the middle of a Redis call may
+        take the client's own time to unwind; it is not waited for past CLOSE_S)."""
         for t in self.tasks:
             t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=CLOSE_S)
         self.tasks = []
 
     def _resolve(self, job_id: str, info: JobInfo | None, exc: BaseException | None) -> None:
@@ -127,8 +132,12 @@ class Waiter:
                 self.subscribed.set()
                 backoff.reset()
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=QUIET_S)
                     if msg is None:
+                        if self.waiting:  # a silent channel may be a dead one: re-read
+                            self.todo.extend(self.waiting)
+                            self.kick.set()
                         continue
                     job_id = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")[0]
                     if job_id in self.waiting:

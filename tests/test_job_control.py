@@ -246,3 +246,28 @@ def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnec
         assert d.wait(30) == 0
     finally:
         proxy.close()
+
+
+async def test_a_wait_survives_a_killed_pubsub_connection(start_daemon: Callable[..., Any],
+                                                           prefix: str,
+                                                           r: aredis.Redis) -> None:
+    """The waiter's pub/sub connection is killed by Redis and the job ends at once,
+    while it reconnects: the notification is lost, the wait still returns."""
+    await start_daemon(tasks=_tasks(), consumers=0)  # routes; runs nothing
+    name = f"w{prefix}"
+    own = aredis.Redis.from_url(REDIS_URL, client_name=name)
+    async with Client(REDIS_URL, prefix, redis_client=own) as c:
+        job = await c.enqueue("noop")
+        waiter = asyncio.create_task(c.wait(job.id, timeout_s=20))
+
+        async def subscribed() -> list[Any]:
+            return [x for x in await r.client_list()
+                    if x.get("name") == name and "P" in x.get("flags", "")]
+
+        await wait_for(subscribed, 5, "the waiter's pub/sub connection")
+        for conn in await subscribed():
+            await r.client_kill_filter(_id=conn["id"])
+        assert (await c.cancel(job.id)).outcome == "cancelled"  # published while it is gone
+        with pytest.raises(JobCancelled):
+            await waiter
+    await own.aclose()
