@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import redis
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import daemon  # noqa: E402
 from jobqd import SyncClient  # noqa: E402
 
 
@@ -46,11 +42,8 @@ def main() -> None:
     ap.add_argument("--cpu-n", type=int, default=300_000)
     ap.add_argument("--noop-jobs", type=int, default=2000)
     a = ap.parse_args()
-    prefix = "bench" + uuid.uuid4().hex[:10]
     h = "tests.handlers:"
     cfg = {
-        "redis": {"url": a.redis_url, "prefix": prefix},
-        "http": {"listen": "127.0.0.1:0"},
         "consumers": a.children,
         "process_pool": {"size": a.children},
         "log": {"level": "WARNING", "jobs": "none"},
@@ -63,39 +56,17 @@ def main() -> None:
         },
     }
     r = redis.Redis.from_url(a.redis_url)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "jobqd.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBQD_TEST_REDIS_URL": a.redis_url}
-        env.pop("NOTIFY_SOCKET", None)
-        proc = subprocess.Popen([sys.executable, "-m", "jobqd", "-c", str(path), "run"],
-                                env=env, cwd=str(ROOT))
-        try:
-            deadline = time.monotonic() + 30
-            while not r.zcard(f"{prefix}:hb"):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("the daemon did not start")
-                time.sleep(0.05)
-            rows = []
-            with SyncClient(a.redis_url, prefix) as c:
-                phases = [("cpu_thread", a.cpu_jobs, {"n": a.cpu_n}),
-                          ("cpu_process", a.cpu_jobs, {"n": a.cpu_n}),
-                          ("noop_async", a.noop_jobs, {}),
-                          ("noop_thread", a.noop_jobs, {}),
-                          ("noop_process", a.noop_jobs, {})]
-                run(c, r, prefix, "cpu_process", a.children * 2, args={"n": 1000})  # warm children
-                for task, n, args in phases:
-                    secs = run(c, r, prefix, task, n, args=args)
-                    rows.append((task, n, secs))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            keys = list(r.scan_iter(match=f"*{prefix}*", count=1000))
-            if keys:
-                r.delete(*keys)
+    rows = []
+    with daemon(a.redis_url, cfg) as prefix, SyncClient(a.redis_url, prefix) as c:
+        phases = [("cpu_thread", a.cpu_jobs, {"n": a.cpu_n}),
+                  ("cpu_process", a.cpu_jobs, {"n": a.cpu_n}),
+                  ("noop_async", a.noop_jobs, {}),
+                  ("noop_thread", a.noop_jobs, {}),
+                  ("noop_process", a.noop_jobs, {})]
+        run(c, r, prefix, "cpu_process", a.children * 2, args={"n": 1000})  # warm children
+        for task, n, args in phases:
+            secs = run(c, r, prefix, task, n, args=args)
+            rows.append((task, n, secs))
     print(f"\n{a.children} consumers, process_pool.size {a.children}, {os.cpu_count()} CPUs")
     print(f"{'task':<14}{'jobs':>7}{'seconds':>10}{'jobs/s':>10}{'ms/job':>9}")
     for task, n, secs in rows:

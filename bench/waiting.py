@@ -23,22 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import redis
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import daemon  # noqa: E402
 from jobqd import Client  # noqa: E402
 
 
@@ -118,39 +113,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--latency-jobs", type=int, default=2000)
     a = ap.parse_args()
-    prefix = "bench" + uuid.uuid4().hex[:10]
-    cfg = {
-        "redis": {"url": a.redis_url, "prefix": prefix},
-        "http": {"listen": "127.0.0.1:0"},
-        "consumers": 100,
-        "log": {"level": "WARNING", "jobs": "none"},
-        "tasks": {"noop": {"handler": "tests.handlers:noop"}},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "jobqd.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen([sys.executable, "-m", "jobqd", "-c", str(path), "run"],
-                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        try:
-            r = redis.Redis.from_url(a.redis_url)
-            deadline = time.monotonic() + 30
-            while not r.zcard(f"{prefix}:hb"):
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("the daemon did not start")
-                time.sleep(0.05)
-            asyncio.run(run(a, prefix))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            keys = list(r.scan_iter(match=f"*{prefix}*", count=1000))
-            for i in range(0, len(keys), 500):
-                r.delete(*keys[i:i + 500])
-            r.close()
-
+    cfg = {"consumers": 100, "log": {"level": "WARNING", "jobs": "none"},
+           "tasks": {"noop": {"handler": "tests.handlers:noop"}}}
+    with daemon(a.redis_url, cfg) as prefix:
+        asyncio.run(run(a, prefix))
 
 if __name__ == "__main__":
     main()
