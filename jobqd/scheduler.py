@@ -25,18 +25,28 @@ PROMOTE_BATCH = 1000
 
 
 async def promote_once(rt: Runtime) -> float:
-    """Promote every due job of every queue; return seconds until the next one is due."""
+    """Promote every due job of every queue; return seconds until the next one is due.
+
+    One pipelined round trip for all queues; again only for the queues that had more
+    than a batch due."""
     cfg = rt.config
     next_due = MAX_SLEEP_S
-    for q in cfg.queues:
-        qk = QueueKeys(cfg.redis.prefix, q)
-        while True:
-            moved, wait_ms = await scripts.PROMOTE(rt.redis, [qk.stream, qk.delayed, qk.state],
-                                                   [PROMOTE_BATCH])
-            if int(moved) < PROMOTE_BATCH:
-                break
-        if int(wait_ms) >= 0:
-            next_due = min(next_due, int(wait_ms) / 1000.0)
+    todo = list(cfg.queues)
+    while todo:
+        calls = [scripts.ScriptCall(scripts.PROMOTE, [qk.stream, qk.delayed, qk.state],
+                                    [PROMOTE_BATCH])
+                 for qk in (QueueKeys(cfg.redis.prefix, q) for q in todo)]
+        replies = await scripts.pipelined(rt.redis, calls)
+        more = []
+        for q, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            moved, wait_ms = reply
+            if int(moved) >= PROMOTE_BATCH:
+                more.append(q)
+            elif int(wait_ms) >= 0:
+                next_due = min(next_due, int(wait_ms) / 1000.0)
+        todo = more
     return max(MIN_SLEEP_S, next_due)
 
 
