@@ -24,7 +24,7 @@ import orjson
 import yaml
 from redis.exceptions import OutOfMemoryError, RedisError
 
-from jobqd import __version__, config, logs, ops
+from jobqd import __version__, config, connect, logs, ops
 from jobqd.client import SyncClient
 from jobqd.errors import (
     ConfigError,
@@ -562,11 +562,10 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     cfg = _load(args)
 
     async def read() -> list[dict[str, Any]]:
-        import redis.asyncio as aredis  # noqa: PLC0415
 
         from jobqd import schedules  # noqa: PLC0415
 
-        r = aredis.Redis.from_url(cfg.redis_url)
+        r = connect.connect(cfg.redis_url)
         try:
             return await schedules.describe(r, cfg)
         finally:
@@ -629,11 +628,10 @@ def _workers(cfg: config.Config) -> list[dict[str, Any]]:
             from jobqd import pg  # noqa: PLC0415
 
             return await pg.list_workers(cfg)
-        import redis.asyncio as aredis  # noqa: PLC0415
 
         from jobqd.heartbeat import RedisHeartbeats  # noqa: PLC0415
 
-        r = aredis.Redis.from_url(cfg.redis_url)
+        r = connect.connect(cfg.redis_url)
         try:
             return await RedisHeartbeats(r, cfg.redis.prefix).workers()
         finally:

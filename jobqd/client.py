@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aredis
 
 from jobqd import config as config_mod
-from jobqd import ops
+from jobqd import connect, ops
 from jobqd.jobs import Job, JobInfo
 from jobqd.waiting import Waiter, outcome, wait_sync
 
@@ -57,7 +57,7 @@ class Client(_Base):
         super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
                          results_ttl_s=results_ttl_s)
         self._owns = redis_client is None
-        self.redis = redis_client or aredis.Redis.from_url(redis_url, decode_responses=False,
+        self.redis = redis_client or connect.connect(redis_url, decode_responses=False,
                                                            health_check_interval=30)
         self._run = ops.AsyncRunner(self.redis).run
         self._waiter: Waiter | None = None
@@ -177,7 +177,7 @@ class SyncClient(_Base):
         super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
                          results_ttl_s=results_ttl_s)
         self._owns = redis_client is None
-        self.redis = redis_client or redis.Redis.from_url(redis_url, decode_responses=False,
+        self.redis = redis_client or connect.connect_sync(redis_url, decode_responses=False,
                                                           health_check_interval=30)
         self._run = ops.SyncRunner(self.redis).run
 

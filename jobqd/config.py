@@ -45,6 +45,7 @@ import cronsim
 import orjson
 import yaml
 
+from jobqd import connect
 from jobqd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/jobqd.yaml"
@@ -95,9 +96,7 @@ def opt(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None
 
 
 def _check_redis_url(url: str) -> str | None:
-    if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        return f"scheme must be redis://, rediss://, unix:// or the word embedded, got {url!r}"
-    return None
+    return None if url == "embedded" else connect.check(url)
 
 
 def _check_prefix(prefix: str) -> str | None:
@@ -182,7 +181,8 @@ Problems = Iterator[tuple[str, str]]  # (key relative to the class, message)
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    # redis://, rediss://, unix:// or "embedded"; required (or url_file)
+    # redis://, rediss://, unix://, redis+cluster://, redis+sentinel:// or "embedded";
+    # required (or url_file); see jobqd/connect.py
     url: str = opt(secret=True, required="required (a redis:// URL, or embedded)",
                    check=_check_redis_url)
     # key namespace: deployments with other prefixes never meet
@@ -505,9 +505,10 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "****"
+    masked = re.sub(r"(password=)[^&\s]+", r"\1****", url)
     if parts.password is None:
-        masked = re.sub(r"(password=)[^&\s]+", r"\1****", url)
         return masked
+    parts = urlsplit(masked)
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc[-1]}"))

@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 from jobqd import (
+    connect,
     cron,
     gauges,
     heartbeat,
@@ -129,7 +130,7 @@ class Daemon:
                                    "socket_connect_timeout": 5, "socket_timeout": 10}
         if not cfg.redis_url.startswith("unix://"):
             options["socket_keepalive"] = True
-        r = aredis.Redis.from_url(cfg.redis_url, **options)
+        r = connect.connect(cfg.redis_url, **options)
         backoff = Backoff(0.2, 2.0)
         deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT_S
         while True:

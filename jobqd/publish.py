@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from jobqd import scripts
+from jobqd import connect, scripts
 from jobqd.config import Config
 from jobqd.keys import GlobalKeys, QueueKeys
 
@@ -26,7 +26,7 @@ async def publish_config(cfg: Config) -> None:
     """Publish routing, queue settings and weights without running a daemon
     (`jobqd publish`: a deploy step, so producers can enqueue before any daemon
     has started with this prefix)."""
-    r = aredis.Redis.from_url(cfg.redis_url)
+    r = connect.connect(cfg.redis_url)
     try:
         await scripts.preload(r)
         await publish(r, cfg)

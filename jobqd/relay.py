@@ -44,7 +44,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aredis
 
-from jobqd import ops, pg, scripts
+from jobqd import connect, ops, pg, scripts
 from jobqd.aio import Backoff, sleep_or_stop, wait_first
 from jobqd.config import Config
 from jobqd.deps import is_outage, is_postgres_error
@@ -436,7 +436,7 @@ async def recover(cfg: Config) -> dict[str, int]:
     counts = dict.fromkeys(("checked", "present", "finished", "requeued", "published",
                             "pending"), 0)
     pool = await pg.connect_pool(cfg, min_size=1, max_size=2)
-    r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
+    r = connect.connect(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
     try:
         await pg.migrate(pool, cfg.postgres.schema)
         if not await r.exists(GlobalKeys(cfg.redis.prefix).routing):
@@ -532,7 +532,7 @@ async def report(cfg: Config) -> dict[str, Any]:
                           "is what remembers accepted jobs)", path=cfg.path,
                           key="postgres.ledger")
     pool = await pg.connect_pool(cfg, min_size=1, max_size=2)
-    r = aredis.Redis.from_url(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
+    r = connect.connect(cfg.redis_url, decode_responses=False, socket_connect_timeout=5)
     lost: list[dict[str, Any]] = []
     checked = 0
     try:
