@@ -55,7 +55,7 @@ def test_passwords_are_masked_in_every_form() -> None:
 
 
 def test_clients_of_each_kind() -> None:
-    from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+    from redis.asyncio.cluster import RedisCluster
 
     c = connect.connect("redis+cluster://127.0.0.1:1")  # lazy: no connection yet
     assert isinstance(c, RedisCluster) and connect.is_cluster(c)
