@@ -53,11 +53,14 @@ from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
 from jobqd.process_pool import ProcessPool
 from jobqd.runtime import Runtime
 from jobqd.scripts import FORGET_CONSUMER
-from jobqd.settle import Settle, Settler, try_decode
+from jobqd.settle import Completion, Settle, Settler, try_decode
 
 log = logging.getLogger("jobqd.pool")
 
 DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
+ACK_LINGER_S = 0.002  # a settle waits at most this long for the next fetch to carry it
+PREFETCH_MAX_RUN_S = 0.05  # unset `prefetch`: fetch ahead only while runs average less
+RUN_EWMA = 0.05  # weight of the latest run in that average
 PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
 
 
@@ -137,6 +140,10 @@ class Pool:
         self.pending: dict[str, list[Settle]] = {}
         self.n_pending = 0
         self.ack_wakeup = asyncio.Event()
+        # True while the fetcher will not send a fetch soon (blocking read, paused, backing
+        # off, stopped): the acker then flushes at once instead of lingering
+        self.fetch_idle = True
+        self.avg_run_s = 0.0  # moving average of run times (decides unset `prefetch`)
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
         self.consumers: dict[asyncio.Task[None], Running | None] = {}
@@ -315,7 +322,32 @@ class Pool:
 
     # ------------------------------------------------------------ fetching
 
+    def _to_fetch(self, cfg: Config) -> int:
+        """How many entries the next fetch asks for; 0: not now.
+
+        The consumers plus `ahead` jobs are the most this daemon has started or
+        buffered. Refill only once the buffer is down to half of `ahead`, so fetches
+        (and the settles riding on them) come in batches of about `ahead` / 2 — by
+        design, not by the timing of the round trips. Jobs awaiting their settle do
+        not count: they ride on this very fetch. Unless settles keep failing: then
+        fetching stops too."""
+        ahead = cfg.prefetch
+        if ahead is None:
+            ahead = self.capacity if self.avg_run_s < PREFETCH_MAX_RUN_S else 0
+        buffered = len(self.buffer)
+        if buffered > ahead // 2 or self.n_pending > self.capacity + ahead:
+            return 0
+        return max(0, self.capacity + ahead - self.running - buffered)
+
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        try:
+            await self._fetching(stop)
+        finally:
+            self.fetch_idle = True
+            if self.pending:
+                self.ack_wakeup.set()
+
+    async def _fetching(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         rt = self.rt
         orphans = False
@@ -327,33 +359,56 @@ class Pool:
                 except Exception as e:
                     if not is_redis_error(e):
                         raise
-                    await asyncio.sleep(backoff.next())
+                    await self._idle(asyncio.sleep(backoff.next()))
                     continue
-            if self.capacity - self.n_held <= 0:
+            cfg = rt.config
+            n = self._to_fetch(cfg)
+            if n <= 0:
                 self.slot_freed.clear()
-                if self.capacity - self.n_held <= 0:
+                if self._to_fetch(cfg) <= 0:
+                    self.fetch_idle = False  # a consumer frees a slot soon: acks linger
                     await self.slot_freed.wait()
                 continue
-            cfg = rt.config
             weights = self.weights.for_fetch(cfg)  # paused queues start nothing
+            completion = None
+            if self.fetcher.blocks(cfg.queues, weights):
+                self.fetch_idle = True
+                if self.pending:  # the acker flushes them while the read blocks
+                    self.ack_wakeup.set()
+            else:
+                self.fetch_idle = False
+                if self.pending:
+                    completion = Completion(cfg, self._take_pending())
             try:
-                got = await self.fetcher.fetch(cfg.redis.prefix, cfg.queues, weights,
-                                               self.capacity - self.n_held)
-            except Exception as e:
+                got, replies = await self.fetcher.fetch(
+                    cfg.redis.prefix, cfg.queues, weights, n,
+                    before=completion.calls if completion is not None else ())
+            except BaseException as e:
+                if completion is not None:
+                    self._requeue(completion.groups)
                 if not is_redis_error(e):
                     raise
                 rt.health.redis_ok = False
                 orphans = True  # its reply may be lost with entries delivered to us
                 delay = backoff.next()
                 log.warning("fetch failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
-                await asyncio.sleep(delay)
+                await self._idle(asyncio.sleep(delay))
             else:
                 for d in got:
                     self._take(d)
+                if completion is not None:
+                    self._settled(completion, replies)
                 if not rt.health.redis_ok:
                     log.info("redis is back")
                 rt.health.redis_ok = True
                 backoff.reset()
+
+    async def _idle(self, aw: Any) -> None:
+        """Await `aw` with the acker told not to wait for a fetch meanwhile."""
+        self.fetch_idle = True
+        if self.pending:
+            self.ack_wakeup.set()
+        await aw
 
     async def _adopt_orphans(self) -> None:
         """After a failed fetch: run the entries its lost reply delivered to us now,
@@ -403,6 +458,7 @@ class Pool:
             run = Running(d, me)
             self.consumers[me] = run
             self.running += 1
+            self.slot_freed.set()  # the buffer shrank: maybe time to refill
             outcome: Outcome = HandedBack()  # if a bug escapes `run`, the job is not lost
             try:
                 outcome = await self.executor.run(run, self.rt.config)
@@ -410,14 +466,17 @@ class Pool:
                 self.consumers[me] = None
                 self.running -= 1
                 self._outcome(d, run, outcome)
+                self.slot_freed.set()
                 if not self.running:
                     self.idle.set()
             if me.cancelling():  # drain or forced stop: the outcome is a hand-back
                 raise asyncio.CancelledError
 
     def _outcome(self, d: Delivery, run: Running | None, outcome: Outcome) -> None:
-        if run is not None and run.env is not None and self.cancelled:
-            self.cancelled.discard(run.env.id)
+        if run is not None:
+            self.avg_run_s += (run.duration_s - self.avg_run_s) * RUN_EWMA
+            if run.env is not None and self.cancelled:
+                self.cancelled.discard(run.env.id)
         if isinstance(outcome, Abandoned):
             log.warning("job entry %s of %s is %s: left to the reaper", d.eid.decode(),
                         d.queue, outcome.why)
@@ -546,24 +605,26 @@ class Pool:
     # ------------------------------------------------------------ acking
 
     async def _ack_loop(self) -> None:
+        """Settle what the fetcher does not carry: while it is idle at once, else
+        after ACK_LINGER_S (so a settle waits at most that long for a fetch)."""
         backoff = Backoff()
         rt = self.rt
         while True:
             await self.ack_wakeup.wait()
             self.ack_wakeup.clear()
+            if self.pending and not self.fetch_idle:
+                await asyncio.sleep(ACK_LINGER_S)  # the next fetch may carry them
             if not self.pending:
                 self.acks_flushed.set()
                 continue
-            batch, self.pending = self.pending, {}
-            n = self.n_pending
-            self.n_pending = 0
+            batch = self._take_pending()
             while True:
                 try:
                     await self._flush(batch, rt.config)
                     backoff.reset()
                     break
                 except asyncio.CancelledError:
-                    self._requeue_unflushed(batch, n)
+                    self._requeue(list(batch.items()))
                     raise
                 except Exception as e:
                     if not is_redis_error(e):
@@ -575,15 +636,36 @@ class Pool:
                     await asyncio.sleep(delay)
             self.acks_flushed.set()
 
-    def _requeue_unflushed(self, batch: dict[str, list[Settle]], n: int) -> None:
-        for q, items in batch.items():
+    def _take_pending(self) -> dict[str, list[Settle]]:
+        batch, self.pending = self.pending, {}
+        self.n_pending = 0
+        return batch
+
+    def _requeue(self, chunks: list[tuple[str, list[Settle]]]) -> None:
+        """Settle records back in front of the pending ones (their flush failed)."""
+        for q, items in reversed(chunks):
             self.pending.setdefault(q, [])[:0] = items
-        self.n_pending += n
+            self.n_pending += len(items)
+        self.ack_wakeup.set()
 
     async def _flush(self, batch: dict[str, list[Settle]], cfg: Config) -> None:
+        self._applied(await self.settler.settle(self.rt.redis, cfg, batch))
+
+    def _settled(self, completion: Completion, replies: list[Any]) -> None:
+        """The settles that rode on a fetch: report and release what Redis applied;
+        put back what it refused (the acker retries them, with its backoff)."""
+        done, failed = completion.applied(replies)
+        self.settler.report_applied(done)
+        self._applied(done)
+        if failed:
+            log.warning("settle refused (%s: %s); retrying", type(failed[0][1]).__name__,
+                        failed[0][1])
+            self._requeue([chunk for chunk, _ in failed])
+
+    def _applied(self, done: list[tuple[str, list[Settle], str]]) -> None:
         released = 0
         scheduled = False
-        for q, chunk, flags in await self.settler.settle(self.rt.redis, cfg, batch):
+        for q, chunk, flags in done:
             scheduled = scheduled or any(s.op == "R" for s in chunk)
             held = self.held.get(q, {})
             for s, flag in zip(chunk, flags, strict=True):
