@@ -2,21 +2,23 @@
 
 Data flow (one daemon)::
 
-    streams --Fetcher (batched, SWRR-ordered)--> Handoff --> N consumers
-       ^                                                        | Executor.run -> outcome
-       +---------- complete.lua (one EVALSHA per queue per flush) <-- acker <-- Settler.build
+    streams --Fetcher (batched, SWRR-ordered)--> Handoff (prefetch) --> N consumers
+       ^   ^                                                      | Executor.run -> outcome
+       |   +-- complete.lua calls ride on the next fetch <---- pending <-- Settler.build
+       +------ or the acker sends them alone (fetcher idle, or after ACK_LINGER_S)
 
 The pool decides nothing about a job: `jobqd.execute` runs it and returns an
 outcome value, `jobqd.settle` turns the outcome into a settle record (and,
 once Redis applied it, a metric, a ledger event and a log line). The pool
 owns what is held:
 
-* Fetching asks for as many entries as there are free slots (``consumers``
-  minus entries held: buffered, running or awaiting their ack).
+* Fetching is batched by design: at most ``consumers`` running plus ``prefetch``
+  buffered, refilled once the buffer is down to half (`_to_fetch`).
 * Consumers are long-lived tasks (no task per job). A job keeps the config it
   started with.
-* The acker settles everything that accumulated while its previous flush was in
-  flight: no fixed batch size, no timer, so latency stays one round trip.
+* Settles ride on the next fetch's round trip (its pipeline starts with the
+  complete.lua calls); the acker sends them alone when the fetcher is idle (at
+  once) or after ACK_LINGER_S, so at low load a settle stays one round trip.
 * Held entries have their lease renewed (XCLAIM ... JUSTID resets the idle
   time), so the reaper's visibility timeout only catches an owner that stopped.
 * Job deadlines: one coarse tick marks a run as timed out, then cancels its
@@ -122,6 +124,26 @@ class _Starts:
 
 def _eid_ms(eid: bytes) -> float:
     return float(eid.split(b"-", 1)[0])
+
+
+def fetch_size(capacity: int, prefetch: int | None, avg_run_s: float, *, running: int,
+               buffered: int, pending: int) -> int:
+    """How many entries the next fetch asks for; 0: not now.
+
+    The consumers plus `ahead` jobs are the most a daemon has started or buffered.
+    Refill only once the buffer is down to half of `ahead`, so fetches (and the
+    settles riding on them) come in batches of about `ahead` / 2 or more — by
+    design, not by the timing of round trips. Jobs awaiting their settle do not
+    count (they ride on this very fetch), unless settles keep failing: then
+    fetching stops too. Unset `prefetch`: as many as the consumers while runs
+    average under PREFETCH_MAX_RUN_S, none for longer jobs (a job buffered behind
+    a long one would wait while another daemon is idle)."""
+    ahead = prefetch
+    if ahead is None:
+        ahead = capacity if avg_run_s < PREFETCH_MAX_RUN_S else 0
+    if buffered > ahead // 2 or pending > capacity + ahead:
+        return 0
+    return max(0, capacity + ahead - running - buffered)
 
 
 class Pool:
@@ -323,21 +345,8 @@ class Pool:
     # ------------------------------------------------------------ fetching
 
     def _to_fetch(self, cfg: Config) -> int:
-        """How many entries the next fetch asks for; 0: not now.
-
-        The consumers plus `ahead` jobs are the most this daemon has started or
-        buffered. Refill only once the buffer is down to half of `ahead`, so fetches
-        (and the settles riding on them) come in batches of about `ahead` / 2 — by
-        design, not by the timing of the round trips. Jobs awaiting their settle do
-        not count: they ride on this very fetch. Unless settles keep failing: then
-        fetching stops too."""
-        ahead = cfg.prefetch
-        if ahead is None:
-            ahead = self.capacity if self.avg_run_s < PREFETCH_MAX_RUN_S else 0
-        buffered = len(self.buffer)
-        if buffered > ahead // 2 or self.n_pending > self.capacity + ahead:
-            return 0
-        return max(0, self.capacity + ahead - self.running - buffered)
+        return fetch_size(self.capacity, cfg.prefetch, self.avg_run_s, running=self.running,
+                          buffered=len(self.buffer), pending=self.n_pending)
 
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         try:
