@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from jobqd.aio import Backoff
+from jobqd.aio import Backoff, wait_first
 from jobqd.channels import QueueWeights
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
@@ -60,7 +60,7 @@ from jobqd.settle import Completion, Settle, Settler, try_decode
 log = logging.getLogger("jobqd.pool")
 
 DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
-ACK_LINGER_S = 0.002  # a settle waits at most this long for the next fetch to carry it
+ACK_LINGER_S = 0.01  # under load, a settle waits at most this long for a fetch to carry it
 PREFETCH_MAX_RUN_S = 0.05  # unset `prefetch`: fetch ahead only while runs average less
 RUN_EWMA = 0.05  # weight of the latest run in that average
 PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
@@ -162,9 +162,10 @@ class Pool:
         self.pending: dict[str, list[Settle]] = {}
         self.n_pending = 0
         self.ack_wakeup = asyncio.Event()
-        # True while the fetcher will not send a fetch soon (blocking read, paused, backing
+        # set while the fetcher will not send a fetch soon (blocking read, paused, backing
         # off, stopped): the acker then flushes at once instead of lingering
-        self.fetch_idle = True
+        self.fetch_idle = asyncio.Event()
+        self.fetch_idle.set()
         self.avg_run_s = 0.0  # moving average of run times (decides unset `prefetch`)
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
@@ -352,9 +353,7 @@ class Pool:
         try:
             await self._fetching(stop)
         finally:
-            self.fetch_idle = True
-            if self.pending:
-                self.ack_wakeup.set()
+            self._idle()
 
     async def _fetching(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
@@ -368,24 +367,23 @@ class Pool:
                 except Exception as e:
                     if not is_redis_error(e):
                         raise
-                    await self._idle(asyncio.sleep(backoff.next()))
+                    self._idle()
+                    await asyncio.sleep(backoff.next())
                     continue
             cfg = rt.config
             n = self._to_fetch(cfg)
             if n <= 0:
                 self.slot_freed.clear()
                 if self._to_fetch(cfg) <= 0:
-                    self.fetch_idle = False  # a consumer frees a slot soon: acks linger
+                    self.fetch_idle.clear()  # a consumer frees a slot soon: acks linger
                     await self.slot_freed.wait()
                 continue
             weights = self.weights.for_fetch(cfg)  # paused queues start nothing
             completion = None
             if self.fetcher.blocks(cfg.queues, weights):
-                self.fetch_idle = True
-                if self.pending:  # the acker flushes them while the read blocks
-                    self.ack_wakeup.set()
+                self._idle()  # the acker flushes settles while the read blocks
             else:
-                self.fetch_idle = False
+                self.fetch_idle.clear()
                 if self.pending:
                     completion = Completion(cfg, self._take_pending())
             try:
@@ -401,7 +399,8 @@ class Pool:
                 orphans = True  # its reply may be lost with entries delivered to us
                 delay = backoff.next()
                 log.warning("fetch failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
-                await self._idle(asyncio.sleep(delay))
+                self._idle()
+                await asyncio.sleep(delay)
             else:
                 for d in got:
                     self._take(d)
@@ -412,12 +411,11 @@ class Pool:
                 rt.health.redis_ok = True
                 backoff.reset()
 
-    async def _idle(self, aw: Any) -> None:
-        """Await `aw` with the acker told not to wait for a fetch meanwhile."""
-        self.fetch_idle = True
+    def _idle(self) -> None:
+        """No fetch is coming soon: the acker must not wait for one."""
+        self.fetch_idle.set()
         if self.pending:
             self.ack_wakeup.set()
-        await aw
 
     async def _adopt_orphans(self) -> None:
         """After a failed fetch: run the entries its lost reply delivered to us now,
@@ -621,8 +619,9 @@ class Pool:
         while True:
             await self.ack_wakeup.wait()
             self.ack_wakeup.clear()
-            if self.pending and not self.fetch_idle:
-                await asyncio.sleep(ACK_LINGER_S)  # the next fetch may carry them
+            if self.pending and not self.fetch_idle.is_set():
+                # the next fetch may carry them; if the fetcher goes idle first, flush
+                await wait_first(self.fetch_idle, timeout_s=ACK_LINGER_S)
             if not self.pending:
                 self.acks_flushed.set()
                 continue
