@@ -410,6 +410,10 @@ class Config:
     http: HttpConfig = HttpConfig()
     # how many jobs this daemon runs at once (0: route and reap only)
     consumers: int = opt(16, ge=0, le=10_000)
+    # jobs fetched ahead of the consumers, so fetches (and the settles riding on them)
+    # come in batches: null = as many as consumers while runs average under 50 ms, none
+    # for longer jobs (other daemons take them instead); 0 = never ahead
+    prefetch: int | None = opt(None, ge=0, le=10_000)
     # without a queues: section there is one queue, "default"
     queues: Mapping[str, QueueConfig] = opt(factory=lambda: MappingProxyType({}),
                                             key_check=_check_queue_name,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
@@ -79,30 +79,40 @@ class Fetcher:
         self.empty: set[str] = set()  # queues the last read found empty
         self.groups: set[str] = set()  # queues whose group we made sure of
 
+    def blocks(self, queues: Iterable[str], weights: Mapping[str, int]) -> bool:
+        """Whether the next `fetch` is the blocking read (every live queue was empty)."""
+        return all(q in self.empty for q in queues if weights.get(q, 0) > 0)
+
     async def fetch(self, prefix: str, queues: Iterable[str], weights: Mapping[str, int],
-                    free: int) -> list[Delivery]:
-        """Up to `free` deliveries from the queues with weight > 0, in start order."""
+                    free: int, before: Sequence[scripts.PipeCall] = ()
+                    ) -> tuple[list[Delivery], list[Any]]:
+        """Up to `free` deliveries from the queues with weight > 0, in start order, and
+        the replies of the calls `before`, sent first in the same round trip (the
+        pool's settle records: acks ride on the fetch). Only the non-blocking read
+        carries them: the caller checks `blocks` first."""
         live = [q for q in queues if weights.get(q, 0) > 0]
         if not live:  # every queue paused
             await asyncio.sleep(BLOCK_MS / 1000)
-            return []
+            return [], []
         for q in live:
             if q not in self.groups:
                 await scripts.ensure_group(self.r, QueueKeys(prefix, q).stream)
                 self.groups.add(q)
         active = [q for q in live if q not in self.empty]
         if not active:
-            return await self._blocking(prefix, live, free)
+            assert not before, "the blocking read carries no other calls"
+            return await self._blocking(prefix, live, free), []
         picks = self.wrr.picks(free, weights, active)
         counts = Counter(picks)
         probes = [q for q in live if q in self.empty]
         order = list(counts) + probes
-        async with self.r.pipeline(transaction=False) as p:
-            for q in order:
-                p.xreadgroup(GROUP, self.consumer, {QueueKeys(prefix, q).stream: ">"},
-                             count=counts.get(q, 1))
-            replies = await p.execute(raise_on_error=False)
-        got = self._sort_replies(order, counts, replies)
+        calls = list(before)
+        for q in order:
+            calls.append(scripts.Command(("XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT",
+                                          counts.get(q, 1), "STREAMS",
+                                          QueueKeys(prefix, q).stream, ">")))
+        replies = await scripts.pipelined(self.r, calls)
+        got = self._sort_replies(order, counts, replies[len(before):])
         out: list[Delivery] = []
         for q in picks:  # job starts follow the SWRR order
             lst = got.get(q)
@@ -111,7 +121,7 @@ class Fetcher:
                 out.append(Delivery(q, eid, fields))
         for q in order:  # probes, and anything left over
             out.extend(Delivery(q, eid, fields) for eid, fields in reversed(got.get(q, [])))
-        return out
+        return out, replies[:len(before)]
 
     def _sort_replies(self, order: list[str], counts: Counter[str], replies: list[Any]
                       ) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:

@@ -6,8 +6,9 @@ and a log line — shared by the pool and the reaper.
    back). Every encode is guarded: a job, result or error that cannot be encoded
    never raises out of here; the job ends dead (``malformed`` / ``bad_result``)
    with its raw bytes kept in the dead-letter entry.
-2. `Settler.settle(redis, cfg, batch)` runs ``complete.lua`` for every queue in
-   one pipelined round trip (NOSCRIPT-safe). Each entry is gated on its XACK.
+2. `Completion(cfg, batch)` holds the ``complete.lua`` calls for every queue;
+   `Settler.settle` runs them in one pipelined round trip (NOSCRIPT-safe), or the
+   pool sends them in its next fetch's round trip. Each entry is gated on its XACK.
 3. Only for the entries Redis applied (flag ``1``) are the metric counted, the
    ledger event written and the outcome logged. An outcome Redis refused (the
    entry was no longer pending: reclaimed from a stalled daemon and finished
@@ -304,7 +305,16 @@ class Settler:
         cancelled (it was cancelled meanwhile), '0' not pending any more. Safe to
         repeat after a lost reply (each entry is gated on its XACK, so nothing is
         reported twice)."""
-        done = await complete(r, cfg, batch)
+        calls = Completion(cfg, batch)
+        replies = await scripts.pipelined(r, calls.calls)
+        done, failed = calls.applied(replies)
+        if failed:
+            raise failed[0][1]
+        self.report_applied(done)
+        return done
+
+    def report_applied(self, done: list[tuple[str, list[Settle], str]]) -> None:
+        """Count, write and log what Redis applied (see `settle`)."""
         for _q, chunk, flags in done:
             for s, flag in zip(chunk, flags, strict=True):
                 if s.report is None or flag == "0":
@@ -312,7 +322,6 @@ class Settler:
                 if flag == "c":  # a retry or hand-back of a job cancelled meanwhile
                     s.report.outcome = "cancelled"
                 self.report(s.report)
-        return done
 
     def report(self, rep: Report) -> None:
         if rep.outcome == "handback":
@@ -326,28 +335,41 @@ class Settler:
         self.outcome_log.write(rep)
 
 
-async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
-                   ) -> list[tuple[str, list[Settle], str]]:
-    """COMPLETE.lua for every queue's records, chunked, in one pipelined round trip."""
-    prefix = cfg.redis.prefix
-    ttl_ms = int(cfg.results.ttl_s * 1000)
-    done_channel = GlobalKeys(prefix).done
-    calls: list[scripts.PipeCall] = []
-    groups: list[tuple[str, list[Settle]]] = []
-    for q, items in batch.items():
-        qk = QueueKeys(prefix, q)
-        for i in range(0, len(items), ACK_CHUNK):
-            chunk = items[i:i + ACK_CHUNK]
+class Completion:
+    """COMPLETE.lua calls for every queue's records, chunked, to run in one pipelined
+    round trip: alone (`Settler.settle`) or riding on the pool's next fetch."""
+
+    def __init__(self, cfg: Config, batch: dict[str, list[Settle]]) -> None:
+        prefix = cfg.redis.prefix
+        ttl_ms = int(cfg.results.ttl_s * 1000)
+        done_channel = GlobalKeys(prefix).done
+        self.calls: list[scripts.PipeCall] = []
+        self.groups: list[tuple[str, list[Settle]]] = []
+        for q, items in batch.items():
+            qk = QueueKeys(prefix, q)
             keys: list[Any] = [qk.stream, qk.delayed, qk.state, qk.dlq, qk.conf, qk.full,
                                qk.done, qk.cancel, qk.waiters, qk.progress]
-            argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
-            for s in chunk:
-                argv += [s.op, s.eid, s.job_id, s.payload, "" if s.extra is None else s.extra]
-            calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
-            groups.append((q, chunk))
-    replies = await scripts.pipelined(r, calls)
-    for x in replies:
-        if isinstance(x, Exception):
-            raise x
-    return [(q, chunk, flags.decode() if isinstance(flags, bytes) else str(flags))
-            for (q, chunk), flags in zip(groups, replies, strict=True)]
+            for i in range(0, len(items), ACK_CHUNK):
+                chunk = items[i:i + ACK_CHUNK]
+                argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
+                for s in chunk:
+                    argv += [s.op, s.eid, s.job_id, s.payload,
+                             "" if s.extra is None else s.extra]
+                self.calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
+                self.groups.append((q, chunk))
+
+    def applied(self, replies: list[Any]
+                ) -> tuple[list[tuple[str, list[Settle], str]],
+                           list[tuple[tuple[str, list[Settle]], Exception]]]:
+        """Split the calls' replies: (queue, chunk, flags) for the chunks Redis ran, and
+        (chunk, error) for those it refused (to be settled again: each entry is gated
+        on its XACK, so a second run applies nothing twice)."""
+        done: list[tuple[str, list[Settle], str]] = []
+        failed: list[tuple[tuple[str, list[Settle]], Exception]] = []
+        for (q, chunk), flags in zip(self.groups, replies, strict=True):
+            if isinstance(flags, Exception):
+                failed.append(((q, chunk), flags))
+            else:
+                done.append((q, chunk, flags.decode() if isinstance(flags, bytes)
+                             else str(flags)))
+        return done, failed

@@ -448,3 +448,49 @@ def test_cancelled_outcome_is_a_c_record() -> None:
     d = _delivery()
     s = _settler().build(Cancelled(), d, decode_job(d.fields[b"j"]))
     assert s is not None and s.op == "C" and s.payload == d.fields[b"j"]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_fetch_size_refills_at_half_the_prefetch_buffer() -> None:
+    from jobqd.pool import fetch_size
+
+    # 16 consumers, prefetch unset, short runs: up to 16 running + 16 buffered
+    assert fetch_size(16, None, 0.001, running=0, buffered=0, pending=0) == 32
+    assert fetch_size(16, None, 0.001, running=16, buffered=9, pending=0) == 0  # > half
+    assert fetch_size(16, None, 0.001, running=16, buffered=8, pending=5) == 8
+    assert fetch_size(16, None, 0.001, running=10, buffered=0, pending=0) == 22
+    # settles awaiting their ride do not hold fetching back, unless they pile up
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=32) == 16
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=33) == 0
+
+
+def test_fetch_size_fetches_no_further_ahead_for_long_jobs() -> None:
+    from jobqd.pool import PREFETCH_MAX_RUN_S, fetch_size
+
+    long = PREFETCH_MAX_RUN_S * 2
+    assert fetch_size(16, None, long, running=15, buffered=0, pending=0) == 1
+    assert fetch_size(16, None, long, running=16, buffered=0, pending=0) == 0
+    # an explicit prefetch is kept whatever the run times; 0 never fetches ahead
+    assert fetch_size(16, 4, long, running=16, buffered=2, pending=0) == 2
+    assert fetch_size(16, 4, long, running=16, buffered=3, pending=0) == 0
+    assert fetch_size(16, 0, 0.0, running=16, buffered=0, pending=0) == 0
+    assert fetch_size(16, 0, 0.0, running=12, buffered=0, pending=0) == 4
+
+
+def test_completion_splits_applied_chunks_from_refused_ones() -> None:
+    from jobqd.config import Config, RedisConfig
+    from jobqd.settle import Completion
+
+    s = _settler()
+    one = s.build(Succeeded(1), _delivery(), decode_job(_delivery().fields[b"j"]),
+                  started_ms=1, duration_s=0.0)
+    assert one is not None
+    cfg = Config(path="t.yaml", redis=RedisConfig(url="redis://localhost"))
+    c = Completion(cfg, {"a": [one], "b": [one, one]})
+    assert [q for q, _ in c.groups] == ["a", "b"] and len(c.calls) == 2
+    err = RuntimeError("OOM")
+    done, failed = c.applied([b"1", err])
+    assert done == [("a", [one], "1")]
+    assert failed == [(("b", [one, one]), err)]
