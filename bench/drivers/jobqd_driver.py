@@ -103,6 +103,11 @@ class JobqdDriver(c.Driver):
         "routing published once with `jobqd publish`"
     )
 
+    def info(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {**super().info(), "redis_py": version("redis")}
+
     def worker(self, a: argparse.Namespace) -> None:
         import uvloop
         from jobqd.daemon import Daemon
