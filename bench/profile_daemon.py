@@ -106,11 +106,11 @@ def main() -> int:
     try:
         subprocess.run([a.python, "-m", "bench.drivers.jobqd_driver", "enqueue", "--redis-url",
                         url, "--mode", "batch", "--n", str(a.n), "--workload", "noop"],
-                       cwd=ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
+                       cwd=path, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
         worker = subprocess.Popen(
             [a.python, "-m", "bench.drivers.jobqd_driver", "worker", "--redis-url", url,
              "--concurrency", str(a.consumers), "--workload", "noop"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+            cwd=path, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while r.get_int("bench:done") < min(5000, a.n // 10):  # warm-up
             if time.monotonic() > deadline or worker.poll() is not None:

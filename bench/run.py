@@ -270,7 +270,7 @@ class Cmd:
         cmd = [system.python, "-m", f"bench.drivers.{system.name}_driver", *args]
         self.p = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=system.env["PYTHONPATH"],  # `-m` puts the cwd first on sys.path
             env=system.env,
             stdout=subprocess.PIPE,
             stderr=self.logf,

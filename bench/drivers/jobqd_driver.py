@@ -106,7 +106,11 @@ class JobqdDriver(c.Driver):
     def info(self) -> dict[str, Any]:
         from importlib.metadata import version
 
-        return {**super().info(), "redis_py": version("redis")}
+        import jobqd
+
+        # where jobqd came from (bench/compare_revisions.py runs other checkouts)
+        src = os.path.dirname(os.path.realpath(jobqd.__file__))
+        return {**super().info(), "redis_py": version("redis"), "jobqd_src": src}
 
     def worker(self, a: argparse.Namespace) -> None:
         import uvloop
