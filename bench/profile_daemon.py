@@ -3,7 +3,7 @@ CPU per job (issue #17: "profile with py-spy before and after").
 
     .venv/bin/pip install py-spy            # once (bench venv)
     .venv/bin/python bench/profile_daemon.py --label after          # consumers 100, 10 s
-    .venv/bin/python bench/profile_daemon.py --label before --jobqd-src /tmp/jobqd-rev-9303fe1
+    .venv/bin/python bench/profile_daemon.py --label before --rev 9303fe1
 
 It starts its own redis-server (or uses --redis-url, FLUSHDB'd), pre-fills --n no-op
 jobs, starts the daemon (bench/drivers/jobqd_driver.py `worker`: the real `Daemon`) at
@@ -84,9 +84,16 @@ def main() -> int:
     ap.add_argument("--redis-url")
     ap.add_argument("--python", default=DEFAULT_PY)
     ap.add_argument("--jobqd-src", help="import jobqd from this checkout (harness from this one)")
+    ap.add_argument("--rev", help="profile this git revision of jobqd (exported to /tmp with "
+                    "its venv, as bench/compare_revisions.py does)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
     exe = pyspy()
+    if a.rev:
+        from bench.compare_revisions import checkout
+
+        tree = checkout(a.rev)
+        a.jobqd_src, a.python = str(tree), str(tree / ".venv" / "bin" / "python")
     server = RedisServer(None, 6394) if not a.redis_url else None
     url = a.redis_url or (server.url if server else "")
     r = mini(url)
@@ -147,7 +154,9 @@ def main() -> int:
         return samples / total * proc_us
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    src = f"jobqd from {a.rev or a.jobqd_src or 'this checkout'}"
     lines = [f"# py-spy profile of one jobqd daemon: {a.label} ({when}, load {loadavg()})", "",
+             f"{src}; `bench/profile_daemon.py`.", "",
              f"consumers {a.consumers}, {jobs:,} no-op jobs in {t1 - t0:.1f} s = "
              f"{jobs / (t1 - t0):,.0f} jobs/s while sampled at {a.rate}/s"
              + (" (**the queue ran dry in the window**: raise --n)" if drained else "") + ".",
