@@ -40,7 +40,7 @@ for step in "${STEPS[@]}"; do
   stamp "$step"
   case "$step" in
     peers)
-      "$PY" bench/run.py --systems jobqd,jobqd_redis5,reference,streaq,taskiq \
+      "$PY" bench/run.py --systems jobqd,jobqd_redis5,reference,streaq,taskiq,pgqueuer \
         --phases core,recovery --repeats 3 --n 20000 --out "$OUT" ;;
     daemons)
       "$PY" bench/daemons.py --daemons 1,2,4 --repeats 3 --out "$OUT" ;;

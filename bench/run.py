@@ -46,14 +46,14 @@ ROOT = BENCH.parent
 DRIVERS = BENCH / "drivers"
 REQS = BENCH / "requirements-peers.txt"
 
-PEERS = ["arq", "saq", "rq", "rq_simple", "dramatiq", "celery", "taskiq", "streaq"]
+PEERS = ["arq", "saq", "rq", "rq_simple", "dramatiq", "celery", "taskiq", "streaq", "pgqueuer"]
 # Not peers (never a "best peer"), measured in the processing phases only, right after
 # jobqd in every repeat: jobqd's daemon on redis-py 5.3.1, and the reference Streams
 # worker (bench/drivers/reference_driver.py), the yardstick of issue #17.
 REFERENCE = "reference"
-PROC_ONLY = ["jobqd_redis5", REFERENCE]
-ALL_SYSTEMS = ["jobqd", *PROC_ONLY, *PEERS]
-NOT_PEERS = {"jobqd", *PROC_ONLY}
+PROC_ONLY = ["jobqd_redis5", REFERENCE, "pgqueuer"]  # pgqueuer: a PostgreSQL queue
+ALL_SYSTEMS = ["jobqd", "jobqd_redis5", REFERENCE, *PEERS]
+NOT_PEERS = {"jobqd", "jobqd_redis5", REFERENCE}
 HIGH = 100  # the "concurrency 100" setting
 
 KEY_DONE = "bench:done"
