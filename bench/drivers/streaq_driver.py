@@ -73,7 +73,7 @@ class StreaqDriver(c.Driver):
     default_concurrency = 16  # Worker(concurrency=16) default
     max_concurrency = None
     batch_api = "Worker.enqueue_many()"
-    notes = "coredis client; results kept 5 min (default ttl)"
+    notes = "coredis client with its defaults (runtime validations on); results kept 5 min"
 
     def worker(self, a: argparse.Namespace) -> None:
         w, _ = _worker(a.redis_url, a.concurrency, True)
