@@ -38,9 +38,11 @@ from jobqd.jobs import (
     check_depth,
     decode_job,
     encode_args,
+    encode_fields,
     encode_job,
     validate_delay_s,
     validate_expires_s,
+    view,
 )
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 
@@ -237,7 +239,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                     raise UnknownTask(task)
                 continue
         qk = QueueKeys(prefix, q)
-        ts = now_ms()
+        ts = int(time.time() * 1000)  # the ids' ULID time too: the job JSON leaves it out
         exp_ms = None if expires_s is None else ts + delay_ms + expires_s * 1000.0
         calls: list[Cmd | Eval] = []
         jobs_meta: list[list[str]] = []
@@ -247,7 +249,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             argv: list[Any] = [task, len(chunk), idem_ttl_ms]
             ids = []
             for i, args in enumerate(chunk):
-                job_id = new_job_id(q)
+                job_id = new_job_id(q, ts)
                 ids.append(job_id)
                 idem = idempotency_keys[start + i] if idempotency_keys is not None else None
                 ki = 0
@@ -362,7 +364,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
     if tag == "R":
         rec = orjson.loads(reply[1])
         if rec.get("status") == "cancelled":
-            job = rec.get("job") or {}
+            job = view(rec["job"]) if isinstance(rec.get("job"), dict) else {}
             return JobInfo(id=job_id, status="cancelled", task=job.get("task"), queue=q,
                            attempts=rec.get("attempts", job.get("attempt", 0)),
                            lost=job.get("lost", 0),
@@ -375,7 +377,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
                        started_at=_ms_to_s(rec.get("started")),
                        finished_at=_ms_to_s(rec.get("finished")), worker=rec.get("worker"))
     if tag == "D":
-        env = orjson.loads(reply[1])
+        env = view(orjson.loads(reply[1]))
         return JobInfo(id=job_id, status="scheduled", task=env.get("task"), queue=q,
                        attempts=env.get("attempt", 0), lost=env.get("lost", 0),
                        error=env.get("err"), enqueued_at=_ms_to_s(env.get("enq")),
@@ -384,7 +386,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
         dead = dead_entry(q, reply[1], reply[2])
         return dead.info()
     fields = fields_dict(reply[2])
-    env = orjson.loads(fields["j"])
+    env = view(orjson.loads(fields["j"]))
     owner = reply[3]
     running = bool(owner)
     progress = orjson.loads(reply[4]) if running and len(reply) > 4 and reply[4] else None
@@ -444,7 +446,7 @@ def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:
         death = {"reason": "unknown"}
     job: dict[str, Any] | None
     try:
-        job = decode_job(raw).raw
+        job = decode_job(raw).fields()
     except BadJob:
         job = None
     eid = s(entry_id)
@@ -518,7 +520,7 @@ def _replay(prefix: str, dead: DeadJob) -> Op[bool]:
     env.pop("err", None)
     qk = QueueKeys(prefix, dead.queue)
     new_eid = yield Eval(scripts.DLQ_REPLAY, [qk.dlq, qk.stream, qk.state, qk.result(env["id"])],
-                         [dead.entry_id, env["id"], orjson.dumps(env)])
+                         [dead.entry_id, env["id"], encode_fields(env)])
     return new_eid is not None
 
 
@@ -846,7 +848,7 @@ class JobPage:
 
 def _row(raw: Any, position: str, **extra: Any) -> JobRow | None:
     try:
-        env = decode_job(s(raw)).raw
+        env = decode_job(s(raw)).fields()
     except BadJob:
         return None
     return JobRow(id=str(env.get("id")), task=env.get("task"),
