@@ -325,8 +325,9 @@ def build(*, auth: bool = False) -> dict[str, Any]:
                     "413": _error("Body or encoded job over max_payload_bytes"),
                     "422": _error("Unknown task or queue (`field` names which)"),
                 }}, errors={"503": _error(
-                    "The queue is over its high watermark (body adds queue, depth, high, "
-                    "low), or Redis is unavailable", _RETRY_AFTER)})},
+                    "The queue is over its high watermark, or Redis memory over "
+                    "redis.max_memory_fraction (body adds queue, reason: watermark | memory, "
+                    "depth, high, low), or Redis is unavailable", _RETRY_AFTER)})},
             "/v1/jobs/{id}": {"get": v1({
                 "operationId": "status", "summary": "A job's status (optionally long-polled)",
                 "parameters": [job_id, {

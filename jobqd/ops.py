@@ -27,6 +27,7 @@ from jobqd.errors import (
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
+    RedisMemoryFull,
     RedisOutOfMemory,
     UnknownTask,
 )
@@ -245,7 +246,8 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         jobs_meta: list[list[str]] = []
         for start in range(0, len(args_list), BATCH):
             chunk = args_list[start:start + BATCH]
-            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full, qk.enqueued]
+            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full, qk.enqueued,
+                    qk.memfull]
             argv: list[Any] = [task, len(chunk), idem_ttl_ms]
             ids = []
             for i, args in enumerate(chunk):
@@ -258,7 +260,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                         raise InvalidArgument("idempotency_key",
                                               "idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
-                    ki = len(keys) - 6
+                    ki = len(keys) - 7
                 argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,
                                             exp_ms=exp_ms),
                          delay_ms, ki]
@@ -302,6 +304,9 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             err = UnknownTask(task)
         elif tag == "FULL":
             err = QueueFull(q, int(reply[1]), int(reply[2]), int(reply[3]), retry_after_s=1.0)
+        elif tag == "MEMFULL":
+            used, mx, frac = [*s(reply[1]).split(), "0", "0", "0"][:3]
+            err = RedisMemoryFull(q, int(used), int(mx), float(frac))
         elif tag == "TOOBIG":
             err = PayloadTooLarge(int(reply[2]), int(reply[3]))
         else:  # pragma: no cover - the script returns nothing else
