@@ -77,7 +77,8 @@ def mem_usage(r: redis.Redis, key: str) -> int:
     return int(r.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0") or 0)
 
 
-async def fill(url: str, r: redis.Redis, n: int) -> tuple[int, int, float]:
+async def fill(url: str, r: redis.Redis, n: int, idem: bool = False
+               ) -> tuple[int, int, float]:
     """Enqueue n jobs after one warm-up job (scripts loaded, connection open: fixed
     costs stay out of the delta); returns used_memory before and after, and seconds."""
     async with Client(url, PREFIX) as c:
@@ -86,7 +87,9 @@ async def fill(url: str, r: redis.Redis, n: int) -> tuple[int, int, float]:
         m0 = settle_memory(r)
         t0 = time.perf_counter()
         for i in range(0, n, CHUNK):
-            await c.enqueue_many("noop", [{}] * min(CHUNK, n - i))
+            k = min(CHUNK, n - i)
+            keys = [f"order-{i + j:09d}" for j in range(k)] if idem else None
+            await c.enqueue_many("noop", [{}] * k, idempotency_keys=keys)
         took = time.perf_counter() - t0
         m1 = settle_memory(r)
     return m0, m1, took
@@ -99,7 +102,7 @@ def publish(url: str) -> None:
     asyncio.run(publish_config(cfg))
 
 
-def queued(url: str, r: redis.Redis, sizes: list[int]) -> None:
+def queued(url: str, r: redis.Redis, sizes: list[int], idem_n: int) -> None:
     tag = "{" + PREFIX + ":default}"
     print("\n## Queued jobs\n")
     print("| jobs queued | used_memory Δ / job (B) | stream / job | state hash / job "
@@ -118,6 +121,13 @@ def queued(url: str, r: redis.Redis, sizes: list[int]) -> None:
               f"| {in_b / (n + 1):.2f} | {took:.1f} |", flush=True)
         sample = r.xrange(tag + ":s", count=1)[0][1][b"j"]
     print(f"\nOne job as stored ({len(sample)} bytes): `{sample.decode()}`")
+    if idem_n:
+        r.flushall()
+        publish(url)
+        m0, m1, _ = asyncio.run(fill(url, r, idem_n, idem=True))
+        print(f"\nWith an idempotency key each (`order-000000001`...), {idem_n:,} jobs: "
+              f"{(m1 - m0) / idem_n:.1f} bytes per queued job (the key lives "
+              "idempotency_ttl_s, also after the job finished)")
 
 
 async def _drain(url: str, r: redis.Redis, prefix: str, n: int, timeout_s: float) -> None:
@@ -157,6 +167,8 @@ def main() -> None:
     ap.add_argument("--redis-url", help="a Redis to FLUSHALL and measure (default: start one)")
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
     ap.add_argument("--finished-n", type=int, default=100_000, help="0: skip")
+    ap.add_argument("--idem-n", type=int, default=100_000,
+                    help="jobs with idempotency keys for one more row (0: skip)")
     ap.add_argument("--keep", default="none,status,full",
                     help="results.keep modes to measure ('default': leave it unset)")
     a = ap.parse_args()
@@ -173,7 +185,7 @@ def main() -> None:
                                     stdout=subprocess.DEVNULL)
             url = f"redis://127.0.0.1:{port}/0"
         try:
-            r = redis.Redis.from_url(url)
+            r = redis.Redis.from_url(url, socket_timeout=600)
             deadline = time.monotonic() + 10
             while True:
                 try:
@@ -189,7 +201,7 @@ def main() -> None:
                   f"hash-max-listpack-entries "
                   f"{r.config_get('hash-max-*-entries').get('hash-max-listpack-entries')}")
             if sizes:
-                queued(url, r, sizes)
+                queued(url, r, sizes, a.idem_n)
             if a.finished_n:
                 finished(url, r, a.finished_n, [m for m in a.keep.split(",") if m])
             r.close()

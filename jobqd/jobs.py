@@ -140,16 +140,28 @@ def _compact(fields: dict[str, Any]) -> dict[str, Any]:
     return env
 
 
-def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float, *,
+def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float | None, *,
                attempt: int = 0, lost: int = 0, idem: str | None = None,
                err: str | None = None, exp_ms: float | None = None) -> bytes:
-    """The job as stored. Pass the enqueue time the id was made with (`new_job_id(q,
-    ms)`) and it is left out (the id carries it)."""
-    fields: dict[str, Any] = {"id": job_id, "task": task, "args": args, "attempt": attempt,
-                              "lost": lost, "enq": enq_ms, "idem": idem, "exp": exp_ms,
-                              "err": err}
+    """The job as stored. `enq_ms` None: the enqueue time is the id's ULID time (make
+    the id with `new_job_id(q, ms)` from the same clock reading); it is left out."""
+    env: dict[str, Any] = {"i": job_id, "t": task}
+    if args:
+        env["a"] = args
+    if attempt:
+        env["n"] = attempt
+    if lost:
+        env["l"] = lost
+    if enq_ms is not None and enq_ms != id_ms(job_id):
+        env["e"] = enq_ms
+    if idem is not None:
+        env["k"] = idem
+    if exp_ms is not None:
+        env["x"] = exp_ms
+    if err is not None:
+        env["r"] = err
     try:
-        return orjson.dumps(_compact(fields))
+        return orjson.dumps(env)
     except TypeError as e:
         raise InvalidArgument("args", f"job args are not JSON-serialisable: {e}") from None
 

@@ -261,7 +261,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                                               "idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
                     ki = len(keys) - 7
-                argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,
+                argv += [job_id, encode_job(job_id, task, encode_args(args), None, idem=idem,
                                             exp_ms=exp_ms),
                          delay_ms, ki]
             jobs_meta.append(ids)
