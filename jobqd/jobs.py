@@ -4,9 +4,11 @@ A job travels as one JSON object in the stream field ``j``, with one-letter
 field names and every field at its default left out (a queued job costs Redis
 memory for every byte)::
 
-    {"i": "<ulid>-<queue>", "t": "send_email", "a": {...}}
+    {"i": "<ulid>", "t": "send_email", "a": {...}}
 
-- ``i`` id, ``t`` task, ``a`` args (left out when empty);
+- ``i`` the id's ULID: the ``-<queue>`` suffix is left out, as the stream (or
+  dead-letter stream, or state hash) holding the job names the queue; decoding
+  takes the queue and puts it back. ``t`` task, ``a`` args (left out when empty);
 - ``n`` attempt: failed attempts (exception retries), left out when 0;
 - ``l`` lost: deliveries whose worker died (reclaims), left out when 0; the two
   are separate budgets;
@@ -122,9 +124,18 @@ def id_ms(job_id: str) -> int | None:
         return None
 
 
+def _short_id(job_id: Any) -> Any:
+    """A job id as the compact envelope stores it: its ULID (the queue is implied)."""
+    return job_id[:ULID_LEN] if isinstance(job_id, str) and queue_of(job_id) else job_id
+
+
+def _full_id(i: Any, queue: str) -> Any:
+    return i + "-" + queue if isinstance(i, str) and len(i) == ULID_LEN else i
+
+
 def _compact(fields: dict[str, Any]) -> dict[str, Any]:
     """The stored form of a job given by its long field names (see the module doc)."""
-    env: dict[str, Any] = {"i": fields["id"], "t": fields["task"]}
+    env: dict[str, Any] = {"i": _short_id(fields["id"]), "t": fields["task"]}
     for name, value in fields.items():
         if name in ("id", "task") or value is None:
             continue
@@ -145,7 +156,7 @@ def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float | Non
                err: str | None = None, exp_ms: float | None = None) -> bytes:
     """The job as stored. `enq_ms` None: the enqueue time is the id's ULID time (make
     the id with `new_job_id(q, ms)` from the same clock reading); it is left out."""
-    env: dict[str, Any] = {"i": job_id, "t": task}
+    env: dict[str, Any] = {"i": _short_id(job_id), "t": task}
     if args:
         env["a"] = args
     if attempt:
@@ -171,14 +182,15 @@ def encode_fields(fields: dict[str, Any]) -> bytes:
     return orjson.dumps(_compact(fields))
 
 
-def view(env: dict[str, Any]) -> dict[str, Any]:
-    """A decoded job object (either format) under its long field names, with the
-    defaults filled in: id, task, args, attempt, lost, enq (+ idem, err, exp when
-    set). What status, the DLQ and the dashboard read."""
+def view(env: dict[str, Any], queue: str) -> dict[str, Any]:
+    """A decoded job object (either format) of `queue` under its long field names,
+    with the defaults filled in: id, task, args, attempt, lost, enq (+ idem, err, exp
+    when set). What status, the DLQ and the dashboard read."""
     if "i" not in env and "id" in env:  # written before the compact format
         out = dict(env)
     else:
         out = {_LONG.get(k, k): v for k, v in env.items()}
+        out["id"] = _full_id(out.get("id"), queue)
     out.setdefault("args", {})
     out.setdefault("attempt", 0)
     out.setdefault("lost", 0)
@@ -202,7 +214,7 @@ class Envelope:
 
     def fields(self) -> dict[str, Any]:
         """The job under its long field names (see `view`)."""
-        return view(self.raw)
+        return view(self.raw, self.queue)
 
     @property
     def exp_ms(self) -> float | None:
@@ -222,7 +234,8 @@ class Envelope:
         return orjson.dumps(_compact(env))
 
 
-def decode_job(data: bytes | str) -> Envelope:
+def decode_job(data: bytes | str, queue: str) -> Envelope:
+    """A stored job of `queue` (the queue whose stream, delayed set or DLQ held it)."""
     try:
         env = orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -230,7 +243,7 @@ def decode_job(data: bytes | str) -> Envelope:
     if not isinstance(env, dict):
         raise BadJob("job is not a JSON object")
     if "i" in env or "id" not in env:  # the compact format
-        job_id, task, args = env.get("i"), env.get("t"), env.get("a", {})
+        job_id, task, args = _full_id(env.get("i"), queue), env.get("t"), env.get("a", {})
         attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
     else:  # written before the compact format
         job_id, task, args = env.get("id"), env.get("task"), env.get("args", {})

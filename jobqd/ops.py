@@ -369,7 +369,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
     if tag == "R":
         rec = orjson.loads(reply[1])
         if rec.get("status") == "cancelled":
-            job = view(rec["job"]) if isinstance(rec.get("job"), dict) else {}
+            job = view(rec["job"], q) if isinstance(rec.get("job"), dict) else {}
             return JobInfo(id=job_id, status="cancelled", task=job.get("task"), queue=q,
                            attempts=rec.get("attempts", job.get("attempt", 0)),
                            lost=job.get("lost", 0),
@@ -382,7 +382,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
                        started_at=_ms_to_s(rec.get("started")),
                        finished_at=_ms_to_s(rec.get("finished")), worker=rec.get("worker"))
     if tag == "D":
-        env = view(orjson.loads(reply[1]))
+        env = view(orjson.loads(reply[1]), q)
         return JobInfo(id=job_id, status="scheduled", task=env.get("task"), queue=q,
                        attempts=env.get("attempt", 0), lost=env.get("lost", 0),
                        error=env.get("err"), enqueued_at=_ms_to_s(env.get("enq")),
@@ -391,7 +391,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
         dead = dead_entry(q, reply[1], reply[2])
         return dead.info()
     fields = fields_dict(reply[2])
-    env = view(orjson.loads(fields["j"]))
+    env = view(orjson.loads(fields["j"]), q)
     owner = reply[3]
     running = bool(owner)
     progress = orjson.loads(reply[4]) if running and len(reply) > 4 and reply[4] else None
@@ -451,7 +451,7 @@ def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:
         death = {"reason": "unknown"}
     job: dict[str, Any] | None
     try:
-        job = decode_job(raw).fields()
+        job = decode_job(raw, q).fields()
     except BadJob:
         job = None
     eid = s(entry_id)
@@ -766,7 +766,7 @@ def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None
 
     def matches(job_json: Any) -> str | None:
         try:
-            env = decode_job(job_json)
+            env = decode_job(job_json, queue)
         except BadJob:
             return None
         return env.id if task is None or env.task == task else None
@@ -851,9 +851,9 @@ class JobPage:
     scanned: int  # entries read from Redis for this page
 
 
-def _row(raw: Any, position: str, **extra: Any) -> JobRow | None:
+def _row(queue: str, raw: Any, position: str, **extra: Any) -> JobRow | None:
     try:
-        env = decode_job(s(raw)).fields()
+        env = decode_job(s(raw), queue).fields()
     except BadJob:
         return None
     return JobRow(id=str(env.get("id")), task=env.get("task"),
@@ -889,7 +889,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             for i, ((_m, score), v) in enumerate(zip(members, states, strict=True)):
                 row = None
                 if v and s(v).startswith("d"):
-                    row = _row(s(v)[1:], str(int(score)))
+                    row = _row(queue, s(v)[1:], str(int(score)))
                 batch.append((str(start + i + 1), row))
         elif where == "stream":
             if newest_first:
@@ -898,7 +898,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             else:
                 entries = yield cmd("XRANGE", qk.stream,
                                     "-" if cursor is None else "(" + cursor, "+", "COUNT", chunk)
-            batch = [(s(eid), _row(fields_dict(flat).get("j", b""), s(eid)))
+            batch = [(s(eid), _row(queue, fields_dict(flat).get("j", b""), s(eid)))
                      for eid, flat in entries]
         else:
             try:
@@ -915,7 +915,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             batch = []
             for p, got_entry in zip(pend, found, strict=True):
                 eid = s(p[0])
-                row = _row(fields_dict(got_entry[0][1]).get("j", b""), eid, worker=s(p[1]),
+                row = _row(queue, fields_dict(got_entry[0][1]).get("j", b""), eid, worker=s(p[1]),
                            idle_s=int(p[2]) / 1000.0) if got_entry else None
                 batch.append((eid, row))
         scanned += len(batch)

@@ -111,7 +111,7 @@ def try_decode(d: Delivery) -> Envelope | None:
     if raw is None:
         return None
     try:
-        return decode_job(raw)
+        return decode_job(raw, d.queue)
     except BadJob:
         return None
 

@@ -43,22 +43,26 @@ def _old(job_id: str, task: str, args: dict[str, Any], attempt: int = 0,
 def test_compact_envelope_round_trip_and_old_format() -> None:
     jid = new_job_id("default", 1_700_000_000_123)
     raw = encode_job(jid, "noop", {}, 1_700_000_000_123)
-    assert orjson.loads(raw) == {"i": jid, "t": "noop"}  # defaults and the ULID time left out
-    env = decode_job(raw)
+    # the queue suffix, the defaults and the ULID time are left out
+    assert orjson.loads(raw) == {"i": jid[:26], "t": "noop"}
+    env = decode_job(raw, "default")
     assert (env.id, env.task, env.args, env.attempt, env.lost, env.enq_ms) == (
         jid, "noop", {}, 0, 0, 1_700_000_000_123.0)
-    nxt = decode_job(env.next(attempt=1, err="boom", lost=2))
+    nxt = decode_job(env.next(attempt=1, err="boom", lost=2), "default")
     assert (nxt.attempt, nxt.lost, nxt.fields()["err"]) == (1, 2, "boom")
     # a different enqueue time, an expiry and an idempotency key are kept
-    full = decode_job(encode_job(jid, "t", {"a": 1}, 5.5, idem="k", exp_ms=9.0))
+    full = decode_job(encode_job(jid, "t", {"a": 1}, 5.5, idem="k", exp_ms=9.0), "default")
     assert full.enq_ms == 5.5 and full.exp_ms == 9.0 and full.fields()["idem"] == "k"
     # the old format: read as it was, re-encoded compact
-    old = decode_job(_old(jid, "noop", {"x": 1}, attempt=2, err="e"))
+    old = decode_job(_old(jid, "noop", {"x": 1}, attempt=2, err="e"), "default")
     assert (old.id, old.task, old.args, old.attempt) == (jid, "noop", {"x": 1}, 2)
-    assert view(old.raw)["err"] == "e"
-    again = decode_job(old.next(attempt=3))
+    assert view(old.raw, "default")["err"] == "e"
+    again = decode_job(old.next(attempt=3), "default")
     assert "i" in again.raw and again.attempt == 3 and again.args == {"x": 1}
-    assert again.enq_ms == old.enq_ms
+    assert again.enq_ms == old.enq_ms and again.id == jid
+    assert view(orjson.loads(old.next()), "default")["id"] == jid
+    # an id that is not a jobqd id is kept whole
+    assert orjson.loads(encode_job("x", "t", {}, None))["i"] == "x"
 
 
 async def test_jobs_queued_in_the_old_format_still_run(
@@ -272,4 +276,4 @@ async def test_a_memory_marker_nobody_refreshes_expires(
     again = await client.enqueue("noop", {}, idempotency_key="k")
     assert not again.created
     entries = await r.xrange(qk.stream)
-    assert [decode_job(fields_dict(f)["j"]).task for _, f in entries] == ["noop", "noop"]
+    assert [decode_job(fields_dict(f)["j"], "default").task for _, f in entries] == ["noop", "noop"]

@@ -73,7 +73,7 @@ async def fill(srv: OwnRedis, prefix: str) -> RedisOutOfMemory:
 
 async def stream_ids(r: aredis.Redis, prefix: str) -> list[str]:
     entries = await r.xrange(QueueKeys(prefix, "default").stream)
-    return [decode_job(fields_dict(f)["j"]).id for _, f in entries]
+    return [decode_job(fields_dict(f)["j"], "default").id for _, f in entries]
 
 
 async def test_enqueue_many_refused_part_way_reports_exactly_the_accepted(
