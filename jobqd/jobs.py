@@ -126,7 +126,9 @@ def id_ms(job_id: str) -> int | None:
 
 def _short_id(job_id: Any) -> Any:
     """A job id as the compact envelope stores it: its ULID (the queue is implied)."""
-    return job_id[:ULID_LEN] if isinstance(job_id, str) and queue_of(job_id) else job_id
+    if isinstance(job_id, str) and len(job_id) > ULID_LEN + 1 and job_id[ULID_LEN] == "-":
+        return job_id[:ULID_LEN]
+    return job_id
 
 
 def _full_id(i: Any, queue: str) -> Any:

@@ -248,7 +248,12 @@ _SCHEMAS: dict[str, Any] = {
                                        "out of memory"},
                 "data_losses": {"type": "integer",
                                 "description": "Times this daemon found Redis had lost its "
-                                               "data (and republished its routing)"}}},
+                                               "data (and republished its routing)"},
+                "memory_full": {"type": "boolean",
+                                "description": "Redis's used memory is over "
+                                               "redis.max_memory_fraction of maxmemory: "
+                                               "enqueues are refused (not a readiness "
+                                               "problem)"}}},
             "postgres": {"type": "object", "required": ["configured", "ok"], "properties": {
                 "configured": {"type": "boolean"}, "ok": _nullable({"type": "boolean"})}},
             "consumers_running": {"type": "boolean"},
