@@ -189,6 +189,10 @@ class RedisConfig:
     prefix: str = opt("jobqd", check=_check_prefix)
     # run even if Redis may evict keys (maxmemory-policy other than noeviction)
     allow_eviction: bool = False
+    # refuse enqueues (QueueFull, reason memory) once Redis's used_memory is above this
+    # fraction of its maxmemory, so settles, acks and the DLQ keep the rest; 1: off
+    # (off anyway while Redis has no maxmemory)
+    max_memory_fraction: float = opt(0.9, gt=0, le=1)
 
     @property
     def embedded(self) -> bool:
@@ -295,6 +299,11 @@ class TaskConfig:
     # plain def in a thread) or process (a plain def in a worker process:
     # process_pool); None: async for an async def, thread for a plain def
     executor: Literal["async", "thread", "process"] | None = None
+    # what a succeeded job leaves in Redis for results.ttl_s: full (its result record:
+    # status and wait return the result), status (only the final status: status and
+    # wait say succeeded, no result), none (nothing: a wait already pending still
+    # returns, via the done notification; status then finds no job); null: results.keep
+    keep_result: Literal["none", "status", "full"] | None = None
     fn: Callable[..., Any] = opt(lambda: None, internal=True, compare=False,  # noqa: RUF009
                                  show=False)
     is_async: bool = opt(False, internal=True, compare=False)
@@ -377,6 +386,9 @@ class ShutdownConfig:
 class ResultsConfig:
     # how long a finished job's status and result stay readable
     ttl_s: float = opt(3600.0, ge=0.001, unit="s")
+    # what a succeeded job keeps for ttl_s unless its task says (tasks.X.keep_result):
+    # full, status or none (see README "Memory": bytes per finished job)
+    keep: Literal["none", "status", "full"] = "full"
 
 
 @dataclass(frozen=True, slots=True)

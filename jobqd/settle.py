@@ -112,7 +112,7 @@ def try_decode(d: Delivery) -> Envelope | None:
     if raw is None:
         return None
     try:
-        return decode_job(raw)
+        return decode_job(raw, d.queue)
     except BadJob:
         return None
 
@@ -250,6 +250,21 @@ class Settler:
 
     def _succeeded(self, o: Succeeded, c: _Ctx) -> Settle:
         env = c.env
+        cfg = self.config()
+        task = cfg.tasks.get(env.task)
+        keep = (task.keep_result if task is not None else None) or cfg.results.keep
+        report = c.report("succeeded", env.attempt + 1, env.lost, result=o.result)
+        if keep != "full":
+            try:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
+                orjson.dumps(o.result)
+            except TypeError as e:
+                return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
+                                       attempts=env.attempt + 1), c)
+        if keep == "none":  # complete.lua writes no record for an empty payload
+            return Settle("S", c.d.eid, env.id, b"", None, report)
+        if keep == "status":  # small: one embedded string of at most 44 bytes
+            return Settle("S", c.d.eid, env.id, b'{"status":"succeeded","attempts":%d}'
+                          % (env.attempt + 1), None, report)
         try:
             record = orjson.dumps({"status": "succeeded", "task": env.task, "result": o.result,
                                    "attempts": env.attempt + 1, "lost": env.lost,
@@ -258,8 +273,7 @@ class Settler:
         except TypeError as e:  # the handler did its work: running it again repeats it
             return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
                                    attempts=env.attempt + 1), c)
-        return Settle("S", c.d.eid, env.id, record, None, c.report(
-            "succeeded", env.attempt + 1, env.lost, result=o.result))
+        return Settle("S", c.d.eid, env.id, record, None, report)
 
     def _retried(self, o: Retried, c: _Ctx) -> Settle:
         env = c.env
