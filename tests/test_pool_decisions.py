@@ -487,7 +487,8 @@ def test_completion_splits_applied_chunks_from_refused_ones() -> None:
     from jobqd.settle import Completion
 
     s = _settler()
-    one = s.build(Succeeded(1), _delivery(), decode_job(_delivery().fields[b"j"]),
+    d = _delivery()
+    one = s.build(Succeeded(1), d, decode_job(d.fields[b"j"], "default"),
                   started_ms=1, duration_s=0.0)
     assert one is not None
     cfg = Config(path="t.yaml", redis=RedisConfig(url="redis://localhost"))
