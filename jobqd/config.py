@@ -189,6 +189,15 @@ class RedisConfig:
     prefix: str = opt("jobqd", check=_check_prefix)
     # run even if Redis may evict keys (maxmemory-policy other than noeviction)
     allow_eviction: bool = False
+    # WAIT for this many replicas to acknowledge each enqueue and settle (0: off); a
+    # shortfall within wait_timeout_s fails an enqueue (NotReplicated), logs a settle
+    wait_replicas: int = opt(0, ge=0, le=100)
+    wait_timeout_s: float = opt(0.5, gt=0, unit="s")
+
+    def _constraints(self) -> Problems:
+        if self.wait_replicas and self.url.split("://", 1)[0] in connect.CLUSTER_SCHEMES:
+            yield "wait_replicas", ("is not supported on a Redis Cluster (redis+cluster://): "
+                                    "WAIT would reach one node, not the one holding the job")
 
     @property
     def embedded(self) -> bool:

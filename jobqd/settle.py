@@ -216,6 +216,7 @@ class Settler:
         self.worker = worker
         self.config = config
         self.outcome_log = OutcomeLog(config)
+        self._warned_at = -1e9  # the last not-replicated warning (monotonic s)
 
     # ------------------------------------------------------------ building
 
@@ -304,7 +305,9 @@ class Settler:
         cancelled (it was cancelled meanwhile), '0' not pending any more. Safe to
         repeat after a lost reply (each entry is gated on its XACK, so nothing is
         reported twice)."""
-        done = await complete(r, cfg, batch)
+        done, acked = await complete(r, cfg, batch)
+        if acked is not None and acked < cfg.redis.wait_replicas:
+            self._not_replicated(acked, cfg)
         for _q, chunk, flags in done:
             for s, flag in zip(chunk, flags, strict=True):
                 if s.report is None or flag == "0":
@@ -313,6 +316,17 @@ class Settler:
                     s.report.outcome = "cancelled"
                 self.report(s.report)
         return done
+
+    def _not_replicated(self, acked: int, cfg: Config) -> None:
+        """A settle that fewer than redis.wait_replicas replicas acknowledged: the outcome
+        stands on the master (a failover now may run those jobs once more)."""
+        self.metrics.not_replicated.labels("settle").inc()
+        now = time.monotonic()
+        if now - self._warned_at >= 10.0:
+            self._warned_at = now
+            log.warning("settled jobs reached %d of %d replica(s) within %gs "
+                        "(redis.wait_replicas): a failover now may run them again", acked,
+                        cfg.redis.wait_replicas, cfg.redis.wait_timeout_s)
 
     def report(self, rep: Report) -> None:
         if rep.outcome == "handback":
@@ -327,8 +341,10 @@ class Settler:
 
 
 async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
-                   ) -> list[tuple[str, list[Settle], str]]:
-    """COMPLETE.lua for every queue's records, chunked, in one pipelined round trip."""
+                   ) -> tuple[list[tuple[str, list[Settle], str]], int | None]:
+    """COMPLETE.lua for every queue's records, chunked, in one pipelined round trip;
+    with redis.wait_replicas, a WAIT rides last in it. Returns the replies and how
+    many replicas acknowledged (None: no WAIT)."""
     prefix = cfg.redis.prefix
     ttl_ms = int(cfg.results.ttl_s * 1000)
     done_channel = GlobalKeys(prefix).done
@@ -345,9 +361,16 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
                 argv += [s.op, s.eid, s.job_id, s.payload, "" if s.extra is None else s.extra]
             calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
             groups.append((q, chunk))
+    n = cfg.redis.wait_replicas
+    if n > 0 and calls:
+        calls.append(scripts.Command(("WAIT", n, max(1, round(cfg.redis.wait_timeout_s * 1000)))))
     replies = await scripts.pipelined(r, calls)
+    acked = None
+    if n > 0 and calls:
+        w = replies.pop()  # WAIT's reply: how many replicas have every write before it
+        acked = w if isinstance(w, int) else 0
     for x in replies:
         if isinstance(x, Exception):
             raise x
     return [(q, chunk, flags.decode() if isinstance(flags, bytes) else str(flags))
-            for (q, chunk), flags in zip(groups, replies, strict=True)]
+            for (q, chunk), flags in zip(groups, replies, strict=True)], acked

@@ -1,0 +1,163 @@
+"""Sentinel, on a real group the test starts (1 master, 1 replica, 3 sentinels): a
+daemon subprocess and a producer thread both reach the master through
+``redis+sentinel://``; a failover (``SENTINEL FAILOVER``, or ``kill -9`` of the master)
+happens under load; the daemon must keep running and carry on on the new master.
+
+Lost = a job whose enqueue returned (acknowledged to the producer) and that never
+ran. Run counts go to the shared test Redis (not part of the group). With
+``redis.wait_replicas: 1`` an acknowledged job is on the one replica, which is the
+one promoted, so none may be lost; without it the count is reported."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from jobqd import NotReplicated, SyncClient
+from jobqd.connect import connect_sync
+
+from .conftest import DaemonProcess
+from .own_redis import SentinelGroup, needs_redis_server, sentinel_group
+
+pytestmark = [pytest.mark.sentinel, needs_redis_server]
+
+FAST = {"heartbeat": {"interval_s": 0.5, "timeout_s": 2},
+        "reaper": {"interval_s": 0.5, "visibility_timeout_s": 2, "max_deliveries": 10}}
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    with sentinel_group(tmp_path / "sentinel") as g:
+        yield g
+
+
+class Producer(threading.Thread):
+    """Enqueues batches of `record` jobs with idempotency keys through the sentinels;
+    a batch that fails (no master, NotReplicated) is retried with the same keys, so a
+    retry never doubles a job. `accepted`: (monotonic time, job id) of returned jobs."""
+
+    def __init__(self, url: str, prefix: str, key: str, wait_replicas: int,
+                 batch: int = 20) -> None:
+        super().__init__(name="producer", daemon=True)
+        self.url, self.prefix, self.key = url, prefix, key
+        self.wait_replicas, self.batch = wait_replicas, batch
+        self.accepted: list[tuple[float, str]] = []
+        self.refused = 0
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        c = SyncClient(self.url, self.prefix, wait_replicas=self.wait_replicas,
+                       wait_timeout_s=0.5,
+                       redis_client=connect_sync(self.url, socket_timeout=2,
+                                                 socket_connect_timeout=1))
+        n = 0
+        try:
+            while not self.halt.is_set():
+                keys = [f"k{n + i}" for i in range(self.batch)]
+                try:
+                    jobs = c.enqueue_many("record", [{"key": self.key}] * self.batch,
+                                          idempotency_keys=keys)
+                except (redis.RedisError, NotReplicated):
+                    self.refused += 1
+                    self.halt.wait(0.05)
+                    continue
+                now = time.monotonic()
+                self.accepted += [(now, j.id) for j in jobs]
+                n += self.batch
+                self.halt.wait(0.01)
+        except BaseException as e:  # reported by the test
+            self.error = e
+        finally:
+            c.redis.close()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
+                         write_config: Callable[..., Path],
+                         spawn: Callable[[Path], DaemonProcess], prefix: str,
+                         sync_r: redis.Redis) -> dict[str, Any]:
+    cfg = write_config(redis={"url": g.url, "prefix": prefix, "wait_replicas": wait_replicas,
+                              "wait_timeout_s": 0.5}, consumers=16, **FAST)
+    d = spawn(cfg)
+    d.wait_ready()
+    key = f"{prefix}:runs"
+    ran = lambda: sync_r.hlen(key)  # noqa: E731
+    old = g.master_port()
+    # an empty script cache on the replica: the new master must load the scripts again
+    g.server(g.replica.port).client().script_flush()
+    prod = Producer(g.url, prefix, key, wait_replicas)
+    prod.start()
+    try:
+        wait_until(lambda: ran() >= 300, 30, "300 jobs run before the failover")
+        t_fail = time.monotonic()
+        if how == "sentinel-failover":
+            g.failover()
+            new = g.wait_master_not(old)
+        else:
+            g.server(old).kill()  # kill -9
+            new = g.wait_master_not(old)
+            g.server(old).start()  # back as an empty server: Sentinel makes it a replica
+        t_new = time.monotonic()
+        wait_until(lambda: sum(t > t_new + 1 for t, _ in prod.accepted) >= 200, 30,
+                   "200 jobs accepted on the new master")
+    finally:
+        prod.halt.set()
+        prod.join(10)
+    assert prod.error is None, prod.error
+    accepted = {j for _, j in prod.accepted}
+    after = {j for t, j in prod.accepted if t > t_new + 1}
+
+    def runs() -> set[str]:
+        return {k.decode() for k in sync_r.hkeys(key)}
+
+    # every job accepted on the new master runs: the daemon carries on there
+    wait_until(lambda: after <= runs(), 30, "the jobs accepted after the failover to run")
+    # what the new master holds of the rest runs too (reclaimed after the visibility
+    # timeout when its delivery was on the old master only)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and not accepted <= runs():
+        time.sleep(0.1)
+    lost = accepted - runs()
+    assert d.proc is not None and d.proc.poll() is None, d.log()
+    with connect_sync(g.url) as r:
+        assert r.info("replication")["role"] == "master"
+        assert int(g.master_port()) == new
+    out = {"how": how, "wait_replicas": wait_replicas, "accepted": len(accepted),
+           "lost": len(lost), "refused_batches": prod.refused,
+           "failover_s": round(t_new - t_fail, 2)}
+    print(f"\nsentinel failover: {out}")
+    return out
+
+
+@pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
+def test_failover_under_load_without_wait(how: str, group: SentinelGroup,
+                                          write_config: Callable[..., Path],
+                                          spawn: Callable[[Path], DaemonProcess], prefix: str,
+                                          sync_r: redis.Redis) -> None:
+    """wait_replicas 0: the daemon follows the failover; jobs lost are reported."""
+    out = _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
+    assert out["accepted"] > 500
+
+
+@pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
+def test_failover_under_load_with_wait_replicas_loses_nothing(
+        how: str, group: SentinelGroup, write_config: Callable[..., Path],
+        spawn: Callable[[Path], DaemonProcess], prefix: str, sync_r: redis.Redis) -> None:
+    out = _failover_under_load(how, 1, group, write_config, spawn, prefix, sync_r)
+    assert out["accepted"] > 500
+    assert out["lost"] == 0, out
