@@ -55,7 +55,7 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
-RECHECK_S = 1.0  # a sentinel client asks the sentinels for the master this often (at most)
+RECHECK_S = 0.5  # a sentinel client asks the sentinels for the master this often (at most)
 
 
 class TargetError(ValueError):

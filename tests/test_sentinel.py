@@ -133,13 +133,15 @@ def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
     while time.monotonic() < deadline and not accepted <= runs():
         time.sleep(0.1)
     lost = accepted - runs()
+    when = sorted(round(t - t_fail, 2) for t, j in prod.accepted if j in lost)
     assert d.proc is not None and d.proc.poll() is None, d.log()
     with connect_sync(g.url) as r:
         assert r.info("replication")["role"] == "master"
         assert int(g.master_port()) == new
     out = {"how": how, "wait_replicas": wait_replicas, "accepted": len(accepted),
            "lost": len(lost), "refused_batches": prod.refused,
-           "failover_s": round(t_new - t_fail, 2)}
+           "failover_s": round(t_new - t_fail, 2),
+           "lost_accepted_at_s": (when[0], when[-1]) if when else None}
     print(f"\nsentinel failover: {out}")
     return out
 
