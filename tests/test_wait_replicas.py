@@ -57,3 +57,19 @@ def test_wait_replicas_rejected_on_a_cluster(tmp_path: Path, prefix: str) -> Non
     cfg["redis"]["wait_replicas"] = 0
     path.write_text(yaml.safe_dump(cfg))
     config.load(path, import_handlers=False)
+
+
+def test_a_noscript_retry_runs_the_wait_again() -> None:
+    """The WAIT after script calls that found no script must run again after them
+    (its first run preceded their writes); a WAIT before them, and calls that ran,
+    are not repeated."""
+    from redis.exceptions import NoScriptError
+
+    from jobqd import scripts
+
+    ev = scripts.ScriptCall(scripts.ENQUEUE, [], [])
+    wait = scripts.Command(("WAIT", 1, 100))
+    calls = [wait, ev, ev, wait]
+    got = [0, "OK", NoScriptError("NOSCRIPT"), 0]
+    assert scripts._again(calls, [0, 1, 2, 3], got) == [2, 3]
+    assert scripts._again(calls, [0, 1, 2, 3], [0, "OK", "OK", 1]) == []
