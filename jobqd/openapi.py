@@ -326,7 +326,9 @@ def build(*, auth: bool = False) -> dict[str, Any]:
                     "422": _error("Unknown task or queue (`field` names which)"),
                 }}, errors={"503": _error(
                     "The queue is over its high watermark (body adds queue, depth, high, "
-                    "low), or Redis is unavailable", _RETRY_AFTER)})},
+                    "low), fewer replicas than redis.wait_replicas acknowledged the job in "
+                    "time (body adds id: the job the master accepted, acked, wanted; retry "
+                    "with the idempotency key), or Redis is unavailable", _RETRY_AFTER)})},
             "/v1/jobs/{id}": {"get": v1({
                 "operationId": "status", "summary": "A job's status (optionally long-polled)",
                 "parameters": [job_id, {

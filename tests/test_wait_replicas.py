@@ -47,6 +47,33 @@ async def test_enqueue_refused_with_not_replicated_and_settle_counted(
     await wait_for(counted, 5, "settles counted as not replicated")
 
 
+async def test_http_enqueue_not_replicated_is_503_naming_the_job(
+        write_config: Callable[..., Path], prefix: str) -> None:
+    import redis.asyncio as aredis
+
+    from jobqd import publish
+    from jobqd.runtime import Runtime
+
+    from .test_http import api, post_job
+
+    rt = Runtime(config=config.load(write_config(
+        redis={"url": REDIS_URL, "prefix": prefix, "wait_replicas": 1,
+               "wait_timeout_s": 0.05})), redis=aredis.Redis.from_url(REDIS_URL))
+    try:
+        await publish.publish(rt.redis, rt.config)
+        async with api(rt) as s:
+            body = {"task": "noop", "args": {}, "idempotency_key": "h"}
+            status, got = await post_job(s, body)
+            assert status == 503, got
+            assert (got["acked"], got["wanted"]) == (0, 1)
+            assert "idempotency key" in got["error"]
+            again, got2 = await post_job(s, body)  # the retry finds the same job
+            assert (again, got2["id"]) == (503, got["id"])
+        assert rt.metrics.not_replicated.labels("enqueue")._value.get() == 2
+    finally:
+        await rt.redis.aclose()
+
+
 def test_wait_replicas_rejected_on_a_cluster(tmp_path: Path, prefix: str) -> None:
     cfg = base_config(prefix, redis={"url": "redis+cluster://127.0.0.1:7000", "prefix": prefix,
                                      "wait_replicas": 1})
