@@ -270,7 +270,7 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             calls.append(Eval(scripts.ENQUEUE, keys, argv))
         acked: Any = None
         if wait_replicas > 0:  # WAIT covers every write of the calls before it
-            replies = yield Pipe([*calls, wait_call(wait_replicas, wait_timeout_ms)],
+            replies = yield Pipe([*calls, scripts.wait_call(wait_replicas, wait_timeout_ms)],
                                  errors_inline=True)
             acked = replies.pop()
         elif len(calls) == 1:
@@ -321,12 +321,6 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
         err.accepted = out
         raise err
     raise UnknownTask(task)  # pragma: no cover - loop always returns or raises
-
-
-def wait_call(replicas: int, timeout_ms: int) -> Cmd:
-    """``WAIT``: block until `replicas` replicas acknowledged this connection's writes
-    so far, or `timeout_ms` passed; replies how many did."""
-    return cmd("WAIT", replicas, max(1, timeout_ms))
 
 
 def waiting(make: Callable[[], Op[T]], wait: bool, timeout_s: float | None) -> Op[T]:

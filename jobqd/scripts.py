@@ -63,6 +63,13 @@ class ScriptCall:
 PipeCall = Command | ScriptCall
 
 
+def wait_call(replicas: int, timeout_ms: int) -> Command:
+    """``WAIT`` (``redis.wait_replicas``): block until `replicas` replicas acknowledged
+    every write this connection sent before it, or `timeout_ms` passed; replies how
+    many did. Last in a pipeline it covers the whole pipeline."""
+    return Command(("WAIT", replicas, max(1, timeout_ms)))
+
+
 def _queue(p: Any, c: PipeCall) -> None:
     if isinstance(c, Command):
         p.execute_command(*c.args)

@@ -363,7 +363,7 @@ async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
             groups.append((q, chunk))
     n = cfg.redis.wait_replicas
     if n > 0 and calls:
-        calls.append(scripts.Command(("WAIT", n, max(1, round(cfg.redis.wait_timeout_s * 1000)))))
+        calls.append(scripts.wait_call(n, round(cfg.redis.wait_timeout_s * 1000)))
     replies = await scripts.pipelined(r, calls)
     acked = None
     if n > 0 and calls:
