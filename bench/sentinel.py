@@ -64,10 +64,8 @@ def _drained(url: str, prefix: str) -> Callable[[], bool]:
     r = connect_sync(url, socket_timeout=2)
     qk = QueueKeys(prefix, "default")
 
-    def check() -> bool:
-        groups = r.xinfo_groups(qk.stream)
-        return bool(groups and groups[0]["pending"] == 0 and groups[0]["lag"] == 0
-                    and not r.zcard(qk.delayed))
+    def check() -> bool:  # acked entries are deleted: XLEN counts queued and pending
+        return not r.xlen(qk.stream) and not r.zcard(qk.delayed)
     return check
 
 

@@ -47,10 +47,10 @@ class Producer(threading.Thread):
     retry never doubles a job. `accepted`: (monotonic time, job id) of returned jobs."""
 
     def __init__(self, url: str, prefix: str, key: str, wait_replicas: int,
-                 batch: int = 20) -> None:
+                 batch: int = 20, period: float = 0.01) -> None:
         super().__init__(name="producer", daemon=True)
         self.url, self.prefix, self.key = url, prefix, key
-        self.wait_replicas, self.batch = wait_replicas, batch
+        self.wait_replicas, self.batch, self.period = wait_replicas, batch, period
         self.accepted: list[tuple[float, str]] = []
         self.refused = 0
         self.error: BaseException | None = None
@@ -75,7 +75,7 @@ class Producer(threading.Thread):
                 now = time.monotonic()
                 self.accepted += [(now, j.id) for j in jobs]
                 n += self.batch
-                self.halt.wait(0.01)
+                self.halt.wait(self.period)
         except BaseException as e:  # reported by the test
             self.error = e
         finally:
@@ -104,7 +104,9 @@ def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
     old = g.master_port()
     # an empty script cache on the replica: the new master must load the scripts again
     g.server(g.replica.port).client().script_flush()
-    prod = Producer(g.url, prefix, key, wait_replicas)
+    # at most ~400 jobs/s: the daemon keeps up on a loaded 2-core box, so the backlog
+    # left to drain after the failover stays small
+    prod = Producer(g.url, prefix, key, wait_replicas, batch=20, period=0.05)
     prod.start()
     try:
         wait_until(lambda: ran() >= 200, 30, "200 jobs run before the failover")
@@ -134,13 +136,12 @@ def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
     # was on the old master only)
     qk = QueueKeys(prefix, "default")
 
-    def drained() -> bool:
+    def drained() -> bool:  # acked entries are deleted: XLEN counts queued and pending
         with connect_sync(g.url, socket_timeout=2) as r:
-            (grp,) = r.xinfo_groups(qk.stream)
-            return bool(grp["pending"] == 0 and grp["lag"] == 0 and not r.zcard(qk.delayed))
+            return not r.xlen(qk.stream) and not r.zcard(qk.delayed)
 
     try:
-        wait_until(drained, 30, "the new master's queue to drain")
+        wait_until(drained, 45, "the new master's queue to drain")
     except AssertionError as e:
         raise AssertionError(f"{e}\n{d.log()}") from None
     assert after <= runs(), "jobs accepted on the new master never ran"
@@ -165,7 +166,7 @@ def test_failover_under_load_without_wait(how: str, group: SentinelGroup,
                                           sync_r: redis.Redis) -> None:
     """wait_replicas 0: the daemon follows the failover; jobs lost are reported."""
     out = _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
-    assert out["accepted"] > 500
+    assert out["accepted"] > 300
 
 
 @pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
@@ -173,5 +174,5 @@ def test_failover_under_load_with_wait_replicas_loses_nothing(
         how: str, group: SentinelGroup, write_config: Callable[..., Path],
         spawn: Callable[[Path], DaemonProcess], prefix: str, sync_r: redis.Redis) -> None:
     out = _failover_under_load(how, 1, group, write_config, spawn, prefix, sync_r)
-    assert out["accepted"] > 500
+    assert out["accepted"] > 300
     assert out["lost"] == 0, out
