@@ -55,6 +55,7 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 2.0  # per sentinel asked, unless the caller's timeouts say otherwise
 RECHECK_S = 0.5  # a sentinel client asks the sentinels for the master this often (at most)
 
 
@@ -174,6 +175,10 @@ def _sentinel_kwargs(t: Target, options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in options.items()
                            if k in ("socket_connect_timeout", "socket_timeout",
                                     "socket_keepalive")}
+    # a sentinel that does not answer must not hold up a command (the next one is asked)
+    for k in ("socket_connect_timeout", "socket_timeout"):
+        if out.get(k) is None:
+            out[k] = SENTINEL_TIMEOUT_S
     if t.sentinel_password is not None:
         out["password"] = t.sentinel_password
     if t.ssl:
