@@ -198,6 +198,9 @@ class RedisConfig:
         if self.wait_replicas and self.url.split("://", 1)[0] in connect.CLUSTER_SCHEMES:
             yield "wait_replicas", ("is not supported on a Redis Cluster (redis+cluster://): "
                                     "WAIT would reach one node, not the one holding the job")
+        if self.wait_replicas and self.embedded:
+            yield "wait_replicas", ("the embedded Redis has no replicas: every enqueue would "
+                                    "fail; use 0")
 
     @property
     def embedded(self) -> bool:

@@ -81,6 +81,10 @@ def test_wait_replicas_rejected_on_a_cluster(tmp_path: Path, prefix: str) -> Non
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"wait_replicas.*not supported on a Redis Cluster"):
         config.load(path, import_handlers=False)
+    cfg["redis"]["url"] = "embedded"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="embedded Redis has no replicas"):
+        config.load(path, import_handlers=False)
     cfg["redis"]["wait_replicas"] = 0
     path.write_text(yaml.safe_dump(cfg))
     config.load(path, import_handlers=False)
