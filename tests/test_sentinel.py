@@ -176,3 +176,21 @@ def test_failover_under_load_with_wait_replicas_loses_nothing(
     out = _failover_under_load(how, 1, group, write_config, spawn, prefix, sync_r)
     assert out["accepted"] > 300
     assert out["lost"] == 0, out
+
+
+def test_failover_errors_are_transient_faults() -> None:
+    """What a client sees during a failover: no master named yet, the demoted master's
+    READONLY (redis-py turns it into a connection error on a sentinel connection), a
+    blocked read cut short: each is a Redis outage to back off from, never a crash."""
+    from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFound
+    from redis.exceptions import ReadOnlyError, ResponseError
+    from redis.sentinel import MasterNotFoundError
+
+    from jobqd import deps
+
+    for e in (MasterNotFoundError("No master found for 'm'"), AsyncMasterNotFound("x"),
+              ReadOnlyError("You can't write against a read only replica."),
+              redis.ConnectionError("The previous master is now a slave")):
+        assert deps.is_redis_error(e) and deps.is_redis_unreachable(e), e
+    assert deps.is_redis_error(ResponseError("UNBLOCKED force unblock from blocking "
+                                             "operation, instance state changed"))
