@@ -193,6 +193,18 @@ class RedisConfig:
     # fraction of its maxmemory, so settles, acks and the DLQ keep the rest; 1: off
     # (off anyway while Redis has no maxmemory)
     max_memory_fraction: float = opt(0.9, gt=0, le=1)
+    # WAIT for this many replicas to acknowledge each enqueue and settle (0: off); a
+    # shortfall within wait_timeout_s fails an enqueue (NotReplicated), logs a settle
+    wait_replicas: int = opt(0, ge=0, le=100)
+    wait_timeout_s: float = opt(0.5, gt=0, unit="s")
+
+    def _constraints(self) -> Problems:
+        if self.wait_replicas and self.url.split("://", 1)[0] in connect.CLUSTER_SCHEMES:
+            yield "wait_replicas", ("is not supported on a Redis Cluster (redis+cluster://): "
+                                    "WAIT would reach one node, not the one holding the job")
+        if self.wait_replicas and self.embedded:
+            yield "wait_replicas", ("the embedded Redis has no replicas: every enqueue would "
+                                    "fail; use 0")
 
     @property
     def embedded(self) -> bool:

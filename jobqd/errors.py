@@ -142,6 +142,21 @@ class PayloadTooDeep(FieldError, JobqdError, ValueError):
                          "MAX_JSON_DEPTH, keeps every job re-encodable by the daemon)")
 
 
+class NotReplicated(JobqdError):
+    """``redis.wait_replicas`` is set and fewer replicas than that acknowledged the
+    enqueue within ``redis.wait_timeout_s`` (WAIT): the master accepted the jobs
+    (``.accepted``), but a failover now could lose them. Retrying with the same
+    idempotency key is safe (it finds the job instead of enqueueing it twice)."""
+
+    def __init__(self, acked: int, wanted: int, accepted: Sequence[Any] = ()) -> None:
+        self.acked = acked
+        self.wanted = wanted
+        self.accepted = accepted
+        super().__init__(f"the master accepted {len(accepted)} job(s) but only {acked} of "
+                         f"{wanted} replica(s) acknowledged them in time (redis.wait_replicas):"
+                         " a failover now could lose them; retry with an idempotency key")
+
+
 class RedisOutOfMemory(JobqdError):
     """Redis refused a write: it is at ``maxmemory`` with ``maxmemory-policy noeviction``.
 

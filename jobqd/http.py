@@ -71,6 +71,7 @@ from jobqd.errors import (
     ConfigError,
     FieldError,
     JobNotFound,
+    NotReplicated,
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
@@ -443,7 +444,9 @@ async def enqueue(request: web.Request) -> web.Response:
                      delay_s=req.delay_s,
                      idempotency_keys=None if req.idempotency_key is None
                      else [req.idempotency_key],
-                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000), expires_s=req.expires_s)
+                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000), expires_s=req.expires_s,
+                     wait_replicas=cfg.redis.wait_replicas,
+                     wait_timeout_ms=round(cfg.redis.wait_timeout_s * 1000))
     try:
         jobs: list[Job] = await st.run(op)
     except ops.UnknownQueue as e:
@@ -460,6 +463,11 @@ async def enqueue(request: web.Request) -> web.Response:
         raise ApiError(413, str(e), field="args", size=e.size, limit=e.limit) from None
     except RedisOutOfMemory as e:
         raise _oom_error(request, e) from None
+    except NotReplicated as e:  # on the master, not yet on enough replicas
+        rt.metrics.not_replicated.labels("enqueue").inc()
+        ids = [j.id for j in e.accepted]
+        raise ApiError(503, str(e), id=ids[0] if ids else None, acked=e.acked,
+                       wanted=e.wanted, headers={"Retry-After": "1"}) from None
     except PayloadTooDeep as e:
         raise ApiError(400, str(e), field=e.field, limit=e.limit) from None
     except (TypeError, ValueError) as e:

@@ -332,7 +332,10 @@ def build(*, auth: bool = False) -> dict[str, Any]:
                 }}, errors={"503": _error(
                     "The queue is over its high watermark, or Redis memory over "
                     "redis.max_memory_fraction (body adds queue, reason: watermark | memory, "
-                    "depth, high, low), or Redis is unavailable", _RETRY_AFTER)})},
+                    "depth, high, low), fewer replicas than redis.wait_replicas acknowledged "
+                    "the job in time (body adds id: the job the master accepted, acked, "
+                    "wanted; retry with the idempotency key), or Redis is unavailable",
+                    _RETRY_AFTER)})},
             "/v1/jobs/{id}": {"get": v1({
                 "operationId": "status", "summary": "A job's status (optionally long-polled)",
                 "parameters": [job_id, {

@@ -24,6 +24,7 @@ from jobqd.errors import (
     InvalidArgument,
     JobNotFound,
     JobqdError,
+    NotReplicated,
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
@@ -218,8 +219,13 @@ BATCH = 500  # jobs per enqueue script call (bounds one script's run time)
 def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], *,
             queue: str | None, delay_s: float | None,
             idempotency_keys: Sequence[str | None] | None, idem_ttl_ms: int,
-            expires_s: float | None = None) -> Op[list[Job]]:
-    """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ..."""
+            expires_s: float | None = None, wait_replicas: int = 0,
+            wait_timeout_ms: int = 500) -> Op[list[Job]]:
+    """Enqueue jobs of one task; returns list[Job]. Raises QueueFull / UnknownTask / ...
+
+    With `wait_replicas` > 0 a ``WAIT wait_replicas wait_timeout_ms`` rides in the same
+    pipelined round trip; fewer replicas acknowledging raises `NotReplicated` (the jobs
+    are on the master: ``.accepted``)."""
     if not isinstance(task, str) or not task:
         raise InvalidArgument("task", "task must be a non-empty string")
     if delay_s is not None:
@@ -266,7 +272,12 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                          delay_ms, ki]
             jobs_meta.append(ids)
             calls.append(Eval(scripts.ENQUEUE, keys, argv))
-        if len(calls) == 1:
+        acked: Any = None
+        if wait_replicas > 0:  # WAIT covers every write of the calls before it
+            replies = yield Pipe([*calls, scripts.wait_call(wait_replicas, wait_timeout_ms)],
+                                 errors_inline=True)
+            acked = replies.pop()
+        elif len(calls) == 1:
             call: Call = calls[0]
             replies = [(yield call)]
         else:
@@ -287,6 +298,9 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             else:
                 errors.append(reply)
         if not errors:
+            if acked is not None and (isinstance(acked, Exception) or acked < wait_replicas):
+                n = 0 if isinstance(acked, Exception) else int(acked)
+                raise NotReplicated(n, wait_replicas, out)
             return out
         reply = errors[0]
         if isinstance(reply, Exception):  # OOM, or another Redis error of that chunk

@@ -662,8 +662,8 @@ class Pool:
     def _settled(self, completion: Completion, replies: list[Any]) -> None:
         """The settles that rode on a fetch: report and release what Redis applied;
         put back what it refused (the acker retries them, with its backoff)."""
-        done, failed = completion.applied(replies)
-        self.settler.report_applied(done)
+        done, failed, acked = completion.applied(replies)
+        self.settler.report_applied(done, acked, self.rt.config)
         self._applied(done)
         if failed:
             log.warning("settle refused (%s: %s); retrying", type(failed[0][1]).__name__,

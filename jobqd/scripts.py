@@ -63,6 +63,13 @@ class ScriptCall:
 PipeCall = Command | ScriptCall
 
 
+def wait_call(replicas: int, timeout_ms: int) -> Command:
+    """``WAIT`` (``redis.wait_replicas``): block until `replicas` replicas acknowledged
+    every write this connection sent before it, or `timeout_ms` passed; replies how
+    many did. Last in a pipeline it covers the whole pipeline."""
+    return Command(("WAIT", replicas, max(1, timeout_ms)))
+
+
 def _queue(p: Any, c: PipeCall) -> None:
     if isinstance(c, Command):
         p.execute_command(*c.args)
@@ -70,12 +77,26 @@ def _queue(p: Any, c: PipeCall) -> None:
         p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
 
 
+def _is_wait(c: PipeCall) -> bool:
+    return isinstance(c, Command) and str(c.args[0]).upper() == "WAIT"
+
+
+def _again(calls: Sequence[PipeCall], todo: list[int], got: list[Any]) -> list[int]:
+    """What a NOSCRIPT retry runs again: the script calls that found no script, and a
+    WAIT after them (it must cover their writes, which its first run preceded)."""
+    again = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+    if again:
+        again += [i for i in todo if i > again[0] and _is_wait(calls[i])]
+    return sorted(set(again))
+
+
 async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
     """Run commands and script calls in one pipelined round trip (not a transaction).
 
     NOSCRIPT-safe: when script calls find the cache empty (Redis restarted), every
     script is loaded again and only those calls are run again (the others ran: a
-    second run of an enqueue would duplicate jobs). Replies come back in order; an
+    second run of an enqueue would duplicate jobs), and so is a WAIT that follows them.
+    Replies come back in order; an
     error reply is returned in its place (never raised), so the caller decides per
     call.
     """
@@ -88,7 +109,7 @@ async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
             got = await p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x
-        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        todo = _again(calls, todo, got)
         if attempt == 0 and todo:
             await preload(r)
             continue
@@ -107,7 +128,7 @@ def pipelined_sync(r: redis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
             got = p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x
-        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        todo = _again(calls, todo, got)
         if attempt == 0 and todo:
             preload_sync(r)
             continue

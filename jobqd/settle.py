@@ -217,6 +217,7 @@ class Settler:
         self.worker = worker
         self.config = config
         self.outcome_log = OutcomeLog(config)
+        self._warned_at = -1e9  # the last not-replicated warning (monotonic s)
 
     # ------------------------------------------------------------ building
 
@@ -321,14 +322,18 @@ class Settler:
         reported twice)."""
         calls = Completion(cfg, batch)
         replies = await scripts.pipelined(r, calls.calls)
-        done, failed = calls.applied(replies)
+        done, failed, acked = calls.applied(replies)
         if failed:
             raise failed[0][1]
-        self.report_applied(done)
+        self.report_applied(done, acked, cfg)
         return done
 
-    def report_applied(self, done: list[tuple[str, list[Settle], str]]) -> None:
-        """Count, write and log what Redis applied (see `settle`)."""
+    def report_applied(self, done: list[tuple[str, list[Settle], str]], acked: int | None,
+                       cfg: Config) -> None:
+        """Count, write and log what Redis applied (see `settle`); `acked`: how many
+        replicas WAIT saw (None: no WAIT)."""
+        if acked is not None and acked < cfg.redis.wait_replicas:
+            self._not_replicated(acked, cfg)
         for _q, chunk, flags in done:
             for s, flag in zip(chunk, flags, strict=True):
                 if s.report is None or flag == "0":
@@ -336,6 +341,17 @@ class Settler:
                 if flag == "c":  # a retry or hand-back of a job cancelled meanwhile
                     s.report.outcome = "cancelled"
                 self.report(s.report)
+
+    def _not_replicated(self, acked: int, cfg: Config) -> None:
+        """A settle that fewer than redis.wait_replicas replicas acknowledged: the outcome
+        stands on the master (a failover now may run those jobs once more)."""
+        self.metrics.not_replicated.labels("settle").inc()
+        now = time.monotonic()
+        if now - self._warned_at >= 10.0:
+            self._warned_at = now
+            log.warning("settled jobs reached %d of %d replica(s) within %gs "
+                        "(redis.wait_replicas): a failover now may run them again", acked,
+                        cfg.redis.wait_replicas, cfg.redis.wait_timeout_s)
 
     def report(self, rep: Report) -> None:
         if rep.outcome == "handback":
@@ -371,13 +387,24 @@ class Completion:
                              "" if s.extra is None else s.extra]
                 self.calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
                 self.groups.append((q, chunk))
+        # redis.wait_replicas: a WAIT right after them covers every settle before it
+        self.wait = cfg.redis.wait_replicas if self.calls else 0
+        if self.wait:
+            self.calls.append(scripts.wait_call(self.wait,
+                                                round(cfg.redis.wait_timeout_s * 1000)))
 
     def applied(self, replies: list[Any]
                 ) -> tuple[list[tuple[str, list[Settle], str]],
-                           list[tuple[tuple[str, list[Settle]], Exception]]]:
-        """Split the calls' replies: (queue, chunk, flags) for the chunks Redis ran, and
+                           list[tuple[tuple[str, list[Settle]], Exception]], int | None]:
+        """Split the calls' replies: (queue, chunk, flags) for the chunks Redis ran,
         (chunk, error) for those it refused (to be settled again: each entry is gated
-        on its XACK, so a second run applies nothing twice)."""
+        on its XACK, so a second run applies nothing twice), and how many replicas
+        acknowledged them (None: no WAIT)."""
+        acked = None
+        if self.wait:
+            replies = list(replies)
+            w = replies.pop()  # WAIT's reply: replicas that have every write before it
+            acked = w if isinstance(w, int) else 0
         done: list[tuple[str, list[Settle], str]] = []
         failed: list[tuple[tuple[str, list[Settle]], Exception]] = []
         for (q, chunk), flags in zip(self.groups, replies, strict=True):
@@ -386,4 +413,4 @@ class Completion:
             else:
                 done.append((q, chunk, flags.decode() if isinstance(flags, bytes)
                              else str(flags)))
-        return done, failed
+        return done, failed, acked

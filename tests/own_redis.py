@@ -76,3 +76,146 @@ def own_redis(dir_: Path, *args: str) -> Iterator[OwnRedis]:
         yield srv
     finally:
         srv.kill()
+
+
+class SentinelGroup:
+    """A real sentinel deployment the test owns: a master, one replica (``--replicaof``)
+    and three sentinels (``redis-server <conf> --sentinel``, quorum 2) monitoring it as
+    `MASTER`, each on a free loopback port with its own directory, killed by pid.
+    `url` is the ``redis+sentinel://`` URL of the group."""
+
+    MASTER = "m"
+
+    def __init__(self, dir_: Path, *, down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 4000) -> None:
+        self.dir = dir_
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        master_dir = dir_ / "master"
+        master_dir.mkdir(parents=True, exist_ok=True)
+        fast = ("--repl-diskless-sync-delay", "0")  # a replica syncs at once
+        self.master = OwnRedis(master_dir, *fast)
+        replica_dir = dir_ / "replica"
+        replica_dir.mkdir(parents=True, exist_ok=True)
+        self.replica = OwnRedis(replica_dir, *fast, "--replicaof", "127.0.0.1",
+                                str(self.master.port))
+        self.servers = [self.master, self.replica]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        self.url = f"redis+sentinel://{hosts}/{self.MASTER}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.master.start()
+        self.replica.start()
+        for i, port in enumerate(self.sentinel_ports):
+            d = self.dir / f"sentinel-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "sentinel.conf"  # sentinel rewrites its config: one file each
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {d}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n")
+            with open(d / "sentinel.log", "wb") as out:
+                self.sentinels.append(subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"],
+                    stdout=out, stderr=subprocess.STDOUT))
+        self.wait_settled(timeout)
+
+    def sentinel_client(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[i], socket_timeout=2,
+                           socket_connect_timeout=1, decode_responses=True)
+
+    def master_port(self, i: int = 0) -> int:
+        """The master's port as sentinel `i` names it."""
+        c = self.sentinel_client(i)
+        try:
+            addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+            return int(addr[1])
+        finally:
+            c.close()
+
+    def server(self, port: int) -> OwnRedis:
+        return next(s for s in self.servers if s.port == port)
+
+    def wait_settled(self, timeout: float = 20.0) -> None:
+        """Until every sentinel names the same master, knows the two other sentinels
+        and one replica that is up and linked to it (a failover can then be run)."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            for p in self.sentinels:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a sentinel exited {p.returncode}")
+            try:
+                last = [self._state(i) for i in range(3)]
+            except redis.RedisError as e:
+                last = e
+            else:
+                masters = {m for m, _, _ in last}  # type: ignore[attr-defined]
+                if len(masters) == 1 and all(o == 2 and ok for _, o, ok in last):  # type: ignore[attr-defined]
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"sentinel group not settled in {timeout}s: {last}")
+
+    def _state(self, i: int) -> tuple[int, int, bool]:
+        c = self.sentinel_client(i)
+        try:
+            m = c.execute_command("SENTINEL", "MASTER", self.MASTER)
+            info = dict(zip(m[::2], m[1::2], strict=False)) if isinstance(m, list) else m
+            replicas = c.execute_command("SENTINEL", "REPLICAS", self.MASTER)
+        finally:
+            c.close()
+        ok = False
+        for r in replicas:
+            ri = dict(zip(r[::2], r[1::2], strict=False)) if isinstance(r, list) else r
+            flags = str(ri.get("flags", ""))
+            if ("s_down" not in flags and "disconnected" not in flags
+                    and ri.get("master-link-status") == "ok"):
+                ok = True
+        flags = str(info.get("flags", ""))
+        if "s_down" in flags or "o_down" in flags or "failover" in flags:
+            ok = False
+        return int(info["port"]), int(info["num-other-sentinels"]), ok
+
+    def wait_master_not(self, port: int, timeout: float = 20.0) -> int:
+        """Until every sentinel names a master other than `port`; returns the new one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ports = {self.master_port(i) for i in range(3)}
+            except redis.RedisError:
+                ports = set()
+            if len(ports) == 1 and port not in ports:
+                return ports.pop()
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover away from {port} in {timeout}s")
+
+    def failover(self) -> None:
+        """SENTINEL FAILOVER (a coordinated one: the master is demoted, not killed)."""
+        c = self.sentinel_client()
+        try:
+            c.execute_command("SENTINEL", "FAILOVER", self.MASTER)
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        for p in self.sentinels:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        for s in self.servers:
+            s.kill()
+
+
+@contextlib.contextmanager
+def sentinel_group(dir_: Path, **kw: int) -> Iterator[SentinelGroup]:
+    dir_.mkdir(parents=True, exist_ok=True)
+    g = SentinelGroup(dir_, **kw)
+    try:
+        g.start()
+        yield g
+    finally:
+        g.stop()

@@ -495,6 +495,7 @@ def test_completion_splits_applied_chunks_from_refused_ones() -> None:
     c = Completion(cfg, {"a": [one], "b": [one, one]})
     assert [q for q, _ in c.groups] == ["a", "b"] and len(c.calls) == 2
     err = RuntimeError("OOM")
-    done, failed = c.applied([b"1", err])
+    done, failed, acked = c.applied([b"1", err])
+    assert acked is None  # no WAIT (redis.wait_replicas: 0)
     assert done == [("a", [one], "1")]
     assert failed == [(("b", [one, one]), err)]
