@@ -5,21 +5,25 @@ master kill -9 with its replica promoted. Run alone with ``pytest -m cluster``."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 import redis.asyncio as aredis
 import yaml
 
-from jobqd import Client, config
+from jobqd import Client, QueueFull, config
 from jobqd.keys import QueueKeys
 
-from .conftest import InProcessDaemon, base_config, wait_status
+from .conftest import InProcessDaemon, base_config, wait_for, wait_status
 from .own_redis import OwnCluster, needs_redis_cluster, own_cluster
 
 pytestmark = [pytest.mark.cluster, needs_redis_cluster]
@@ -63,13 +67,15 @@ def cprefix(cluster: OwnCluster) -> Iterator[str]:
             r.close()
 
 
-def cluster_config(cluster: OwnCluster, prefix: str, queues: list[str], **over: Any
+def cluster_config(cluster: OwnCluster, prefix: str, qs: list[str], **over: Any
                    ) -> dict[str, Any]:
+    """The test config on the cluster, with `queues` (weight 1 unless over["queues"]);
+    each test task is routed to one of them."""
     cfg = base_config(prefix, **over)
     cfg["redis"] = {**cfg["redis"], "url": cluster.url}
-    cfg["queues"] = {q: {"weight": 1} for q in queues}
+    cfg["queues"] = over.get("queues") or {q: {"weight": 1} for q in qs}
     for name, t in cfg["tasks"].items():
-        t.setdefault("queue", queues[hash(name) % len(queues)])
+        t.setdefault("queue", qs[len(name) % len(qs)])
     return cfg
 
 
@@ -78,9 +84,9 @@ async def cstart(cluster: OwnCluster, cprefix: str, tmp_path: Path
                  ) -> AsyncIterator[Callable[..., Any]]:
     started: list[InProcessDaemon] = []
 
-    async def start(queues: list[str], **over: Any) -> InProcessDaemon:
+    async def start(qs: list[str], **over: Any) -> InProcessDaemon:
         path = tmp_path / f"jobqd-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(yaml.safe_dump(cluster_config(cluster, cprefix, queues, **over)))
+        path.write_text(yaml.safe_dump(cluster_config(cluster, cprefix, qs, **over)))
         d = await InProcessDaemon(config.load(path)).start()
         started.append(d)
         return d
@@ -119,3 +125,125 @@ async def test_queues_on_different_masters_run(cluster: OwnCluster, cprefix: str
         assert info.queue in qs
     assert await side.hlen(f"{cprefix}:runs") == 15
     await side.delete(f"{cprefix}:runs")
+
+
+async def test_retries_delays_dlq_wait_cancel(cluster: OwnCluster, cprefix: str,
+                                              cstart: Callable[..., Any], cclient: Client,
+                                              side: aredis.Redis) -> None:
+    qs = spread_queues(cluster, cprefix)
+    await cstart(qs)
+    for q in qs:
+        flaky = await cclient.enqueue("fail_times", {"key": f"{cprefix}:f:{q}", "times": 2},
+                                      queue=q)
+        info = await wait_status(cclient, flaky.id, "succeeded")
+        assert info.attempts == 3
+        dead = await cclient.enqueue("always_fail", queue=q)
+        info = await wait_status(cclient, dead.id, "dead")
+        assert info.reason == "max_retries"
+        assert await cclient.dlq_replay(dead.id)
+        await wait_status(cclient, dead.id, "dead")
+        later = await cclient.enqueue("record", {"key": f"{cprefix}:runs"}, queue=q,
+                                      delay_s=0.5)
+        assert (await cclient.status(later.id)).status == "scheduled"
+        await wait_status(cclient, later.id, "succeeded")
+        # a waited-for job: complete.lua PUBLISHes on the done channel (pub/sub on a cluster)
+        waited = await cclient.enqueue("record", {"key": f"{cprefix}:runs", "value": q},
+                                       queue=q)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(cclient.wait(waited.id, timeout_s=10), 15) == q
+        assert time.monotonic() - t0 < 4  # told, not found by the 5 s re-read
+        # cancel of a running job: the control channel reaches the daemon
+        long = await cclient.enqueue("sleep", {"seconds": 30}, queue=q)
+        await wait_status(cclient, long.id, "running")
+        await cclient.cancel(long.id)
+        await wait_status(cclient, long.id, "cancelled")
+    await side.delete(f"{cprefix}:runs", *(f"{cprefix}:f:{q}" for q in qs))
+
+
+async def test_weighted_fairness_across_masters(cluster: OwnCluster, cprefix: str,
+                                               tmp_path: Path, cclient: Client,
+                                               side: aredis.Redis) -> None:
+    qs = spread_queues(cluster, cprefix)
+    weights = dict(zip(qs, (6, 3, 1), strict=True))
+    cfg = cluster_config(cluster, cprefix, qs, consumers=4,
+                         queues={q: {"weight": w} for q, w in weights.items()})
+    path = tmp_path / "fair.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    idle = dict(cfg, consumers=0)
+    (tmp_path / "idle.yaml").write_text(yaml.safe_dump(idle))
+    d0 = await InProcessDaemon(config.load(tmp_path / "idle.yaml")).start()
+    await d0.stop()
+    key = f"{cprefix}:fair"
+    for q in qs:
+        await cclient.enqueue_many("record", [{"key": key}] * 300, queue=q)
+    d = await InProcessDaemon(config.load(path)).start()
+    try:
+        await wait_for(lambda: _hlen_at_least(side, key, 500), 60, "500 starts")
+    finally:
+        await d.stop()
+    order = [x.decode().split("|", 1)[0] for x in await side.lrange(key + ":order", 0, 499)]
+    got = Counter(order)
+    # while all three have work, starts follow 6:3:1 (within 5 %)
+    for q, w in weights.items():
+        assert abs(got[q] / 500 - w / 10) < 0.05, got
+    await side.delete(key, key + ":order")
+
+
+async def _hlen_at_least(r: aredis.Redis, key: str, n: int) -> bool:
+    return await r.hlen(key) >= n
+
+
+async def test_backpressure_http_api_and_metrics(cluster: OwnCluster, cprefix: str,
+                                                  cstart: Callable[..., Any],
+                                                  cclient: Client) -> None:
+    qs = spread_queues(cluster, cprefix)
+    d = await cstart(qs, consumers=0)
+    for q in qs:
+        for i in range(3):
+            await cclient.enqueue("noop", {"i": i}, queue=q)
+    # per-queue numbers come from whichever master holds the queue
+    host, port = d.daemon._http_socks[0].getsockname()[:2]
+    async with aiohttp.ClientSession(f"http://{host}:{port}") as s:
+        async with s.post("/v1/jobs", json={"task": "noop", "args": {}, "queue": qs[1]}) as resp:
+            body = await resp.json()
+            assert resp.status == 202, body
+        async with s.get("/v1/queues") as resp:
+            assert resp.status == 200
+            depth = {q["name"]: q["depth"] for q in (await resp.json())["queues"]}
+        assert depth == {qs[0]: 3, qs[1]: 4, qs[2]: 3}
+        async with s.get(f"/v1/jobs/{body['id']}") as resp:
+            assert (await resp.json())["status"] == "queued"
+        async with s.get("/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with s.get("/metrics") as resp:
+                text = await resp.text()
+            if f'jobqd_queue_depth{{queue="{qs[1]}"}} 4.0' in text:
+                break
+            assert asyncio.get_running_loop().time() < deadline, text
+            await asyncio.sleep(0.2)
+
+
+async def test_backpressure(cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any],
+                            cclient: Client) -> None:
+    qs = spread_queues(cluster, cprefix)
+    over = {"queues": {q: {"weight": 1, "high_watermark": 3, "low_watermark": 1} for q in qs}}
+    d = await cstart(qs, consumers=0, **over)
+    for q in qs:
+        for i in range(3):
+            await cclient.enqueue("noop", {"i": i}, queue=q)
+        with pytest.raises(QueueFull):
+            await cclient.enqueue("noop", queue=q)
+    await d.stop()
+    await cstart(qs, consumers=4, **over)  # drained below low: accepting again
+    for q in qs:
+        await wait_for(lambda q=q: _accepts(cclient, q), 20, f"{q} accepting")
+
+
+async def _accepts(c: Client, q: str) -> bool:
+    try:
+        await c.enqueue("noop", queue=q)
+    except QueueFull:
+        return False
+    return True
