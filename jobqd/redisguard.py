@@ -60,6 +60,7 @@ async def read_policy(r: aredis.Redis) -> str | None:
     Cluster, every master's: the first that is not noeviction, else noeviction (each
     master holds some queues, and one that evicts loses theirs)."""
     if is_cluster(r):
+        await r.initialize()  # the slot map, once
         nodes = r.get_primaries()  # type: ignore[attr-defined]
         got = await asyncio.gather(*(_read_policy(r, {"target_nodes": n}) for n in nodes))
         bad = [p for p in got if p != SAFE_POLICY]

@@ -124,6 +124,7 @@ async def redis_time_ms(r: aredis.Redis, key: str) -> int:
     master has its own clock, and a stamp written by a script must be compared
     with the clock that wrote it."""
     if is_cluster(r):
+        await r.initialize()  # the slot map, once
         node = r.get_node_from_key(key)  # type: ignore[attr-defined]
         sec, usec = await r.execute_command("TIME", target_nodes=node)  # type: ignore[no-untyped-call]
     else:
