@@ -178,6 +178,53 @@ class OwnCluster:
                 c.close()
         raise RuntimeError("no live node answers")
 
+    def node_id(self, n: OwnRedis) -> str:
+        c = redis.Redis(port=n.port, socket_timeout=2)
+        try:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            c.close()
+
+    def migrate_slot(self, key: str, dst: OwnRedis, batch: int = 10,
+                     pause_s: float = 0.0) -> int:
+        """Move `key`'s slot to `dst` the way redis-cli --cluster reshard moves each
+        slot: IMPORTING/MIGRATING, MIGRATE the keys `batch` at a time (sleeping
+        `pause_s` between batches, so a busy queue runs across it), then SETSLOT NODE
+        on every master. Returns how many keys moved."""
+        src = self.master_of(key)
+        assert src is not dst
+        s = redis.Redis(port=src.port, socket_timeout=10)
+        d = redis.Redis(port=dst.port, socket_timeout=10)
+        try:
+            slot = int(s.execute_command("CLUSTER", "KEYSLOT", key))
+            src_id, dst_id = self.node_id(src), self.node_id(dst)
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000,
+                                  "KEYS", *keys)
+                moved += len(keys)
+                if pause_s:
+                    time.sleep(pause_s)
+            for n in self.nodes:
+                if n.proc is None or n.proc.poll() is not None:
+                    continue
+                c = redis.Redis(port=n.port, socket_timeout=2)
+                try:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                except redis.ResponseError:
+                    pass  # a replica
+                finally:
+                    c.close()
+            return moved
+        finally:
+            s.close()
+            d.close()
+
     def stop(self) -> None:
         for n in self.nodes:
             n.kill()
