@@ -188,9 +188,6 @@ def connect(url: str, **options: Any) -> aredis.Redis:
     return master
 
 
-_asking_fixed = False
-
-
 def _fix_asking() -> None:
     """redis-py's asyncio cluster node (8.1) follows an ASK redirect by sending ASKING
     and then the command as two separate commands, each on a connection taken from
@@ -201,11 +198,9 @@ def _fix_asking() -> None:
     slot migration. Taking the most recently released connection instead (LIFO)
     puts the command on ASKING's connection: nothing runs between the two. Applied
     once, when the first cluster client is made."""
-    global _asking_fixed
-    if _asking_fixed:
-        return
-    _asking_fixed = True
     original = AsyncClusterNode.acquire_connection
+    if getattr(original, "jobqd_lifo", False):
+        return
 
     def acquire_last_released(self: AsyncClusterNode) -> Any:
         free = self._free
@@ -213,6 +208,7 @@ def _fix_asking() -> None:
             return free.pop()
         return original(self)
 
+    acquire_last_released.jobqd_lifo = True  # type: ignore[attr-defined]
     AsyncClusterNode.acquire_connection = acquire_last_released  # type: ignore[method-assign]
 
 

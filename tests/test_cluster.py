@@ -396,3 +396,37 @@ async def test_slot_migration_of_a_busy_queue_loses_nothing(
           f"{refused} enqueue calls refused meanwhile, "
           f"{sum(1 for n in started if n > 1)} run twice, 0 lost")
     await side.delete(key, key + ":started")
+
+
+async def test_ask_redirect_with_a_busy_connection_pool(cluster: OwnCluster,
+                                                        cprefix: str) -> None:
+    """Mid-migration, a key already moved is reached by ASK: ASKING and the command
+    must go out on one connection even when the node has several idle ones (redis-py
+    8.1 sends them on two; connect._fix_asking)."""
+    key = "{" + cprefix + ":ask}:k"
+    src = cluster.master_of(key)
+    dst = next(n for n in cluster.nodes[:3] if n is not src)
+    s, d = redis.Redis(port=src.port), redis.Redis(port=dst.port)
+    slot = int(s.execute_command("CLUSTER", "KEYSLOT", key))
+    r = connect.connect(cluster.url)
+    try:
+        await r.set(key, "v")
+        other = [f"{{{cprefix}:o{i}}}" for i in range(200)]
+        on_dst = [k for k in other if cluster.master_of(k) is dst][:20]
+        await asyncio.gather(*(r.get(k) for k in on_dst))  # several idle connections to dst
+        d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(src))
+        s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(dst))
+        s.execute_command("MIGRATE", "127.0.0.1", dst.port, key, 0, 5000)
+        try:
+            assert await r.get(key) == b"v"  # ASK -> dst
+        finally:
+            for n in cluster.nodes:
+                c = redis.Redis(port=n.port)
+                with contextlib.suppress(redis.ResponseError):
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(dst))
+                c.close()
+        await r.delete(key)
+    finally:
+        await r.aclose()
+        s.close()
+        d.close()
