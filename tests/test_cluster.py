@@ -514,3 +514,29 @@ async def test_master_kill9_replica_promoted_daemon_recovers(
 
 async def _promoted(c: OwnCluster, key: str, victim: Any) -> bool:
     return await asyncio.to_thread(c.master_of, key) is not victim
+
+
+async def test_schedules_outbox_relay_and_ledger_with_postgres(
+        cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any], cclient: Client,
+        db: Any, pg_schema: str, side: aredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobqd import outbox
+    from jobqd import relay as relay_mod
+
+    from .conftest import PG_DSN
+    monkeypatch.setattr(relay_mod, "SWEEP_S", 0.2)
+    qs = spread_queues(cluster, cprefix)
+    await cstart(qs, postgres={"dsn": PG_DSN, "schema": pg_schema, "ledger": True},
+                 schedules={"beat": {"task": "record", "every_s": 1, "queue": qs[2],
+                                     "args": {"key": f"{cprefix}:beat"}}})
+    key = f"{cprefix}:outbox"
+    async with db.transaction():
+        row_ids = await outbox.enqueue_many(db, "record", [{"key": key, "value": i}
+                                                            for i in range(10)],
+                                            prefix=cprefix, schema=pg_schema)
+    assert len(row_ids) == 10
+    await wait_for(lambda: _hlen_at_least(side, key, 10), 20, "10 relayed jobs run")
+    await wait_for(lambda: _hlen_at_least(side, f"{cprefix}:beat", 2), 10, "2 schedule ticks")
+    job_ids = [r["job_id"] for r in await db.fetch(f'SELECT job_id FROM "{pg_schema}".outbox')]
+    for j in job_ids:
+        await wait_status(cclient, j, "succeeded")
+    await side.delete(key, f"{cprefix}:beat", f"{cprefix}:beat:started")
