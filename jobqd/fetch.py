@@ -83,6 +83,12 @@ def slot_groups(r: aredis.Redis, items: Iterable[str], key: Callable[[str], str]
     return list(by_slot.values())
 
 
+def _seen(t: asyncio.Task[Any]) -> None:
+    """Mark a task's exception retrieved (`_harvest` still raises it)."""
+    if not t.cancelled():
+        t.exception()
+
+
 def _nogroup(e: BaseException) -> bool:
     return isinstance(e, ResponseError) and "NOGROUP" in str(e)
 
@@ -201,8 +207,10 @@ class Fetcher:
         for g in groups:
             key = tuple(g)
             if key not in self.reads:
-                self.reads[key] = asyncio.create_task(
-                    self._read_blocking(prefix, g, share), name="jobqd-fetch-blocking")
+                t = asyncio.create_task(self._read_blocking(prefix, g, share),
+                                        name="jobqd-fetch-blocking")
+                t.add_done_callback(_seen)  # a read cancelled at drain may have failed
+                self.reads[key] = t
         await asyncio.wait(list(self.reads.values()), timeout=BLOCK_MS / 1000 + 5,
                            return_when=asyncio.FIRST_COMPLETED)
         return self._harvest()
@@ -216,12 +224,20 @@ class Fetcher:
                 out.extend(t.result())  # a Redis error is raised to the pool's loop
         return out
 
-    def cancel_reads(self) -> None:
-        """Stop the per-slot blocking reads still in flight (the pool is stopping;
-        its orphan scan finds what they may have been delivered)."""
-        for t in self.reads.values():
+    def cancel_reads(self) -> list[asyncio.Task[list[Delivery]]]:
+        """Stop the per-slot blocking reads still in flight; returns them."""
+        tasks = list(self.reads.values())
+        for t in tasks:
             t.cancel()
         self.reads.clear()
+        return tasks
+
+    async def stop_reads(self) -> None:
+        """At drain, before the orphan scan: the per-slot blocking reads stopped and
+        finished (what Redis delivered to them is in our PEL, where the scan finds it)."""
+        tasks = self.cancel_reads()
+        if tasks:
+            await asyncio.wait(tasks, timeout=BLOCK_MS / 1000 + 1)
 
     async def orphans(self, prefix: str, queues: Iterable[str],
                       held: Mapping[str, Container[bytes]]) -> list[Delivery]:
