@@ -23,9 +23,11 @@ import yaml
 
 from jobqd import Client, JobNotFound, QueueFull, SyncClient, config, connect
 from jobqd.cli import main
+from jobqd.daemon import Daemon
+from jobqd.exitcodes import ExitCode
 from jobqd.keys import QueueKeys
 
-from .conftest import DaemonProcess, InProcessDaemon, base_config, wait_for, wait_status
+from .conftest import DaemonProcess, InProcessDaemon, _cleanup, base_config, wait_for, wait_status
 from .own_redis import OwnCluster, needs_redis_cluster, own_cluster
 
 pytestmark = [pytest.mark.cluster, needs_redis_cluster]
@@ -54,8 +56,11 @@ def spread_queues(c: OwnCluster, prefix: str, n: int = 3) -> list[str]:
 
 @pytest.fixture
 def cprefix(cluster: OwnCluster) -> Iterator[str]:
+    """This test's key prefix; its keys are deleted from the cluster and from the
+    plain test Redis (where the handlers record) afterwards."""
     p = "c" + uuid.uuid4().hex[:10]
     yield p
+    _cleanup(p)
     for n in cluster.nodes:
         if n.proc is None or n.proc.poll() is not None:
             continue
@@ -341,6 +346,15 @@ async def test_cli_on_the_cluster(cluster: OwnCluster, cprefix: str, tmp_path: P
     code, out, _ = await cli("status", ids[0], "--json")
     assert code != 0 or json.loads(out)["status"] != "dead"
 
+    def sync_wait() -> tuple[Any, float]:  # the blocking client's pub/sub on the cluster
+        with SyncClient(cluster.url, cprefix) as c:
+            job = c.enqueue("record", {"key": f"{cprefix}:sync", "value": 3}, queue=qs[1])
+            t0 = time.monotonic()
+            return c.wait(job.id, timeout_s=10), time.monotonic() - t0
+
+    result, took = await asyncio.to_thread(sync_wait)
+    assert result == 3 and took < 4  # told, not found by the 5 s re-read
+
 
 async def test_slot_migration_of_a_busy_queue_loses_nothing(
         cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any], cclient: Client,
@@ -540,3 +554,21 @@ async def test_schedules_outbox_relay_and_ledger_with_postgres(
     for j in job_ids:
         await wait_status(cclient, j, "succeeded")
     await side.delete(key, f"{cprefix}:beat", f"{cprefix}:beat:started")
+
+
+async def test_every_master_policy_is_checked(cluster: OwnCluster, cprefix: str,
+                                              tmp_path: Path) -> None:
+    """One master of three may evict, each in turn: the daemon refuses to start (exit
+    78) every time, whichever node its client happens to ask first."""
+    qs = spread_queues(cluster, cprefix)
+    path = tmp_path / "evict.yaml"
+    path.write_text(yaml.safe_dump(cluster_config(cluster, cprefix, qs)))
+    for q in qs:
+        c = redis.Redis(port=cluster.master_of(QueueKeys(cprefix, q).stream).port)
+        c.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            d = Daemon(config.load(path), install_signals=False, watch_config=False)
+            assert await asyncio.wait_for(d.run(), 20) == ExitCode.CONFIG
+        finally:
+            c.config_set("maxmemory-policy", "noeviction")
+            c.close()
