@@ -258,6 +258,7 @@ class Pool:
             self.fetch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.fetch_task
+        await self.fetcher.stop_reads()  # Redis Cluster: the per-slot blocking reads
         # 2. fetched but not started: back at once, no attempt used; also entries a
         #    cancelled fetch delivered to us whose reply we never read
         handed = 0

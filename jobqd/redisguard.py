@@ -47,6 +47,7 @@ from jobqd import ops, publish, scripts
 from jobqd.aio import sleep_or_stop
 from jobqd.channels import QueueWeights
 from jobqd.config import Config, mask_url
+from jobqd.connect import is_cluster
 from jobqd.deps import is_oom, is_redis_error
 from jobqd.keys import GlobalKeys, QueueKeys
 from jobqd.runtime import Runtime
@@ -65,16 +66,28 @@ def epoch_key(prefix: str) -> str:
 
 async def read_policy(r: aredis.Redis) -> str | None:
     """Redis's maxmemory-policy: CONFIG GET, else INFO memory; None if neither answers
-    (a Redis error other than a refused/renamed command is raised)."""
+    (a Redis error other than a refused/renamed command is raised). On a Redis
+    Cluster, every master's: the first that is not noeviction, else noeviction (each
+    master holds some queues, and one that evicts loses theirs)."""
+    if is_cluster(r):
+        await r.initialize()  # the slot map, once
+        nodes = r.get_primaries()  # type: ignore[attr-defined]
+        got = await asyncio.gather(*(_read_policy(r, {"target_nodes": n}) for n in nodes))
+        bad = [p for p in got if p != SAFE_POLICY]
+        return bad[0] if bad else SAFE_POLICY
+    return await _read_policy(r, {})
+
+
+async def _read_policy(r: aredis.Redis, node: dict[str, Any]) -> str | None:
     try:
-        reply: Any = await r.config_get("maxmemory-policy")
+        reply: Any = await r.config_get("maxmemory-policy", **node)
         for k, v in (reply or {}).items():
             if ops.s(k) == "maxmemory-policy":
                 return ops.s(v)
     except ResponseError:  # CONFIG renamed (unknown command) or refused (ACL NOPERM)
         pass
     try:
-        info: Any = await r.info("memory")
+        info: Any = await r.info("memory", **node)
     except ResponseError:
         return None
     value = info.get("maxmemory_policy") if isinstance(info, dict) else None
