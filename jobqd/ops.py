@@ -618,7 +618,11 @@ def weights_get(prefix: str) -> Op[dict[str, int]]:
 def _weights(raw: Any) -> dict[str, int]:
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
-    return {k: int(v) for k, v in table.items()}
+    out = {}
+    for k, v in table.items():  # a value written by hand that is no weight is skipped
+        if v.isdigit():  # (as the weights refresh does): it must not crash stats or gauges
+            out[k] = int(v)
+    return out
 
 
 def weights_set(prefix: str, changes: dict[str, int],

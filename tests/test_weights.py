@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aredis
 import yaml
 
-from jobqd import Client, config
+from jobqd import Client, config, ops
 from jobqd.channels import QueueWeights
 from jobqd.cli import main
 from jobqd.exitcodes import ExitCode
@@ -228,3 +228,11 @@ async def test_bad_runtime_weight_in_redis_does_not_stop_the_daemon(
     d = await start(cfg.path)
     assert d.daemon.weights.weights == {"a": 4, "b": 1}
     await d.stop()
+
+
+async def test_stats_skip_a_weight_that_is_no_number(prefix: str, r: aredis.Redis) -> None:
+    """The gauge loop and `jobqd stats` read the weights hash too: garbage in it (written
+    by hand) is skipped there as well, instead of crashing the gauges component."""
+    await r.hset(f"{prefix}:weights", mapping={"a": "lots", "b": "-3", "c": "4"})
+    stats = await ops.AsyncRunner(r).run(ops.queue_stats(prefix, ["a", "b", "c"]))
+    assert [(st.name, st.weight) for st in stats] == [("a", None), ("b", None), ("c", 4)]
