@@ -223,6 +223,11 @@ async def test_backpressure_http_api_and_metrics(cluster: OwnCluster, cprefix: s
             assert (await resp.json())["status"] == "queued"
         async with s.get("/readyz") as resp:
             assert resp.status == 200, await resp.text()
+        # the dashboard's pages read every queue on its own master
+        for path in ("/ui/", "/ui/api/overview", f"/ui/queues/{qs[2]}", "/ui/workers",
+                     "/ui/dlq", f"/ui/jobs/{body['id']}"):
+            async with s.get(path) as resp:
+                assert resp.status == 200, (path, await resp.text())
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             async with s.get("/metrics") as resp:
@@ -231,6 +236,9 @@ async def test_backpressure_http_api_and_metrics(cluster: OwnCluster, cprefix: s
                 break
             assert asyncio.get_running_loop().time() < deadline, text
             await asyncio.sleep(0.2)
+    # cancel every queued job of one queue (ZSCAN/XRANGE on that queue's master)
+    res = await cclient.cancel_many(qs[0])
+    assert res == {"cancelled": 3, "cancelling": 0}, res
 
 
 async def test_backpressure(cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any],
