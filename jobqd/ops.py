@@ -618,7 +618,15 @@ def weights_get(prefix: str) -> Op[dict[str, int]]:
 def _weights(raw: Any) -> dict[str, int]:
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
-    return {k: int(v) for k, v in table.items()}
+    out: dict[str, int] = {}
+    for k, v in table.items():
+        try:
+            n = int(v)
+        except ValueError:  # written by hand into Redis: the weights loop reports it
+            continue
+        if n >= 0:
+            out[k] = n
+    return out
 
 
 def weights_set(prefix: str, changes: dict[str, int],
