@@ -16,26 +16,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
+from jobqd.connect import connect_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def daemon(redis_url: str, cfg: dict[str, Any]) -> Iterator[str]:
-    """Run a daemon on `cfg` (its redis section is filled in); yields its prefix."""
+def daemon(redis_url: str, cfg: dict[str, Any], env: dict[str, str] | None = None
+           ) -> Iterator[str]:
+    """Run a daemon on `cfg` (url and prefix of its redis section are filled in; any
+    redis URL form); yields its prefix. `env`: extra environment for the daemon."""
     prefix = "bench" + uuid.uuid4().hex[:10]
-    cfg = {**cfg, "redis": {"url": redis_url, "prefix": prefix},
+    cfg = {**cfg, "redis": {**cfg.get("redis", {}), "url": redis_url, "prefix": prefix},
            "http": {"listen": "127.0.0.1:0"}}
-    r = redis.Redis.from_url(redis_url)
+    r = connect_sync(redis_url)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "jobqd.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBQD_TEST_REDIS_URL": redis_url}
-        env.pop("NOTIFY_SOCKET", None)
+        penv = {**os.environ, "PYTHONPATH": str(ROOT), "JOBQD_TEST_REDIS_URL": redis_url,
+                **(env or {})}
+        penv.pop("NOTIFY_SOCKET", None)
         proc = subprocess.Popen([sys.executable, "-m", "jobqd", "-c", str(path), "run"],
-                                env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL)
+                                env=penv, cwd=str(ROOT), stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while not r.zcard(f"{prefix}:hb"):

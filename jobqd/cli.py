@@ -31,6 +31,7 @@ from jobqd.errors import (
     JobCancelled,
     JobFailed,
     JobNotFound,
+    NotReplicated,
     PayloadTooLarge,
     QueueFull,
     RedisOutOfMemory,
@@ -121,7 +122,8 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _client(cfg: config.Config) -> SyncClient:
     return SyncClient(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
-                      results_ttl_s=cfg.results.ttl_s)
+                      results_ttl_s=cfg.results.ttl_s, wait_replicas=cfg.redis.wait_replicas,
+                      wait_timeout_s=cfg.redis.wait_timeout_s)
 
 
 def _op(c: SyncClient, op: ops.Op[ops.T]) -> ops.T:
@@ -850,6 +852,7 @@ _ERRORS: list[tuple[type[BaseException], ExitCode, Callable[[BaseException], str
     (JobNotFound, ExitCode.ERROR, str),
     (PayloadTooLarge, ExitCode.USAGE, str),
     (RedisOutOfMemory, ExitCode.REDIS_OOM, str),
+    (NotReplicated, ExitCode.UNAVAILABLE, str),
     (OutOfMemoryError, ExitCode.REDIS_OOM, lambda e: f"redis is out of memory: {e}"),
     (BadJob, ExitCode.ERROR, str),
     (TypeError, ExitCode.USAGE, str),

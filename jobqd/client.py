@@ -25,12 +25,22 @@ DEFAULT_RESULTS_TTL_S = 3600.0  # config: results.ttl_s (how long a cancelled jo
 class _Base:
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
                  idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
-                 results_ttl_s: float = DEFAULT_RESULTS_TTL_S) -> None:
+                 results_ttl_s: float = DEFAULT_RESULTS_TTL_S,
+                 wait_replicas: int = 0, wait_timeout_s: float = 0.5) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.idem_ttl_ms = int(idempotency_ttl_s * 1000)
         self.results_ttl_ms = int(results_ttl_s * 1000)
+        # redis.wait_replicas: an enqueue returns once this many replicas have it
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = round(wait_timeout_s * 1000)
         self.routing = ops.Routing(prefix)
+
+    @staticmethod
+    def _config_kwargs(cfg: config_mod.Config) -> dict[str, Any]:
+        return {"idempotency_ttl_s": cfg.idempotency_ttl_s, "results_ttl_s": cfg.results.ttl_s,
+                "wait_replicas": cfg.redis.wait_replicas,
+                "wait_timeout_s": cfg.redis.wait_timeout_s}
 
     def _enqueue_op(self, task: str, args_list: Sequence[Any], *, queue: str | None,
                     delay_s: float | None, idem: Sequence[str | None] | None, wait: bool,
@@ -39,7 +49,9 @@ class _Base:
         return ops.waiting(
             lambda: ops.enqueue(self.prefix, self.routing, task, args_list, queue=queue,
                                 delay_s=delay_s, idempotency_keys=idem,
-                                idem_ttl_ms=self.idem_ttl_ms, expires_s=expires_s),
+                                idem_ttl_ms=self.idem_ttl_ms, expires_s=expires_s,
+                                wait_replicas=self.wait_replicas,
+                                wait_timeout_ms=self.wait_timeout_ms),
             wait, timeout_s)
 
 
@@ -53,9 +65,11 @@ class Client(_Base):
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
                  idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
                  results_ttl_s: float = DEFAULT_RESULTS_TTL_S,
-                 redis_client: aredis.Redis | None = None) -> None:
+                 redis_client: aredis.Redis | None = None, wait_replicas: int = 0,
+                 wait_timeout_s: float = 0.5) -> None:
         super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
-                         results_ttl_s=results_ttl_s)
+                         results_ttl_s=results_ttl_s, wait_replicas=wait_replicas,
+                         wait_timeout_s=wait_timeout_s)
         self._owns = redis_client is None
         self.redis = redis_client or connect.connect(redis_url, decode_responses=False,
                                                            health_check_interval=30)
@@ -65,8 +79,7 @@ class Client(_Base):
     @classmethod
     def from_config(cls, path: str | None = None) -> Client:
         cfg = config_mod.load(path or config_mod.default_path(), import_handlers=False)
-        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
-                   results_ttl_s=cfg.results.ttl_s)
+        return cls(cfg.redis_url, cfg.redis.prefix, **cls._config_kwargs(cfg))
 
     async def __aenter__(self) -> Self:
         return self
@@ -173,9 +186,11 @@ class SyncClient(_Base):
     def __init__(self, redis_url: str, prefix: str = "jobqd", *,
                  idempotency_ttl_s: float = DEFAULT_IDEM_TTL_S,
                  results_ttl_s: float = DEFAULT_RESULTS_TTL_S,
-                 redis_client: redis.Redis | None = None) -> None:
+                 redis_client: redis.Redis | None = None, wait_replicas: int = 0,
+                 wait_timeout_s: float = 0.5) -> None:
         super().__init__(redis_url, prefix, idempotency_ttl_s=idempotency_ttl_s,
-                         results_ttl_s=results_ttl_s)
+                         results_ttl_s=results_ttl_s, wait_replicas=wait_replicas,
+                         wait_timeout_s=wait_timeout_s)
         self._owns = redis_client is None
         self.redis = redis_client or connect.connect_sync(redis_url, decode_responses=False,
                                                           health_check_interval=30)
@@ -184,8 +199,7 @@ class SyncClient(_Base):
     @classmethod
     def from_config(cls, path: str | None = None) -> SyncClient:
         cfg = config_mod.load(path or config_mod.default_path(), import_handlers=False)
-        return cls(cfg.redis_url, cfg.redis.prefix, idempotency_ttl_s=cfg.idempotency_ttl_s,
-                   results_ttl_s=cfg.results.ttl_s)
+        return cls(cfg.redis_url, cfg.redis.prefix, **cls._config_kwargs(cfg))
 
     def __enter__(self) -> Self:
         return self

@@ -14,7 +14,15 @@ URL forms (``rediss`` instead of ``redis`` turns TLS on, for every connection):
   ``?sentinel_password=...``.
 
 redis-py's own cluster and sentinel clients do the routing and follow failovers
-(`MOVED`/`ASK` redirects, a promoted replica); nothing here routes. A cluster
+(`MOVED`/`ASK` redirects, a promoted replica); nothing here routes. One addition
+for Sentinel: redis-py asks the sentinels for the master only when it opens a
+connection, and drops an open one only when the old master answers READONLY,
+which a master demoted by ``SENTINEL FAILOVER`` does only once Sentinel has
+reconfigured it as a replica, seconds later; until then writes on open
+connections land on the old master and are lost with its data. So a sentinel
+client's pool asks the sentinels again at most every `RECHECK_S` when it hands
+out a connection, and when the master moved it closes every connection, in use
+or not (their commands fail with a connection error: a transient fault). A cluster
 client is handed out typed as ``redis.asyncio.Redis``: both implement the same
 command methods, and the few places that must behave differently on a cluster
 (multi-key reads across queues, pipelines, pub/sub) ask `is_cluster`.
@@ -22,6 +30,8 @@ command methods, and the few places that must behave differently on a cluster
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote
@@ -31,8 +41,12 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.cluster import ClusterNode, RedisCluster
-from redis.sentinel import Sentinel
+from redis.exceptions import RedisError
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+log = logging.getLogger("jobqd.connect")
 
 Kind = Literal["single", "cluster", "sentinel"]
 
@@ -41,6 +55,8 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 2.0  # per sentinel asked, unless the caller's timeouts say otherwise
+RECHECK_S = 0.5  # a sentinel client asks the sentinels for the master this often (at most)
 
 
 class TargetError(ValueError):
@@ -159,11 +175,73 @@ def _sentinel_kwargs(t: Target, options: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in options.items()
                            if k in ("socket_connect_timeout", "socket_timeout",
                                     "socket_keepalive")}
+    # a sentinel that does not answer must not hold up a command (the next one is asked)
+    for k in ("socket_connect_timeout", "socket_timeout"):
+        if out.get(k) is None:
+            out[k] = SENTINEL_TIMEOUT_S
     if t.sentinel_password is not None:
         out["password"] = t.sentinel_password
     if t.ssl:
         out["ssl"] = True
     return out
+
+
+def _moved(pool: Any, old: Any, new: Any) -> bool:
+    if new == old or old is None:
+        return False
+    log.warning("redis master %r moved from %s:%s to %s:%s (a sentinel failover): "
+                "reconnecting", pool.service_name, *old, *new)
+    return True
+
+
+class _FollowingPool(AsyncSentinelConnectionPool):
+    """A sentinel pool that notices a moved master on its own (see the module doc)."""
+
+    _checked_at = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= RECHECK_S:
+            self._checked_at = now  # before the await: one check at a time
+            await self._recheck()
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def _recheck(self) -> None:
+        old = self.master_address
+        if old is None:  # not connected yet: the first connection asks anyway
+            return
+        try:
+            new = await self.sentinel_manager.discover_master(self.service_name)
+        except (RedisError, OSError):  # no sentinel answers: keep the connections we have
+            return
+        if _moved(self, old, new):
+            self.master_address = new
+            await self.disconnect(inuse_connections=True)
+
+
+class _FollowingSyncPool(SentinelConnectionPool):
+    """`_FollowingPool` for the blocking client."""
+
+    _checked_at = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= RECHECK_S:
+            self._checked_at = now
+            self._recheck()
+        return super().get_connection(*args, **kwargs)
+
+    def _recheck(self) -> None:
+        old = self.master_address
+        if old is None:
+            return
+        try:
+            new = self.sentinel_manager.discover_master(self.service_name)
+        except (RedisError, OSError):
+            return
+        if _moved(self, old, new):
+            self.proxy.master_address = new
+            self.disconnect(inuse_connections=True)
 
 
 def connect(url: str, **options: Any) -> aredis.Redis:
@@ -174,14 +252,43 @@ def connect(url: str, **options: Any) -> aredis.Redis:
         return aredis.Redis.from_url(url, **options)
     if t.kind == "cluster":
         options.pop("health_check_interval", None)  # cluster nodes check on use
+        _fix_asking()
+        # reinitialize_steps=0: a MOVED reply (slot migration, failover) patches the
+        # slot map instead of, every 5th time, closing every connection of the client
+        # -- blocking reads, the pub/sub channel and commands of other tasks mid-flight
         cluster = AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in t.nodes],
-                                    **_auth(t), **options)
+                                    reinitialize_steps=0, **_auth(t), **options)
         return cast(aredis.Redis, cluster)
     sentinel = AsyncSentinel(list(t.nodes),  # type: ignore[no-untyped-call]
                              sentinel_kwargs=_sentinel_kwargs(t, options))
-    master: aredis.Redis = sentinel.master_for(t.master, redis_class=aredis.Redis, db=t.db,
-                                               **_auth(t), **options)
+    master: aredis.Redis = sentinel.master_for(t.master, redis_class=aredis.Redis,
+                                               connection_pool_class=_FollowingPool,
+                                               db=t.db, **_auth(t), **options)
     return master
+
+
+def _fix_asking() -> None:
+    """redis-py's asyncio cluster node (8.1) follows an ASK redirect by sending ASKING
+    and then the command as two separate commands, each on a connection taken from
+    the front of the node's free list and put back at its end: with more than one
+    idle connection the command goes out on a different connection than ASKING, the
+    importing node answers MOVED back to the old owner, which answers ASK again...
+    until "TTL exhausted". Every command on a key already moved fails for the whole
+    slot migration. Taking the most recently released connection instead (LIFO)
+    puts the command on ASKING's connection: nothing runs between the two. Applied
+    once, when the first cluster client is made."""
+    original = AsyncClusterNode.acquire_connection
+    if getattr(original, "jobqd_lifo", False):
+        return
+
+    def acquire_last_released(self: AsyncClusterNode) -> Any:
+        free = self._free
+        if free:
+            return free.pop()
+        return original(self)
+
+    acquire_last_released.jobqd_lifo = True  # type: ignore[attr-defined]
+    AsyncClusterNode.acquire_connection = acquire_last_released  # type: ignore[method-assign]
 
 
 def connect_sync(url: str, **options: Any) -> redis.Redis:
@@ -198,7 +305,8 @@ def connect_sync(url: str, **options: Any) -> redis.Redis:
     sentinel = Sentinel(list(t.nodes),  # type: ignore[no-untyped-call]
                         sentinel_kwargs=_sentinel_kwargs(t, options))
     master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        t.master, redis_class=redis.Redis, db=t.db, **_auth(t), **options)
+        t.master, redis_class=redis.Redis, connection_pool_class=_FollowingSyncPool, db=t.db,
+        **_auth(t), **options)
     return master
 
 

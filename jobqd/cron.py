@@ -115,7 +115,8 @@ class Cron:
         delay = jitter_s(sc, f.tick_ms)
         op = ops.enqueue(prefix, routing, sc.task, [dict(sc.args)], queue=sc.queue,
                          delay_s=delay or None, idempotency_keys=[f.key],
-                         idem_ttl_ms=IDEM_TTL_MS)
+                         idem_ttl_ms=IDEM_TTL_MS, wait_replicas=cfg.redis.wait_replicas,
+                         wait_timeout_ms=round(cfg.redis.wait_timeout_s * 1000))
         try:
             jobs = await self.runner.run(op)
         except JobqdError as e:  # queue full, unknown task, payload too large

@@ -71,6 +71,7 @@ from jobqd.errors import (
     ConfigError,
     FieldError,
     JobNotFound,
+    NotReplicated,
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
@@ -260,7 +261,8 @@ async def readyz(request: web.Request) -> web.Response:
     if not redis_state["ok"]:
         problems.append("redis")
     redis_state.update(maxmemory_policy=h.redis_policy, eviction_ok=h.redis_eviction_ok,
-                       oom=h.redis_oom, data_losses=h.redis_data_losses)
+                       oom=h.redis_oom, data_losses=h.redis_data_losses,
+                       memory_full=h.redis_memory_full)
     if not h.redis_eviction_ok:
         problems.append("redis_eviction")
         redis_state.setdefault(
@@ -442,7 +444,9 @@ async def enqueue(request: web.Request) -> web.Response:
                      delay_s=req.delay_s,
                      idempotency_keys=None if req.idempotency_key is None
                      else [req.idempotency_key],
-                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000), expires_s=req.expires_s)
+                     idem_ttl_ms=int(cfg.idempotency_ttl_s * 1000), expires_s=req.expires_s,
+                     wait_replicas=cfg.redis.wait_replicas,
+                     wait_timeout_ms=round(cfg.redis.wait_timeout_s * 1000))
     try:
         jobs: list[Job] = await st.run(op)
     except ops.UnknownQueue as e:
@@ -450,7 +454,8 @@ async def enqueue(request: web.Request) -> web.Response:
     except UnknownTask as e:
         raise ApiError(422, str(e), field="task") from None
     except QueueFull as e:
-        raise ApiError(503, str(e), queue=e.queue, depth=e.depth, high=e.high_watermark,
+        raise ApiError(503, str(e), queue=e.queue, reason=e.reason, depth=e.depth,
+                       high=e.high_watermark,
                        low=e.low_watermark,
                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}
                        ) from None
@@ -458,6 +463,11 @@ async def enqueue(request: web.Request) -> web.Response:
         raise ApiError(413, str(e), field="args", size=e.size, limit=e.limit) from None
     except RedisOutOfMemory as e:
         raise _oom_error(request, e) from None
+    except NotReplicated as e:  # on the master, not yet on enough replicas
+        rt.metrics.not_replicated.labels("enqueue").inc()
+        ids = [j.id for j in e.accepted]
+        raise ApiError(503, str(e), id=ids[0] if ids else None, acked=e.acked,
+                       wanted=e.wanted, headers={"Retry-After": "1"}) from None
     except PayloadTooDeep as e:
         raise ApiError(400, str(e), field=e.field, limit=e.limit) from None
     except (TypeError, ValueError) as e:

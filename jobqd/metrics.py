@@ -73,6 +73,13 @@ class Metrics:
         self.schedule_due = Gauge("jobqd_schedule_due_timestamp_seconds", "Time of the latest "
                                   "tick at or before now: its job should exist", ["schedule"],
                                   registry=reg)
+        self.not_replicated = Counter(
+            "jobqd_not_replicated", "Writes fewer than redis.wait_replicas replicas "
+            "acknowledged within redis.wait_timeout_s, by op (enqueue: refused to the "
+            "producer with NotReplicated; settle: the outcome stands, logged)", ["op"],
+            registry=reg)
+        for op in ("enqueue", "settle"):
+            self.not_replicated.labels(op)
         self.build = PromInfo("jobqd_build", "Version information", registry=reg)
         self.build.info({"version": __version__, "python": platform.python_version()})
         self._completed: dict[tuple[str, str, str], Any] = {}

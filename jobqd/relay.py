@@ -51,6 +51,7 @@ from jobqd.deps import is_outage, is_postgres_error
 from jobqd.errors import (
     ConfigError,
     JobNotFound,
+    NotReplicated,
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
@@ -210,7 +211,9 @@ class Publisher:
             self.prefix, self.routing, task, [r.args for r in rows], queue=queue,
             delay_s=delay_ms / 1000.0 if delay_ms > 0 else None,
             idempotency_keys=[r.idem for r in rows],
-            idem_ttl_ms=int(self.cfg.idempotency_ttl_s * 1000)))
+            idem_ttl_ms=int(self.cfg.idempotency_ttl_s * 1000),
+            wait_replicas=self.cfg.redis.wait_replicas,
+            wait_timeout_ms=round(self.cfg.redis.wait_timeout_s * 1000)))
 
     async def _publish_group(self, task: str, queue: str | None, delay_ms: int,
                              rows: list[_Row], out: _Outcome) -> None:
@@ -227,6 +230,15 @@ class Publisher:
             self.held[task] = time.monotonic() + OOM_HOLD_S
             if self.health is not None:
                 self.health.redis_oom = True
+            log.warning("outbox: %s; %d row(s) of task %r wait (retried in %gs)", e,
+                        len(rows), task, OOM_HOLD_S)
+            return
+        except NotReplicated as e:
+            # on the master but not yet on enough replicas: the rows stay unpublished
+            # and are tried again (their idempotency keys find the jobs, nothing doubles)
+            self.held[task] = time.monotonic() + OOM_HOLD_S
+            if self.metrics is not None:
+                self.metrics.not_replicated.labels("enqueue").inc()
             log.warning("outbox: %s; %d row(s) of task %r wait (retried in %gs)", e,
                         len(rows), task, OOM_HOLD_S)
             return

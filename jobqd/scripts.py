@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from jobqd.connect import is_cluster
 from jobqd.keys import GROUP
 
 
@@ -63,11 +65,33 @@ class ScriptCall:
 PipeCall = Command | ScriptCall
 
 
+def wait_call(replicas: int, timeout_ms: int) -> Command:
+    """``WAIT`` (``redis.wait_replicas``): block until `replicas` replicas acknowledged
+    every write this connection sent before it, or `timeout_ms` passed; replies how
+    many did. Last in a pipeline it covers the whole pipeline."""
+    return Command(("WAIT", replicas, max(1, timeout_ms)))
+
+
 def _queue(p: Any, c: PipeCall) -> None:
     if isinstance(c, Command):
         p.execute_command(*c.args)
     else:
-        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+        # as a raw command: a cluster pipeline refuses its evalsha() method, but routes
+        # a raw EVALSHA by its keys like any other command
+        p.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+
+
+def _is_wait(c: PipeCall) -> bool:
+    return isinstance(c, Command) and str(c.args[0]).upper() == "WAIT"
+
+
+def _again(calls: Sequence[PipeCall], todo: list[int], got: list[Any]) -> list[int]:
+    """What a NOSCRIPT retry runs again: the script calls that found no script, and a
+    WAIT after them (it must cover their writes, which its first run preceded)."""
+    again = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+    if again:
+        again += [i for i in todo if i > again[0] and _is_wait(calls[i])]
+    return sorted(set(again))
 
 
 async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
@@ -75,7 +99,8 @@ async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
 
     NOSCRIPT-safe: when script calls find the cache empty (Redis restarted), every
     script is loaded again and only those calls are run again (the others ran: a
-    second run of an enqueue would duplicate jobs). Replies come back in order; an
+    second run of an enqueue would duplicate jobs), and so is a WAIT that follows them.
+    Replies come back in order; an
     error reply is returned in its place (never raised), so the caller decides per
     call.
     """
@@ -88,7 +113,7 @@ async def pipelined(r: aredis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
             got = await p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x
-        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        todo = _again(calls, todo, got)
         if attempt == 0 and todo:
             await preload(r)
             continue
@@ -107,12 +132,25 @@ def pipelined_sync(r: redis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
             got = p.execute(raise_on_error=False)
         for i, x in zip(todo, got, strict=True):
             replies[i] = x
-        todo = [i for i, x in zip(todo, got, strict=True) if isinstance(x, NoScriptError)]
+        todo = _again(calls, todo, got)
         if attempt == 0 and todo:
             preload_sync(r)
             continue
         break
     return replies
+
+
+async def redis_time_ms(r: aredis.Redis, key: str) -> int:
+    """The Redis clock (ms) of the server holding `key`: on a Redis Cluster each
+    master has its own clock, and a stamp written by a script must be compared
+    with the clock that wrote it."""
+    if is_cluster(r):
+        await r.initialize()  # the slot map, once
+        node = r.get_node_from_key(key)  # type: ignore[attr-defined]
+        sec, usec = await r.execute_command("TIME", target_nodes=node)  # type: ignore[no-untyped-call]
+    else:
+        sec, usec = await r.time()
+    return int(sec) * 1000 + int(usec) // 1000
 
 
 async def ensure_group(r: aredis.Redis, stream: str) -> None:
@@ -156,7 +194,12 @@ ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBE
 
 
 async def preload(r: aredis.Redis) -> None:
-    """Load every script in one round trip (after connect or a Redis restart)."""
+    """Load every script in one round trip (after connect or a Redis restart). On a
+    Redis Cluster, into every master (a cluster pipeline refuses SCRIPT LOAD; the
+    client sends it to all primaries), concurrently."""
+    if is_cluster(r):
+        await asyncio.gather(*(r.script_load(s.source) for s in ALL))
+        return
     async with r.pipeline(transaction=False) as p:
         for s in ALL:
             p.script_load(s.source)
@@ -164,6 +207,10 @@ async def preload(r: aredis.Redis) -> None:
 
 
 def preload_sync(r: redis.Redis) -> None:
+    if is_cluster(r):
+        for s in ALL:
+            r.script_load(s.source)
+        return
     with r.pipeline(transaction=False) as p:
         for s in ALL:
             p.script_load(s.source)
