@@ -182,10 +182,9 @@ def test_failover_under_load_without_wait(how: str, group: SentinelGroup,
                                           spawn: Callable[[Path], DaemonProcess], prefix: str,
                                           sync_r: redis.Redis) -> None:
     """wait_replicas 0: the daemon follows the failover; jobs lost are reported."""
-    out = _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
-    # lost only in the failover's window: nothing accepted once every client followed
-    if out["lost"]:
-        assert out["lost_accepted_at_s"][1] < out["failover_s"] + SETTLE_S, out
+    # asserted inside: the daemon runs on, and every job accepted once all clients
+    # followed (SETTLE_S after the sentinels agreed) ran; losses are only reported
+    _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
 
 
 @pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
