@@ -46,8 +46,14 @@ ROOT = BENCH.parent
 DRIVERS = BENCH / "drivers"
 REQS = BENCH / "requirements-peers.txt"
 
-PEERS = ["arq", "saq", "rq", "rq_simple", "dramatiq", "celery", "taskiq"]
-ALL_SYSTEMS = ["jobqd", *PEERS]
+PEERS = ["arq", "saq", "rq", "rq_simple", "dramatiq", "celery", "taskiq", "streaq", "pgqueuer"]
+# Not peers (never a "best peer"), measured in the processing phases only, right after
+# jobqd in every repeat: jobqd's daemon on redis-py 5.3.1, and the reference Streams
+# worker (bench/drivers/reference_driver.py), the yardstick of issue #17.
+REFERENCE = "reference"
+PROC_ONLY = ["jobqd_redis5", REFERENCE, "pgqueuer"]  # pgqueuer: a PostgreSQL queue
+ALL_SYSTEMS = ["jobqd", "jobqd_redis5", REFERENCE, *PEERS]
+NOT_PEERS = {"jobqd", "jobqd_redis5", REFERENCE}
 HIGH = 100  # the "concurrency 100" setting
 
 KEY_DONE = "bench:done"
@@ -264,7 +270,7 @@ class Cmd:
         cmd = [system.python, "-m", f"bench.drivers.{system.name}_driver", *args]
         self.p = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=system.env["PYTHONPATH"],  # `-m` puts the cwd first on sys.path
             env=system.env,
             stdout=subprocess.PIPE,
             stderr=self.logf,
@@ -431,7 +437,7 @@ def ensure_venv(name: str, lines: list[str], root: Path, install: bool) -> Path:
     venv = root / name
     py = venv / "bin" / "python"
     stamp = venv / ".bench-requirements.txt"
-    want = "\n".join(lines) + "\n"
+    want = "\n".join(line.replace("{ROOT}", str(ROOT)) for line in lines) + "\n"
     if py.exists() and stamp.exists() and stamp.read_text() == want:
         return py
     if not install:
@@ -476,13 +482,15 @@ def pip_freeze(py: str) -> list[str]:
 
 # ================================================================= systems
 class System:
-    def __init__(self, name: str, python: str, redis_url: str, logdir: Path) -> None:
+    def __init__(
+        self, name: str, python: str, redis_url: str, logdir: Path, pythonpath: str = str(ROOT)
+    ) -> None:
         self.name = name
         self.python = python
         self.logdir = logdir
         self.env = dict(os.environ)
         self.env.update(
-            PYTHONPATH=str(ROOT),
+            PYTHONPATH=pythonpath,
             PYTHONUNBUFFERED="1",
             PYTHONDONTWRITEBYTECODE="1",
             BENCH_REDIS_URL=redis_url,
@@ -524,6 +532,9 @@ class Bench:
     def rec(self, s: System, key: str, value: float | None, **extra: Any) -> None:
         m = self.results[s.name]["metrics"].setdefault(key, {"runs": [], "extra": []})
         m["runs"].append(value)
+        # the machine is shared: when and under which load each number was taken
+        extra.setdefault("at", time.strftime("%H:%M:%S", time.gmtime()))
+        extra.setdefault("loadavg", " ".join(f"{x:.2f}" for x in os.getloadavg()))
         m["extra"].append(extra)
 
     def note(self, s: System, msg: str) -> None:
@@ -626,7 +637,8 @@ class Bench:
         )
         if d["done"] > n:
             flag += f" (counter {d['done']} > {n} jobs: duplicate executions)"
-        log(f"  {s.name}: {key} c={c}: {_fmt(d['rate'])} jobs/s{flag}")
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        log(f"  {s.name}: {key} c={c}: {_fmt(d['rate'])} jobs/s{flag} (load {load})")
 
     def p_single_then_default(self, s: System) -> None:
         """Enqueue N no-op jobs one by one, then drain them at default concurrency."""
@@ -651,6 +663,15 @@ class Bench:
             e = self.enqueue(s, "enqueue", "fill", self.a.n, "noop")
         if s.high_c is not None:
             self._process(s, "proc_100", "worker-100", e["n"], s.high_c, "noop")
+
+    def p_processing_only(self, s: System) -> None:
+        """The two no-op processing rows only (queue filled with the batch API)."""
+        for key, c in (("proc_default", s.default_c), ("proc_100", s.high_c)):
+            if c is None:
+                continue
+            self.redis.flush()
+            e = self.enqueue(s, "enqueue", "fill", self.a.n, "noop")
+            self._process(s, key, f"worker-{key}", e["n"], c, "noop")
 
     def p_io(self, s: System) -> None:
         if s.high_c is None:
@@ -871,7 +892,7 @@ def best_peer(results: dict[str, dict[str, Any]], key: str) -> tuple[str | None,
     hib = METRIC_INFO[key][2]
     best: tuple[str | None, float | None] = (None, None)
     for name, r in results.items():
-        if name == "jobqd" or r.get("status") != "ok":
+        if name in NOT_PEERS or r.get("status") != "ok":
             continue
         v = r["metrics"].get(key, {}).get("median")
         if v is None:
@@ -911,7 +932,7 @@ def cell(results: dict[str, Any], name: str, key: str) -> str:
         return "skipped"
     m = r["metrics"].get(key)
     if not m:
-        return "n/a"
+        return "—" if name in PROC_ONLY else "n/a"
     v = m.get("median")
     if v is None:
         if key == "recovery_s" and m["extra"]:
@@ -936,6 +957,71 @@ def cell(results: dict[str, Any], name: str, key: str) -> str:
 
 def _fmt_ratio(rr: float) -> str:
     return f"{rr:.2f}×" if rr >= 0.1 else f"{rr:.2g}×"
+
+
+GOALS = {"proc_default": 0.75, "proc_100": 0.90}  # issue #17: jobqd / reference
+
+
+def _runs(results: dict[str, Any], name: str, key: str) -> list[float | None]:
+    r = results.get(name, {})
+    if r.get("status") != "ok":
+        return []
+    return list(r.get("metrics", {}).get(key, {}).get("runs", []))
+
+
+def _paired(a: list[float | None], b: list[float | None]) -> list[float]:
+    """Per-repeat ratios a/b (the two ran minutes apart in the same repeat)."""
+    return [x / y for x, y in zip(a, b, strict=False) if x and y]
+
+
+def reference_lines(results: dict[str, Any]) -> list[str]:
+    """jobqd as a fraction of the reference Streams worker, and jobqd on redis-py 5.3.1."""
+    rows = []
+    for key in ("proc_default", "proc_100"):
+        jq, ref, r5 = (_runs(results, n, key) for n in ("jobqd", REFERENCE, "jobqd_redis5"))
+        if not jq or not (ref or r5):
+            continue
+        jm = _median(jq)
+        conc = results["jobqd"]["metrics"][key]["extra"][0].get("concurrency")
+        row = [f"{METRIC_INFO[key][0]} (consumers {conc})", fmt_value(jm, "jobs/s")]
+        if ref:
+            rm = _median(ref)
+            pr = _paired(jq, ref)
+            row += [fmt_value(rm, "jobs/s"),
+                    f"{jm / rm:.0%}" if jm and rm else "—",
+                    ", ".join(f"{x:.0%}" for x in pr) or "—",
+                    f"≥ {GOALS[key]:.0%}"]
+        else:
+            row += ["—"] * 4
+        if r5:
+            r5m = _median(r5)
+            row += [fmt_value(r5m, "jobs/s"), f"{r5m / jm:.2f}×" if r5m and jm else "—"]
+        else:
+            row += ["—", "—"]
+        rows.append("| " + " | ".join(row) + " |")
+    if not rows:
+        return []
+    ver = results.get("jobqd", {}).get("info", {}).get("redis_py", "?")
+    ver5 = results.get("jobqd_redis5", {}).get("info", {}).get("redis_py", "5.3.1")
+    return [
+        "",
+        "## jobqd vs the reference Streams worker, and on both redis-py versions",
+        "",
+        "The reference (`bench/drivers/reference_driver.py`) is the least a Python worker "
+        "does per job for this job body: XREADGROUP COUNT C, the C jobs concurrently, XACK "
+        "pipelined with the next fetch; it ran right after jobqd in every repeat, at the "
+        "same concurrency. Per-repeat ratios pair the runs of the same repeat.",
+        "",
+        f"| row | jobqd (redis-py {ver}) | reference | jobqd / reference (medians) | "
+        f"per repeat | goal (#17) | jobqd on redis-py {ver5} | redis-py {ver5} / {ver} |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _median(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
 
 
 def write_markdown(path: Path, data: dict[str, Any]) -> None:
@@ -979,6 +1065,7 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         rr = ratio(jv, bv, hib)
         row.append(_fmt_ratio(rr) if rr is not None else "—")
         lines.append("| " + " | ".join(row) + " |")
+    lines += reference_lines(results)
     lines += ["", "## Settings per system", ""]
     lines.append(
         "| system | version | default concurrency | concurrency 100 | batch API | I/O job | notes |"
@@ -1247,6 +1334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobqd-python",
         help="python with jobqd installed (default: ./.venv/bin/python or this one)",
     )
+    p.add_argument(
+        "--jobqd-src",
+        help="import jobqd from this checkout instead of this one (the harness stays this "
+        "one; bench/compare_revisions.py uses it)",
+    )
     p.add_argument("--no-install", action="store_true", help="do not create/update peer venvs")
     p.add_argument(
         "--render",
@@ -1273,6 +1365,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if x not in ALL_SYSTEMS and not (DRIVERS / f"{x}_driver.py").exists():
             p.error(f"unknown system {x!r} (no bench/drivers/{x}_driver.py)")
     return a
+
+
+_SRC_DIRS: list[str] = []
+
+
+def pythonpath(system: str, jobqd_src: str | None) -> str:
+    """PYTHONPATH of a driver: this checkout, or for jobqd's own drivers with
+    --jobqd-src a directory where `bench` is this checkout's and `jobqd` the other's,
+    so two revisions of jobqd run under exactly the same harness and drivers."""
+    if not jobqd_src or not system.startswith("jobqd"):
+        return str(ROOT)
+    if not _SRC_DIRS:
+        d = tempfile.mkdtemp(prefix="bench-jobqd-src-")
+        os.symlink(BENCH, os.path.join(d, "bench"))
+        os.symlink(Path(jobqd_src).resolve() / "jobqd", os.path.join(d, "jobqd"))
+        atexit.register(shutil.rmtree, d, True)
+        _SRC_DIRS.append(d)
+    return _SRC_DIRS[0]
 
 
 def render(results_json: Path) -> int:
@@ -1338,7 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
                         if (ROOT / ".venv" / "bin" / "python").exists()
                         else sys.executable
                     )
-                s = System(name, py, redis.url, logdir)
+                s = System(name, py, redis.url, logdir, pythonpath(name, a.jobqd_src))
                 s.load_info()
             except (PhaseError, subprocess.SubprocessError, OSError) as e:
                 msg = str(e).strip().splitlines()
@@ -1362,16 +1472,19 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.repeats if "core" in a.phases else 0):
             for s in systems:
                 log(f"--- repeat {rep + 1}/{a.repeats}: {s.name}")
+                if s.name in PROC_ONLY:
+                    b.phase(s, "processing default + 100", b.p_processing_only)
+                    continue
                 b.phase(s, "enqueue single + processing default", b.p_single_then_default)
                 b.phase(s, "enqueue batch + processing 100", b.p_batch_then_high)
                 b.phase(s, "I/O-bound 100", b.p_io)
                 b.phase(s, "latency", b.p_latency)
         if "memory" in a.phases:
-            for s in systems:
+            for s in (s for s in systems if s.name not in PROC_ONLY):
                 log(f"--- memory: {s.name} ({a.mem_n:,} jobs)")
                 b.phase(s, "memory", b.p_memory)
         if "recovery" in a.phases:
-            for s in systems:
+            for s in (s for s in systems if s.name not in PROC_ONLY):
                 log(f"--- recovery: {s.name}")
                 b.phase(s, "recovery", b.p_recovery)
     except KeyboardInterrupt as e:

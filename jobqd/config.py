@@ -189,6 +189,10 @@ class RedisConfig:
     prefix: str = opt("jobqd", check=_check_prefix)
     # run even if Redis may evict keys (maxmemory-policy other than noeviction)
     allow_eviction: bool = False
+    # refuse enqueues (QueueFull, reason memory) once Redis's used_memory is above this
+    # fraction of its maxmemory, so settles, acks and the DLQ keep the rest; 1: off
+    # (off anyway while Redis has no maxmemory)
+    max_memory_fraction: float = opt(0.9, gt=0, le=1)
     # WAIT for this many replicas to acknowledge each enqueue and settle (0: off); a
     # shortfall within wait_timeout_s fails an enqueue (NotReplicated), logs a settle
     wait_replicas: int = opt(0, ge=0, le=100)
@@ -307,6 +311,11 @@ class TaskConfig:
     # plain def in a thread) or process (a plain def in a worker process:
     # process_pool); None: async for an async def, thread for a plain def
     executor: Literal["async", "thread", "process"] | None = None
+    # what a succeeded job leaves in Redis for results.ttl_s: full (its result record:
+    # status and wait return the result), status (only the final status: status and
+    # wait say succeeded, no result), none (nothing: a wait already pending still
+    # returns, via the done notification; status then finds no job); null: results.keep
+    keep_result: Literal["none", "status", "full"] | None = None
     fn: Callable[..., Any] = opt(lambda: None, internal=True, compare=False,  # noqa: RUF009
                                  show=False)
     is_async: bool = opt(False, internal=True, compare=False)
@@ -389,6 +398,9 @@ class ShutdownConfig:
 class ResultsConfig:
     # how long a finished job's status and result stay readable
     ttl_s: float = opt(3600.0, ge=0.001, unit="s")
+    # what a succeeded job keeps for ttl_s unless its task says (tasks.X.keep_result):
+    # full, status or none (see README "Memory": bytes per finished job)
+    keep: Literal["none", "status", "full"] = "full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +434,11 @@ class Config:
     http: HttpConfig = HttpConfig()
     # how many jobs this daemon runs at once (0: route and reap only)
     consumers: int = opt(16, ge=0, le=10_000)
+    # jobs fetched ahead of the consumers, so fetches (and the settles riding on them)
+    # come in batches: null = as many as consumers once runs average under 50 ms, none
+    # for longer jobs, and buffered jobs no consumer could start for 1 s go back to
+    # their queue for other daemons; a number N = always N ahead; 0 = never ahead
+    prefetch: int | None = opt(None, ge=0, le=10_000)
     # without a queues: section there is one queue, "default"
     queues: Mapping[str, QueueConfig] = opt(factory=lambda: MappingProxyType({}),
                                             key_check=_check_queue_name,

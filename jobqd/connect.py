@@ -252,8 +252,12 @@ def connect(url: str, **options: Any) -> aredis.Redis:
         return aredis.Redis.from_url(url, **options)
     if t.kind == "cluster":
         options.pop("health_check_interval", None)  # cluster nodes check on use
+        _fix_asking()
+        # reinitialize_steps=0: a MOVED reply (slot migration, failover) patches the
+        # slot map instead of, every 5th time, closing every connection of the client
+        # -- blocking reads, the pub/sub channel and commands of other tasks mid-flight
         cluster = AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in t.nodes],
-                                    **_auth(t), **options)
+                                    reinitialize_steps=0, **_auth(t), **options)
         return cast(aredis.Redis, cluster)
     sentinel = AsyncSentinel(list(t.nodes),  # type: ignore[no-untyped-call]
                              sentinel_kwargs=_sentinel_kwargs(t, options))
@@ -261,6 +265,30 @@ def connect(url: str, **options: Any) -> aredis.Redis:
                                                connection_pool_class=_FollowingPool,
                                                db=t.db, **_auth(t), **options)
     return master
+
+
+def _fix_asking() -> None:
+    """redis-py's asyncio cluster node (8.1) follows an ASK redirect by sending ASKING
+    and then the command as two separate commands, each on a connection taken from
+    the front of the node's free list and put back at its end: with more than one
+    idle connection the command goes out on a different connection than ASKING, the
+    importing node answers MOVED back to the old owner, which answers ASK again...
+    until "TTL exhausted". Every command on a key already moved fails for the whole
+    slot migration. Taking the most recently released connection instead (LIFO)
+    puts the command on ASKING's connection: nothing runs between the two. Applied
+    once, when the first cluster client is made."""
+    original = AsyncClusterNode.acquire_connection
+    if getattr(original, "jobqd_lifo", False):
+        return
+
+    def acquire_last_released(self: AsyncClusterNode) -> Any:
+        free = self._free
+        if free:
+            return free.pop()
+        return original(self)
+
+    acquire_last_released.jobqd_lifo = True  # type: ignore[attr-defined]
+    AsyncClusterNode.acquire_connection = acquire_last_released  # type: ignore[method-assign]
 
 
 def connect_sync(url: str, **options: Any) -> redis.Redis:

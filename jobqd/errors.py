@@ -52,7 +52,11 @@ class UnknownTask(JobqdError):
 
 
 class QueueFull(JobqdError):
-    """The queue is above its high watermark and refuses new jobs until it drains."""
+    """The queue is above its high watermark and refuses new jobs until it drains
+    (``reason`` "watermark"), or Redis's memory is above ``redis.max_memory_fraction``
+    of its maxmemory (`RedisMemoryFull`, ``reason`` "memory")."""
+
+    reason = "watermark"
 
     def __init__(self, queue: str, depth: int, high_watermark: int, low_watermark: int,
                  retry_after_s: float) -> None:
@@ -64,6 +68,30 @@ class QueueFull(JobqdError):
         super().__init__(f"queue {queue!r} is full: depth {depth} reached high watermark "
                          f"{high_watermark}; accepting again at {low_watermark} "
                          f"(retry after ~{retry_after_s:g}s)")
+
+
+class RedisMemoryFull(QueueFull):
+    """Redis's used memory is above ``redis.max_memory_fraction`` of its maxmemory:
+    enqueues are refused (before Redis itself would refuse writes) so that running
+    jobs can still settle. A `QueueFull`: producers that wait out a full queue wait
+    this out too. ``used_bytes`` and ``max_bytes`` are what a daemon last read."""
+
+    reason = "memory"
+
+    def __init__(self, queue: str, used_bytes: int, max_bytes: int, fraction: float,
+                 retry_after_s: float = 1.0) -> None:
+        self.queue = queue
+        self.depth = -1  # not about depth
+        self.high_watermark = self.low_watermark = -1
+        self.retry_after_s = retry_after_s
+        self.used_bytes = used_bytes
+        self.max_bytes = max_bytes
+        self.fraction = fraction
+        JobqdError.__init__(
+            self, f"queue {queue!r} refuses jobs: redis memory is full (used_memory "
+            f"{used_bytes} bytes is over redis.max_memory_fraction {fraction:g} of maxmemory "
+            f"{max_bytes}); accepting again once running jobs have drained it "
+            f"(retry after ~{retry_after_s:g}s)")
 
 
 class PayloadTooLarge(JobqdError):

@@ -157,7 +157,7 @@ class Executor:
         if raw is None:
             return Dead("malformed", "entry has no 'j' field")
         try:
-            env = run.env = decode_job(raw)
+            env = run.env = decode_job(raw, d.queue)
         except BadJob as e:
             return Dead("malformed", safe_text(str(e), MAX_ERROR_CHARS))
         task = cfg.tasks.get(env.task)

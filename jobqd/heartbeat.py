@@ -61,14 +61,17 @@ class RedisHeartbeats:
         return None
 
     async def beat(self, name: str, info: dict[str, object]) -> None:
-        await scripts.HEARTBEAT(self.r, [self.g.heartbeats, self.g.workers],
-                                [name, orjson.dumps(info)])
+        replies = await scripts.pipelined(self.r, [
+            scripts.ScriptCall(scripts.HEARTBEAT, [self.g.heartbeats], [name]),
+            scripts.Command(("HSET", self.g.workers, name, orjson.dumps(info)))])
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x
 
     async def alive(self, timeout_s: float) -> set[str] | None:
         try:
             r = self.r
-            sec, usec = await r.time()
-            now_ms = sec * 1000 + usec // 1000
+            now_ms = await scripts.redis_time_ms(r, self.g.heartbeats)
             names = await r.zrangebyscore(self.g.heartbeats, now_ms - timeout_s * 1000, "+inf")
             # forget workers silent for a long time (keeps the hash small)
             old = await r.zrangebyscore(self.g.heartbeats, "-inf", now_ms - 3600_000)
@@ -91,8 +94,7 @@ class RedisHeartbeats:
 
     async def workers(self) -> list[dict[str, object]]:
         r = self.r
-        sec, usec = await r.time()
-        now_ms = sec * 1000 + usec // 1000
+        now_ms = await scripts.redis_time_ms(r, self.g.heartbeats)
         beats: dict[Any, float] = dict(
             await r.zrange(self.g.heartbeats, 0, -1, withscores=True))  # type: ignore[arg-type]
         infos = await r.hgetall(self.g.workers)

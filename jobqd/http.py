@@ -261,7 +261,8 @@ async def readyz(request: web.Request) -> web.Response:
     if not redis_state["ok"]:
         problems.append("redis")
     redis_state.update(maxmemory_policy=h.redis_policy, eviction_ok=h.redis_eviction_ok,
-                       oom=h.redis_oom, data_losses=h.redis_data_losses)
+                       oom=h.redis_oom, data_losses=h.redis_data_losses,
+                       memory_full=h.redis_memory_full)
     if not h.redis_eviction_ok:
         problems.append("redis_eviction")
         redis_state.setdefault(
@@ -453,7 +454,8 @@ async def enqueue(request: web.Request) -> web.Response:
     except UnknownTask as e:
         raise ApiError(422, str(e), field="task") from None
     except QueueFull as e:
-        raise ApiError(503, str(e), queue=e.queue, depth=e.depth, high=e.high_watermark,
+        raise ApiError(503, str(e), queue=e.queue, reason=e.reason, depth=e.depth,
+                       high=e.high_watermark,
                        low=e.low_watermark,
                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}
                        ) from None

@@ -1,15 +1,27 @@
 """The job envelope and the records jobqd keeps about jobs (sans-I/O).
 
-A job travels as one JSON object in the stream field ``j``::
+A job travels as one JSON object in the stream field ``j``, with one-letter
+field names and every field at its default left out (a queued job costs Redis
+memory for every byte)::
 
-    {"id": "<ulid>-<queue>", "task": "send_email", "args": {...},
-     "attempt": 0, "lost": 0, "enq": 1732350000123.0}
+    {"i": "<ulid>", "t": "send_email", "a": {...}}
 
-``attempt`` counts failed attempts (exception retries), ``lost`` counts
-deliveries whose worker died (reclaims); they are separate budgets.
-Optional: ``idem`` (idempotency key), ``err`` (last error, while scheduled
-for a retry). Payloads are JSON, never pickle: a producer cannot run code in
-the worker.
+- ``i`` the id's ULID: the ``-<queue>`` suffix is left out, as the stream (or
+  dead-letter stream, or state hash) holding the job names the queue; decoding
+  takes the queue and puts it back. ``t`` task, ``a`` args (left out when empty);
+- ``n`` attempt: failed attempts (exception retries), left out when 0;
+- ``l`` lost: deliveries whose worker died (reclaims), left out when 0; the two
+  are separate budgets;
+- ``e`` enqueue time (ms since the epoch), left out when it is the id's ULID
+  time (which the producer makes from the same clock reading);
+- ``k`` idempotency key, ``x`` expiry (ms since the epoch: not to be started
+  after it), ``r`` last error (while scheduled for a retry).
+
+Jobs written before this format (``{"id", "task", "args", "attempt", "lost",
+"enq"[, "idem"][, "err"][, "exp"]}``) are still read everywhere: `decode_job`
+and `view` take both, and a job re-encoded for a retry or hand-back is written
+in the compact form. Payloads are JSON, never pickle: a producer cannot run
+code in the worker.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from jobqd.errors import InvalidArgument, InvalidValue, PayloadTooDeep
-from jobqd.ids import queue_of
+from jobqd.ids import ULID_LEN, queue_of
 
 Status = Literal["queued", "scheduled", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "dead",
@@ -97,21 +109,97 @@ def encode_args(args: Any) -> Any:
     return args
 
 
-def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float, *,
+# compact field name -> the long name `view` gives it (and old-format jobs used)
+_LONG = {"i": "id", "t": "task", "a": "args", "n": "attempt", "l": "lost", "e": "enq",
+         "k": "idem", "r": "err", "x": "exp"}
+_SHORT = {v: k for k, v in _LONG.items()}
+_B32 = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
+
+
+def id_ms(job_id: str) -> int | None:
+    """The creation time (ms) in a job id's ULID, or None for something else."""
+    try:
+        return int(job_id[:10].translate(_B32), 32) if len(job_id) > ULID_LEN else None
+    except ValueError:
+        return None
+
+
+def _short_id(job_id: Any) -> Any:
+    """A job id as the compact envelope stores it: its ULID (the queue is implied)."""
+    if isinstance(job_id, str) and len(job_id) > ULID_LEN + 1 and job_id[ULID_LEN] == "-":
+        return job_id[:ULID_LEN]
+    return job_id
+
+
+def _full_id(i: Any, queue: str) -> Any:
+    return i + "-" + queue if isinstance(i, str) and len(i) == ULID_LEN else i
+
+
+def _compact(fields: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of a job given by its long field names (see the module doc)."""
+    env: dict[str, Any] = {"i": _short_id(fields["id"]), "t": fields["task"]}
+    for name, value in fields.items():
+        if name in ("id", "task") or value is None:
+            continue
+        if name == "args" and not value:
+            continue
+        if name in ("attempt", "lost") and value == 0:
+            continue
+        if name == "enq" and isinstance(value, int | float) and not isinstance(value, bool):
+            ms = id_ms(fields["id"]) if isinstance(fields["id"], str) else None
+            if ms is not None and value == ms:
+                continue
+        env[_SHORT.get(name, name)] = value
+    return env
+
+
+def encode_job(job_id: str, task: str, args: dict[str, Any], enq_ms: float | None, *,
                attempt: int = 0, lost: int = 0, idem: str | None = None,
                err: str | None = None, exp_ms: float | None = None) -> bytes:
-    env: dict[str, Any] = {"id": job_id, "task": task, "args": args, "attempt": attempt,
-                           "lost": lost, "enq": enq_ms}
+    """The job as stored. `enq_ms` None: the enqueue time is the id's ULID time (make
+    the id with `new_job_id(q, ms)` from the same clock reading); it is left out."""
+    env: dict[str, Any] = {"i": _short_id(job_id), "t": task}
+    if args:
+        env["a"] = args
+    if attempt:
+        env["n"] = attempt
+    if lost:
+        env["l"] = lost
+    if enq_ms is not None and enq_ms != id_ms(job_id):
+        env["e"] = enq_ms
     if idem is not None:
-        env["idem"] = idem
+        env["k"] = idem
     if exp_ms is not None:
-        env["exp"] = exp_ms
+        env["x"] = exp_ms
     if err is not None:
-        env["err"] = err
+        env["r"] = err
     try:
         return orjson.dumps(env)
     except TypeError as e:
         raise InvalidArgument("args", f"job args are not JSON-serialisable: {e}") from None
+
+
+def encode_fields(fields: dict[str, Any]) -> bytes:
+    """A job given by its long field names (`view`, `Envelope.fields`), as stored."""
+    return orjson.dumps(_compact(fields))
+
+
+def view(env: dict[str, Any], queue: str) -> dict[str, Any]:
+    """A decoded job object (either format) of `queue` under its long field names,
+    with the defaults filled in: id, task, args, attempt, lost, enq (+ idem, err, exp
+    when set). What status, the DLQ and the dashboard read."""
+    if "i" not in env and "id" in env:  # written before the compact format
+        out = dict(env)
+    else:
+        out = {_LONG.get(k, k): v for k, v in env.items()}
+        out["id"] = _full_id(out.get("id"), queue)
+    out.setdefault("args", {})
+    out.setdefault("attempt", 0)
+    out.setdefault("lost", 0)
+    if "enq" not in out:
+        jid = out.get("id")
+        out["enq"] = id_ms(jid) if isinstance(jid, str) else None
+    return out
 
 
 @dataclass(slots=True)
@@ -124,12 +212,16 @@ class Envelope:
     attempt: int
     lost: int
     enq_ms: float
-    raw: dict[str, Any] = field(repr=False)
+    raw: dict[str, Any] = field(repr=False)  # the JSON object as stored (either format)
+
+    def fields(self) -> dict[str, Any]:
+        """The job under its long field names (see `view`)."""
+        return view(self.raw, self.queue)
 
     @property
     def exp_ms(self) -> float | None:
         """Not to be started after this (ms since the epoch), if the producer said so."""
-        exp = self.raw.get("exp")
+        exp = self.raw.get("x", self.raw.get("exp"))
         return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
     @property
@@ -137,27 +229,35 @@ class Envelope:
         return queue_of(self.id) or ""
 
     def next(self, **changes: Any) -> bytes:
-        """The envelope re-encoded with some fields changed (attempt, lost, err)."""
-        env = dict(self.raw)
+        """The envelope re-encoded (compact) with some fields changed (attempt, lost,
+        err), by their long names."""
+        env = self.fields()
         env.update(changes)
-        return orjson.dumps(env)
+        return orjson.dumps(_compact(env))
 
 
-def decode_job(data: bytes | str) -> Envelope:
+def decode_job(data: bytes | str, queue: str) -> Envelope:
+    """A stored job of `queue` (the queue whose stream, delayed set or DLQ held it)."""
     try:
         env = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise BadJob(f"job is not valid JSON: {e}") from None
     if not isinstance(env, dict):
         raise BadJob("job is not a JSON object")
-    job_id, task, args = env.get("id"), env.get("task"), env.get("args", {})
-    attempt, lost, enq = env.get("attempt", 0), env.get("lost", 0), env.get("enq", 0)
+    if "i" in env or "id" not in env:  # the compact format
+        job_id, task, args = _full_id(env.get("i"), queue), env.get("t"), env.get("a", {})
+        attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
+    else:  # written before the compact format
+        job_id, task, args = env.get("id"), env.get("task"), env.get("args", {})
+        attempt, lost, enq = env.get("attempt", 0), env.get("lost", 0), env.get("enq", 0)
     if not isinstance(job_id, str) or queue_of(job_id) is None:
         raise BadJob(f"job has no valid id: {job_id!r}")
     if not isinstance(task, str) or not task:
         raise BadJob(f"job has no task name: {task!r}")
     if not isinstance(args, dict):
         raise BadJob(f"job args must be an object, got {type(args).__name__}")
+    if enq is None:
+        enq = id_ms(job_id)
     if not (isinstance(attempt, int) and isinstance(lost, int) and isinstance(enq, int | float)):
         raise BadJob("job attempt/lost/enq must be numbers")
     return Envelope(id=job_id, task=task, args=args, attempt=attempt, lost=lost,

@@ -46,6 +46,10 @@ class QueueKeys:
         return self.tag + ":full"
 
     @property
+    def memfull(self) -> str:  # STRING "<used> <max> <fraction>" while Redis memory is over
+        return self.tag + ":mem"  # redis.max_memory_fraction (redisguard; short PX)
+
+    @property
     def done(self) -> str:  # counter: entries settled (succeeded, retried, dead, handed back)
         return self.tag + ":n"
 

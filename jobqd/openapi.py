@@ -248,7 +248,12 @@ _SCHEMAS: dict[str, Any] = {
                                        "out of memory"},
                 "data_losses": {"type": "integer",
                                 "description": "Times this daemon found Redis had lost its "
-                                               "data (and republished its routing)"}}},
+                                               "data (and republished its routing)"},
+                "memory_full": {"type": "boolean",
+                                "description": "Redis's used memory is over "
+                                               "redis.max_memory_fraction of maxmemory: "
+                                               "enqueues are refused (not a readiness "
+                                               "problem)"}}},
             "postgres": {"type": "object", "required": ["configured", "ok"], "properties": {
                 "configured": {"type": "boolean"}, "ok": _nullable({"type": "boolean"})}},
             "consumers_running": {"type": "boolean"},
@@ -325,10 +330,12 @@ def build(*, auth: bool = False) -> dict[str, Any]:
                     "413": _error("Body or encoded job over max_payload_bytes"),
                     "422": _error("Unknown task or queue (`field` names which)"),
                 }}, errors={"503": _error(
-                    "The queue is over its high watermark (body adds queue, depth, high, "
-                    "low), fewer replicas than redis.wait_replicas acknowledged the job in "
-                    "time (body adds id: the job the master accepted, acked, wanted; retry "
-                    "with the idempotency key), or Redis is unavailable", _RETRY_AFTER)})},
+                    "The queue is over its high watermark, or Redis memory over "
+                    "redis.max_memory_fraction (body adds queue, reason: watermark | memory, "
+                    "depth, high, low), fewer replicas than redis.wait_replicas acknowledged "
+                    "the job in time (body adds id: the job the master accepted, acked, "
+                    "wanted; retry with the idempotency key), or Redis is unavailable",
+                    _RETRY_AFTER)})},
             "/v1/jobs/{id}": {"get": v1({
                 "operationId": "status", "summary": "A job's status (optionally long-polled)",
                 "parameters": [job_id, {

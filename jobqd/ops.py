@@ -28,6 +28,7 @@ from jobqd.errors import (
     PayloadTooDeep,
     PayloadTooLarge,
     QueueFull,
+    RedisMemoryFull,
     RedisOutOfMemory,
     UnknownTask,
 )
@@ -39,9 +40,11 @@ from jobqd.jobs import (
     check_depth,
     decode_job,
     encode_args,
+    encode_fields,
     encode_job,
     validate_delay_s,
     validate_expires_s,
+    view,
 )
 from jobqd.keys import GROUP, GlobalKeys, QueueKeys
 
@@ -243,17 +246,18 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                     raise UnknownTask(task)
                 continue
         qk = QueueKeys(prefix, q)
-        ts = now_ms()
+        ts = int(time.time() * 1000)  # the ids' ULID time too: the job JSON leaves it out
         exp_ms = None if expires_s is None else ts + delay_ms + expires_s * 1000.0
         calls: list[Cmd | Eval] = []
         jobs_meta: list[list[str]] = []
         for start in range(0, len(args_list), BATCH):
             chunk = args_list[start:start + BATCH]
-            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full, qk.enqueued]
+            keys = [qk.stream, qk.delayed, qk.state, qk.conf, qk.full, qk.enqueued,
+                    qk.memfull]
             argv: list[Any] = [task, len(chunk), idem_ttl_ms]
             ids = []
             for i, args in enumerate(chunk):
-                job_id = new_job_id(q)
+                job_id = new_job_id(q, ts)
                 ids.append(job_id)
                 idem = idempotency_keys[start + i] if idempotency_keys is not None else None
                 ki = 0
@@ -262,8 +266,8 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
                         raise InvalidArgument("idempotency_key",
                                               "idempotency_key must be a non-empty string")
                     keys.append(qk.idem(idem))
-                    ki = len(keys) - 6
-                argv += [job_id, encode_job(job_id, task, encode_args(args), ts, idem=idem,
+                    ki = len(keys) - 7
+                argv += [job_id, encode_job(job_id, task, encode_args(args), None, idem=idem,
                                             exp_ms=exp_ms),
                          delay_ms, ki]
             jobs_meta.append(ids)
@@ -314,6 +318,9 @@ def enqueue(prefix: str, routing: Routing, task: str, args_list: Sequence[Any], 
             err = UnknownTask(task)
         elif tag == "FULL":
             err = QueueFull(q, int(reply[1]), int(reply[2]), int(reply[3]), retry_after_s=1.0)
+        elif tag == "MEMFULL":
+            used, mx, frac = [*s(reply[1]).split(), "0", "0", "0"][:3]
+            err = RedisMemoryFull(q, int(used), int(mx), float(frac))
         elif tag == "TOOBIG":
             err = PayloadTooLarge(int(reply[2]), int(reply[3]))
         else:  # pragma: no cover - the script returns nothing else
@@ -376,7 +383,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
     if tag == "R":
         rec = orjson.loads(reply[1])
         if rec.get("status") == "cancelled":
-            job = rec.get("job") or {}
+            job = view(rec["job"], q) if isinstance(rec.get("job"), dict) else {}
             return JobInfo(id=job_id, status="cancelled", task=job.get("task"), queue=q,
                            attempts=rec.get("attempts", job.get("attempt", 0)),
                            lost=job.get("lost", 0),
@@ -389,7 +396,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
                        started_at=_ms_to_s(rec.get("started")),
                        finished_at=_ms_to_s(rec.get("finished")), worker=rec.get("worker"))
     if tag == "D":
-        env = orjson.loads(reply[1])
+        env = view(orjson.loads(reply[1]), q)
         return JobInfo(id=job_id, status="scheduled", task=env.get("task"), queue=q,
                        attempts=env.get("attempt", 0), lost=env.get("lost", 0),
                        error=env.get("err"), enqueued_at=_ms_to_s(env.get("enq")),
@@ -398,7 +405,7 @@ def parse_status(job_id: str, q: str, reply: Any) -> JobInfo:
         dead = dead_entry(q, reply[1], reply[2])
         return dead.info()
     fields = fields_dict(reply[2])
-    env = orjson.loads(fields["j"])
+    env = view(orjson.loads(fields["j"]), q)
     owner = reply[3]
     running = bool(owner)
     progress = orjson.loads(reply[4]) if running and len(reply) > 4 and reply[4] else None
@@ -458,7 +465,7 @@ def dead_entry(q: str, entry_id: Any, flat: Sequence[Any]) -> DeadJob:
         death = {"reason": "unknown"}
     job: dict[str, Any] | None
     try:
-        job = decode_job(raw).raw
+        job = decode_job(raw, q).fields()
     except BadJob:
         job = None
     eid = s(entry_id)
@@ -532,7 +539,7 @@ def _replay(prefix: str, dead: DeadJob) -> Op[bool]:
     env.pop("err", None)
     qk = QueueKeys(prefix, dead.queue)
     new_eid = yield Eval(scripts.DLQ_REPLAY, [qk.dlq, qk.stream, qk.state, qk.result(env["id"])],
-                         [dead.entry_id, env["id"], orjson.dumps(env)])
+                         [dead.entry_id, env["id"], encode_fields(env)])
     return new_eid is not None
 
 
@@ -611,7 +618,15 @@ def weights_get(prefix: str) -> Op[dict[str, int]]:
 def _weights(raw: Any) -> dict[str, int]:
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
-    return {k: int(v) for k, v in table.items()}
+    out: dict[str, int] = {}
+    for k, v in table.items():
+        try:
+            n = int(v)
+        except ValueError:  # written by hand into Redis: the weights loop reports it
+            continue
+        if n >= 0:
+            out[k] = n
+    return out
 
 
 def weights_set(prefix: str, changes: dict[str, int],
@@ -773,7 +788,7 @@ def cancel_many(prefix: str, queue: str, result_ttl_ms: int, *, task: str | None
 
     def matches(job_json: Any) -> str | None:
         try:
-            env = decode_job(job_json)
+            env = decode_job(job_json, queue)
         except BadJob:
             return None
         return env.id if task is None or env.task == task else None
@@ -858,9 +873,9 @@ class JobPage:
     scanned: int  # entries read from Redis for this page
 
 
-def _row(raw: Any, position: str, **extra: Any) -> JobRow | None:
+def _row(queue: str, raw: Any, position: str, **extra: Any) -> JobRow | None:
     try:
-        env = decode_job(s(raw)).raw
+        env = decode_job(s(raw), queue).fields()
     except BadJob:
         return None
     return JobRow(id=str(env.get("id")), task=env.get("task"),
@@ -896,7 +911,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             for i, ((_m, score), v) in enumerate(zip(members, states, strict=True)):
                 row = None
                 if v and s(v).startswith("d"):
-                    row = _row(s(v)[1:], str(int(score)))
+                    row = _row(queue, s(v)[1:], str(int(score)))
                 batch.append((str(start + i + 1), row))
         elif where == "stream":
             if newest_first:
@@ -905,7 +920,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             else:
                 entries = yield cmd("XRANGE", qk.stream,
                                     "-" if cursor is None else "(" + cursor, "+", "COUNT", chunk)
-            batch = [(s(eid), _row(fields_dict(flat).get("j", b""), s(eid)))
+            batch = [(s(eid), _row(queue, fields_dict(flat).get("j", b""), s(eid)))
                      for eid, flat in entries]
         else:
             try:
@@ -922,7 +937,7 @@ def queue_jobs(prefix: str, queue: str, where: str, *, newest_first: bool = Fals
             batch = []
             for p, got_entry in zip(pend, found, strict=True):
                 eid = s(p[0])
-                row = _row(fields_dict(got_entry[0][1]).get("j", b""), eid, worker=s(p[1]),
+                row = _row(queue, fields_dict(got_entry[0][1]).get("j", b""), eid, worker=s(p[1]),
                            idle_s=int(p[2]) / 1000.0) if got_entry else None
                 batch.append((eid, row))
         scanned += len(batch)

@@ -2,21 +2,23 @@
 
 Data flow (one daemon)::
 
-    streams --Fetcher (batched, SWRR-ordered)--> Handoff --> N consumers
-       ^                                                        | Executor.run -> outcome
-       +---------- complete.lua (one EVALSHA per queue per flush) <-- acker <-- Settler.build
+    streams --Fetcher (batched, SWRR-ordered)--> Handoff (prefetch) --> N consumers
+       ^   ^                                                      | Executor.run -> outcome
+       |   +-- complete.lua calls ride on the next fetch <---- pending <-- Settler.build
+       +------ or the acker sends them alone (fetcher idle, or after ACK_LINGER_S)
 
 The pool decides nothing about a job: `jobqd.execute` runs it and returns an
 outcome value, `jobqd.settle` turns the outcome into a settle record (and,
 once Redis applied it, a metric, a ledger event and a log line). The pool
 owns what is held:
 
-* Fetching asks for as many entries as there are free slots (``consumers``
-  minus entries held: buffered, running or awaiting their ack).
+* Fetching is batched by design: at most ``consumers`` running plus ``prefetch``
+  buffered, refilled once the buffer is down to half (`_to_fetch`).
 * Consumers are long-lived tasks (no task per job). A job keeps the config it
   started with.
-* The acker settles everything that accumulated while its previous flush was in
-  flight: no fixed batch size, no timer, so latency stays one round trip.
+* Settles ride on the next fetch's round trip (its pipeline starts with the
+  complete.lua calls); the acker sends them alone when the fetcher is idle (at
+  once) or after ACK_LINGER_S, so at low load a settle stays one round trip.
 * Held entries have their lease renewed (XCLAIM ... JUSTID resets the idle
   time), so the reaper's visibility timeout only catches an owner that stopped.
 * Job deadlines: one coarse tick marks a run as timed out, then cancels its
@@ -40,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from jobqd.aio import Backoff
+from jobqd.aio import Backoff, wait_first
 from jobqd.channels import QueueWeights
 from jobqd.config import Config
 from jobqd.deps import is_redis_error
@@ -53,11 +55,15 @@ from jobqd.outcomes import Abandoned, Delivery, HandedBack, Outcome
 from jobqd.process_pool import ProcessPool
 from jobqd.runtime import Runtime
 from jobqd.scripts import FORGET_CONSUMER
-from jobqd.settle import Settle, Settler, try_decode
+from jobqd.settle import Completion, Settle, Settler, try_decode
 
 log = logging.getLogger("jobqd.pool")
 
 DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
+ACK_LINGER_S = 0.01  # under load, a settle waits at most this long for a fetch to carry it
+PREFETCH_MAX_RUN_S = 0.05  # unset `prefetch`: fetch ahead only while runs average less
+RUN_EWMA = 0.05  # weight of the latest run in that average
+BUFFER_STALE_S = 1.0  # buffered jobs nobody could start for this long are handed back
 PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
 
 
@@ -121,6 +127,26 @@ def _eid_ms(eid: bytes) -> float:
     return float(eid.split(b"-", 1)[0])
 
 
+def fetch_size(capacity: int, prefetch: int | None, avg_run_s: float, *, running: int,
+               buffered: int, pending: int) -> int:
+    """How many entries the next fetch asks for; 0: not now.
+
+    The consumers plus `ahead` jobs are the most a daemon has started or buffered.
+    Refill only once the buffer is down to half of `ahead`, so fetches (and the
+    settles riding on them) come in batches of about `ahead` / 2 or more — by
+    design, not by the timing of round trips. Jobs awaiting their settle do not
+    count (they ride on this very fetch), unless settles keep failing: then
+    fetching stops too. Unset `prefetch`: as many as the consumers while runs
+    average under PREFETCH_MAX_RUN_S, none for longer jobs (a job buffered behind
+    a long one would wait while another daemon is idle)."""
+    ahead = prefetch
+    if ahead is None:
+        ahead = capacity if avg_run_s < PREFETCH_MAX_RUN_S else 0
+    if buffered > ahead // 2 or pending > capacity + ahead:
+        return 0
+    return max(0, capacity + ahead - running - buffered)
+
+
 class Pool:
     def __init__(self, rt: Runtime, weights: QueueWeights | None = None,
                  scheduler_wakeup: asyncio.Event | None = None) -> None:
@@ -137,6 +163,14 @@ class Pool:
         self.pending: dict[str, list[Settle]] = {}
         self.n_pending = 0
         self.ack_wakeup = asyncio.Event()
+        # set while the fetcher will not send a fetch soon (blocking read, paused, backing
+        # off, stopped): the acker then flushes at once instead of lingering
+        self.fetch_idle = asyncio.Event()
+        self.fetch_idle.set()
+        # moving average of run times (decides unset `prefetch`): unknown at start, so
+        # taken as long: a first fetch of long jobs must not buffer what others could run
+        self.avg_run_s = PREFETCH_MAX_RUN_S
+        self.starts = 0  # jobs started (the deadline tick notices a buffer standing still)
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
         self.consumers: dict[asyncio.Task[None], Running | None] = {}
@@ -228,6 +262,7 @@ class Pool:
             self.fetch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.fetch_task
+        await self.fetcher.stop_reads()  # Redis Cluster: the per-slot blocking reads
         # 2. fetched but not started: back at once, no attempt used; also entries a
         #    cancelled fetch delivered to us whose reply we never read
         handed = 0
@@ -315,7 +350,17 @@ class Pool:
 
     # ------------------------------------------------------------ fetching
 
+    def _to_fetch(self, cfg: Config) -> int:
+        return fetch_size(self.capacity, cfg.prefetch, self.avg_run_s, running=self.running,
+                          buffered=len(self.buffer), pending=self.n_pending)
+
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        try:
+            await self._fetching(stop)
+        finally:
+            self._idle()
+
+    async def _fetching(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
         rt = self.rt
         orphans = False
@@ -327,33 +372,55 @@ class Pool:
                 except Exception as e:
                     if not is_redis_error(e):
                         raise
+                    self._idle()
                     await asyncio.sleep(backoff.next())
                     continue
-            if self.capacity - self.n_held <= 0:
+            cfg = rt.config
+            n = self._to_fetch(cfg)
+            if n <= 0:
                 self.slot_freed.clear()
-                if self.capacity - self.n_held <= 0:
+                if self._to_fetch(cfg) <= 0:
+                    self.fetch_idle.clear()  # a consumer frees a slot soon: acks linger
                     await self.slot_freed.wait()
                 continue
-            cfg = rt.config
             weights = self.weights.for_fetch(cfg)  # paused queues start nothing
+            completion = None
+            if self.fetcher.blocks(cfg.queues, weights):
+                self._idle()  # the acker flushes settles while the read blocks
+            else:
+                self.fetch_idle.clear()
+                if self.pending:
+                    completion = Completion(cfg, self._take_pending())
             try:
-                got = await self.fetcher.fetch(cfg.redis.prefix, cfg.queues, weights,
-                                               self.capacity - self.n_held)
-            except Exception as e:
+                got, replies = await self.fetcher.fetch(
+                    cfg.redis.prefix, cfg.queues, weights, n,
+                    before=completion.calls if completion is not None else ())
+            except BaseException as e:
+                if completion is not None:
+                    self._requeue(completion.groups)
                 if not is_redis_error(e):
                     raise
                 rt.health.redis_ok = False
                 orphans = True  # its reply may be lost with entries delivered to us
                 delay = backoff.next()
                 log.warning("fetch failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
+                self._idle()
                 await asyncio.sleep(delay)
             else:
                 for d in got:
                     self._take(d)
+                if completion is not None:
+                    self._settled(completion, replies)
                 if not rt.health.redis_ok:
                     log.info("redis is back")
                 rt.health.redis_ok = True
                 backoff.reset()
+
+    def _idle(self) -> None:
+        """No fetch is coming soon: the acker must not wait for one."""
+        self.fetch_idle.set()
+        if self.pending:
+            self.ack_wakeup.set()
 
     async def _adopt_orphans(self) -> None:
         """After a failed fetch: run the entries its lost reply delivered to us now,
@@ -403,6 +470,8 @@ class Pool:
             run = Running(d, me)
             self.consumers[me] = run
             self.running += 1
+            self.starts += 1
+            self.slot_freed.set()  # the buffer shrank: maybe time to refill
             outcome: Outcome = HandedBack()  # if a bug escapes `run`, the job is not lost
             try:
                 outcome = await self.executor.run(run, self.rt.config)
@@ -410,14 +479,17 @@ class Pool:
                 self.consumers[me] = None
                 self.running -= 1
                 self._outcome(d, run, outcome)
+                self.slot_freed.set()
                 if not self.running:
                     self.idle.set()
             if me.cancelling():  # drain or forced stop: the outcome is a hand-back
                 raise asyncio.CancelledError
 
     def _outcome(self, d: Delivery, run: Running | None, outcome: Outcome) -> None:
-        if run is not None and run.env is not None and self.cancelled:
-            self.cancelled.discard(run.env.id)
+        if run is not None:
+            self.avg_run_s += (run.duration_s - self.avg_run_s) * RUN_EWMA
+            if run.env is not None and self.cancelled:
+                self.cancelled.discard(run.env.id)
         if isinstance(outcome, Abandoned):
             log.warning("job entry %s of %s is %s: left to the reaper", d.eid.decode(),
                         d.queue, outcome.why)
@@ -434,7 +506,10 @@ class Pool:
         self.ack_wakeup.set()
 
     async def _deadline_loop(self) -> None:
-        """Job timeouts: one coarse timer for the pool instead of one per job."""
+        """Job timeouts: one coarse timer for the pool instead of one per job. The same
+        tick hands back a buffer that stood still for BUFFER_STALE_S."""
+        still = 0  # ticks the buffer had jobs and none started
+        starts = self.starts
         while True:
             await asyncio.sleep(DEADLINE_TICK_S)
             now = time.monotonic()
@@ -444,6 +519,28 @@ class Pool:
                     if run.stop_reason is None:
                         run.stop_reason = "timeout"
                         t.cancel()
+            still = still + 1 if len(self.buffer) and self.starts == starts else 0
+            starts = self.starts
+            if still * DEADLINE_TICK_S >= BUFFER_STALE_S and self.rt.config.prefetch is None:
+                still = 0
+                self._hand_back_buffer()
+
+    def _hand_back_buffer(self) -> None:
+        """Every consumer is busy with jobs longer than the prefetch expected: the
+        buffered jobs go back to their queues (no attempt used), where an idle
+        daemon takes them instead of them waiting here."""
+        items = self.buffer.take_all()
+        jobs = [d for d in items if d is not None]
+        for d in items:
+            if d is None:  # a retiring consumer's signal stays
+                self.buffer.put(None)
+        for d in jobs:
+            self._outcome(d, None, HandedBack())
+        if jobs:
+            # the runs are long after all: fetch no further ahead until they are not
+            self.avg_run_s = max(self.avg_run_s, PREFETCH_MAX_RUN_S)
+            log.info("handed back %d buffered jobs: no consumer was free for %gs",
+                     len(jobs), BUFFER_STALE_S)
 
     # ------------------------------------------------------------ cancel, progress
 
@@ -546,24 +643,27 @@ class Pool:
     # ------------------------------------------------------------ acking
 
     async def _ack_loop(self) -> None:
+        """Settle what the fetcher does not carry: while it is idle at once, else
+        after ACK_LINGER_S (so a settle waits at most that long for a fetch)."""
         backoff = Backoff()
         rt = self.rt
         while True:
             await self.ack_wakeup.wait()
             self.ack_wakeup.clear()
+            if self.pending and not self.fetch_idle.is_set():
+                # the next fetch may carry them; if the fetcher goes idle first, flush
+                await wait_first(self.fetch_idle, timeout_s=ACK_LINGER_S)
             if not self.pending:
                 self.acks_flushed.set()
                 continue
-            batch, self.pending = self.pending, {}
-            n = self.n_pending
-            self.n_pending = 0
+            batch = self._take_pending()
             while True:
                 try:
                     await self._flush(batch, rt.config)
                     backoff.reset()
                     break
                 except asyncio.CancelledError:
-                    self._requeue_unflushed(batch, n)
+                    self._requeue(list(batch.items()))
                     raise
                 except Exception as e:
                     if not is_redis_error(e):
@@ -575,15 +675,36 @@ class Pool:
                     await asyncio.sleep(delay)
             self.acks_flushed.set()
 
-    def _requeue_unflushed(self, batch: dict[str, list[Settle]], n: int) -> None:
-        for q, items in batch.items():
+    def _take_pending(self) -> dict[str, list[Settle]]:
+        batch, self.pending = self.pending, {}
+        self.n_pending = 0
+        return batch
+
+    def _requeue(self, chunks: list[tuple[str, list[Settle]]]) -> None:
+        """Settle records back in front of the pending ones (their flush failed)."""
+        for q, items in reversed(chunks):
             self.pending.setdefault(q, [])[:0] = items
-        self.n_pending += n
+            self.n_pending += len(items)
+        self.ack_wakeup.set()
 
     async def _flush(self, batch: dict[str, list[Settle]], cfg: Config) -> None:
+        self._applied(await self.settler.settle(self.rt.redis, cfg, batch))
+
+    def _settled(self, completion: Completion, replies: list[Any]) -> None:
+        """The settles that rode on a fetch: report and release what Redis applied;
+        put back what it refused (the acker retries them, with its backoff)."""
+        done, failed, acked = completion.applied(replies)
+        self.settler.report_applied(done, acked, self.rt.config)
+        self._applied(done)
+        if failed:
+            log.warning("settle refused (%s: %s); retrying", type(failed[0][1]).__name__,
+                        failed[0][1])
+            self._requeue([chunk for chunk, _ in failed])
+
+    def _applied(self, done: list[tuple[str, list[Settle], str]]) -> None:
         released = 0
         scheduled = False
-        for q, chunk, flags in await self.settler.settle(self.rt.redis, cfg, batch):
+        for q, chunk, flags in done:
             scheduled = scheduled or any(s.op == "R" for s in chunk)
             held = self.held.get(q, {})
             for s, flag in zip(chunk, flags, strict=True):

@@ -40,11 +40,11 @@ async def publish(r: aredis.Redis, cfg: Config) -> None:
     g = GlobalKeys(cfg.redis.prefix)
     routing = cfg.routing()
     known = {m.decode() if isinstance(m, bytes) else m for m in await r.smembers(g.queues)}
-    async with r.pipeline(transaction=True) as p:
+    await r.sadd(g.queues, *cfg.queues)  # before the routing names them
+    async with r.pipeline(transaction=True) as p:  # one key: one slot on a cluster too
         p.delete(g.routing)
         if routing:
             p.hset(g.routing, mapping=routing)  # type: ignore[arg-type]
-        p.sadd(g.queues, *cfg.queues)
         await p.execute()
     for q in cfg.queues.values():
         qk = QueueKeys(cfg.redis.prefix, q.name)
@@ -130,7 +130,7 @@ async def publish_weights(r: aredis.Redis, cfg: Config) -> None:
     seed = parse_weights(await r.hgetall(g.weights_seed), g.weights_seed)
     changed = {q.name: q.weight for q in cfg.queues.values() if seed.get(q.name) != q.weight}
     if changed:
-        async with r.pipeline(transaction=True) as p:
-            p.hset(g.weights, mapping=changed)  # type: ignore[arg-type]
-            p.hset(g.weights_seed, mapping=changed)  # type: ignore[arg-type]
-            await p.execute()
+        # two global keys, so two slots on a cluster: not one transaction. The seed is
+        # written second: a crash in between re-applies the same YAML weight next time
+        await r.hset(g.weights, mapping=changed)  # type: ignore[arg-type]
+        await r.hset(g.weights_seed, mapping=changed)  # type: ignore[arg-type]

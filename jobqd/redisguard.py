@@ -15,6 +15,14 @@ work silently; this component finds each of them, at start and then every
 - **Out of memory** (``noeviction`` at ``maxmemory``): writes are refused. Each
   check writes one small key; while that (or the HTTP API's last enqueue) is
   refused, ``/readyz`` says ``redis_oom``.
+- **Memory backpressure** (``redis.max_memory_fraction``): every
+  `MEM_INTERVAL_S` the daemon reads ``INFO memory``; while ``used_memory`` is above
+  that fraction of ``maxmemory`` it keeps a marker ``{p:q}:mem`` on each of its
+  queues (PX `MEM_MARK_TTL_MS`, refreshed with PEXPIRE, which Redis allows even at
+  maxmemory), and ``enqueue.lua`` refuses new jobs while it exists (`QueueFull` with
+  reason "memory"), before Redis itself would refuse writes: settles, acks, the DLQ
+  and cancels use the memory left. Back below, the daemon deletes the markers;
+  a marker whose daemons all died expires by itself. No maxmemory: nothing to do.
 - **Data loss** (Redis restarted without persistence, failed over to an empty
   replica, flushed): daemons share an epoch key ``<prefix>:epoch``, set once with
   a random token. When it vanished or changed, Redis lost its data: the daemon
@@ -39,13 +47,16 @@ from jobqd import ops, publish, scripts
 from jobqd.aio import sleep_or_stop
 from jobqd.channels import QueueWeights
 from jobqd.config import Config, mask_url
+from jobqd.connect import is_cluster
 from jobqd.deps import is_oom, is_redis_error
-from jobqd.keys import GlobalKeys
+from jobqd.keys import GlobalKeys, QueueKeys
 from jobqd.runtime import Runtime
 
 log = logging.getLogger("jobqd.redisguard")
 
 INTERVAL_S = 1.0  # how often a running daemon checks
+MEM_INTERVAL_S = 0.2  # how often it reads INFO memory (redis.max_memory_fraction)
+MEM_MARK_TTL_MS = 3000  # a memory-full marker nobody refreshes expires after this
 SAFE_POLICY = "noeviction"
 
 
@@ -55,16 +66,28 @@ def epoch_key(prefix: str) -> str:
 
 async def read_policy(r: aredis.Redis) -> str | None:
     """Redis's maxmemory-policy: CONFIG GET, else INFO memory; None if neither answers
-    (a Redis error other than a refused/renamed command is raised)."""
+    (a Redis error other than a refused/renamed command is raised). On a Redis
+    Cluster, every master's: the first that is not noeviction, else noeviction (each
+    master holds some queues, and one that evicts loses theirs)."""
+    if is_cluster(r):
+        await r.initialize()  # the slot map, once
+        nodes = r.get_primaries()  # type: ignore[attr-defined]
+        got = await asyncio.gather(*(_read_policy(r, {"target_nodes": n}) for n in nodes))
+        bad = [p for p in got if p != SAFE_POLICY]
+        return bad[0] if bad else SAFE_POLICY
+    return await _read_policy(r, {})
+
+
+async def _read_policy(r: aredis.Redis, node: dict[str, Any]) -> str | None:
     try:
-        reply: Any = await r.config_get("maxmemory-policy")
+        reply: Any = await r.config_get("maxmemory-policy", **node)
         for k, v in (reply or {}).items():
             if ops.s(k) == "maxmemory-policy":
                 return ops.s(v)
     except ResponseError:  # CONFIG renamed (unknown command) or refused (ACL NOPERM)
         pass
     try:
-        info: Any = await r.info("memory")
+        info: Any = await r.info("memory", **node)
     except ResponseError:
         return None
     value = info.get("maxmemory_policy") if isinstance(info, dict) else None
@@ -98,6 +121,10 @@ class Guard:
             "its data (the epoch key vanished or changed) and republished its routing")
         self._m_oom = m.component(Gauge, "jobqd_redis_oom", "1 while this daemon's last write "
                                   "to Redis was refused for lack of memory")
+        self._m_mem_full = m.component(
+            Gauge, "jobqd_redis_memory_full", "1 while Redis's used_memory is above "
+            "redis.max_memory_fraction of its maxmemory and enqueues are refused")
+        self._m_mem_full.set_function(lambda: 1.0 if rt.health.redis_memory_full else 0.0)
         self._m_policy_ok.set(1)
         self._m_oom.set_function(lambda: 1.0 if rt.health.redis_oom else 0.0)
 
@@ -183,6 +210,46 @@ class Guard:
                 log.info("redis accepts writes again")
             rt.health.redis_oom = False
 
+    async def check_memory(self) -> None:
+        """Set or clear the queues' memory-full markers (redis.max_memory_fraction)."""
+        rt = self.rt
+        cfg = rt.config
+        r = rt.redis
+        info: Any = await r.info("memory")
+        # one server: its fields; Redis Cluster (one dict per node): the fullest node
+        nodes = [info] if isinstance(info, dict) and "used_memory" in info else [
+            v for v in (info.values() if isinstance(info, dict) else ())
+            if isinstance(v, dict) and "used_memory" in v]
+        used = mx = 0
+        for n in nodes:
+            u, m = int(n.get("used_memory", 0)), int(n.get("maxmemory", 0))
+            if m > 0 and (mx == 0 or u / m > used / mx):
+                used, mx = u, m
+        fraction = cfg.redis.max_memory_fraction
+        full = fraction < 1 and mx > 0 and used > fraction * mx
+        qkeys = [QueueKeys(cfg.redis.prefix, q).memfull for q in cfg.queues]
+        if full:
+            value = f"{used} {mx} {fraction:g}"
+            async with r.pipeline(transaction=False) as p:
+                for k in qkeys:
+                    p.pexpire(k, MEM_MARK_TTL_MS)
+                fresh = await p.execute()
+            missing = [k for k, ok in zip(qkeys, fresh, strict=True) if not ok]
+            if missing:
+                async with r.pipeline(transaction=False) as p:
+                    for k in missing:
+                        p.set(k, value, px=MEM_MARK_TTL_MS)
+                    await p.execute(raise_on_error=False)  # OOM already: the probe says so
+            if not rt.health.redis_memory_full:
+                log.warning("redis memory is full: used_memory %d is over "
+                            "redis.max_memory_fraction %g of maxmemory %d; enqueues are "
+                            "refused until running jobs have drained it", used, fraction, mx)
+        elif rt.health.redis_memory_full:
+            await r.delete(*qkeys)
+            log.warning("redis memory is below redis.max_memory_fraction again (used_memory "
+                        "%d of maxmemory %d): enqueues are accepted", used, mx)
+        rt.health.redis_memory_full = full
+
     async def _republish(self) -> None:
         rt = self.rt
         await scripts.preload(rt.redis)
@@ -193,11 +260,17 @@ class Guard:
 
 
 async def run(rt: Runtime, guard: Guard, stop: asyncio.Event) -> None:
-    """Check every INTERVAL_S until `stop`."""
-    while not await sleep_or_stop(INTERVAL_S, stop):
-        try:
-            await guard.check()
-        except Exception as e:
-            if not is_redis_error(e):
-                raise
-            log.debug("redis check skipped: %s", e)
+    """Check memory every MEM_INTERVAL_S, and the rest every INTERVAL_S, until `stop`."""
+    every = max(1, round(INTERVAL_S / MEM_INTERVAL_S))
+    tick = 0
+    while not await sleep_or_stop(MEM_INTERVAL_S, stop):
+        tick += 1
+        for due, check in ((True, guard.check_memory), (tick % every == 0, guard.check)):
+            if not due:
+                continue
+            try:
+                await check()
+            except Exception as e:
+                if not is_redis_error(e):
+                    raise
+                log.debug("redis check skipped: %s", e)

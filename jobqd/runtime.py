@@ -38,6 +38,8 @@ class Health:
     redis_eviction_ok: bool = True
     redis_oom: bool = False
     redis_data_losses: int = 0
+    # Redis's used_memory over redis.max_memory_fraction of maxmemory: enqueues refused
+    redis_memory_full: bool = False
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from jobqd.connect import is_cluster
 from jobqd.keys import GROUP
 
 
@@ -74,7 +76,9 @@ def _queue(p: Any, c: PipeCall) -> None:
     if isinstance(c, Command):
         p.execute_command(*c.args)
     else:
-        p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+        # as a raw command: a cluster pipeline refuses its evalsha() method, but routes
+        # a raw EVALSHA by its keys like any other command
+        p.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
 
 
 def _is_wait(c: PipeCall) -> bool:
@@ -136,6 +140,19 @@ def pipelined_sync(r: redis.Redis, calls: Sequence[PipeCall]) -> list[Any]:
     return replies
 
 
+async def redis_time_ms(r: aredis.Redis, key: str) -> int:
+    """The Redis clock (ms) of the server holding `key`: on a Redis Cluster each
+    master has its own clock, and a stamp written by a script must be compared
+    with the clock that wrote it."""
+    if is_cluster(r):
+        await r.initialize()  # the slot map, once
+        node = r.get_node_from_key(key)  # type: ignore[attr-defined]
+        sec, usec = await r.execute_command("TIME", target_nodes=node)  # type: ignore[no-untyped-call]
+    else:
+        sec, usec = await r.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
 async def ensure_group(r: aredis.Redis, stream: str) -> None:
     """Create the consumer group (and the stream) unless the group exists."""
     try:
@@ -177,7 +194,12 @@ ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBE
 
 
 async def preload(r: aredis.Redis) -> None:
-    """Load every script in one round trip (after connect or a Redis restart)."""
+    """Load every script in one round trip (after connect or a Redis restart). On a
+    Redis Cluster, into every master (a cluster pipeline refuses SCRIPT LOAD; the
+    client sends it to all primaries), concurrently."""
+    if is_cluster(r):
+        await asyncio.gather(*(r.script_load(s.source) for s in ALL))
+        return
     async with r.pipeline(transaction=False) as p:
         for s in ALL:
             p.script_load(s.source)
@@ -185,6 +207,10 @@ async def preload(r: aredis.Redis) -> None:
 
 
 def preload_sync(r: redis.Redis) -> None:
+    if is_cluster(r):
+        for s in ALL:
+            r.script_load(s.source)
+        return
     with r.pipeline(transaction=False) as p:
         for s in ALL:
             p.script_load(s.source)

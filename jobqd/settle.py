@@ -6,8 +6,9 @@ and a log line — shared by the pool and the reaper.
    back). Every encode is guarded: a job, result or error that cannot be encoded
    never raises out of here; the job ends dead (``malformed`` / ``bad_result``)
    with its raw bytes kept in the dead-letter entry.
-2. `Settler.settle(redis, cfg, batch)` runs ``complete.lua`` for every queue in
-   one pipelined round trip (NOSCRIPT-safe). Each entry is gated on its XACK.
+2. `Completion(cfg, batch)` holds the ``complete.lua`` calls for every queue;
+   `Settler.settle` runs them in one pipelined round trip (NOSCRIPT-safe), or the
+   pool sends them in its next fetch's round trip. Each entry is gated on its XACK.
 3. Only for the entries Redis applied (flag ``1``) are the metric counted, the
    ledger event written and the outcome logged. An outcome Redis refused (the
    entry was no longer pending: reclaimed from a stalled daemon and finished
@@ -111,7 +112,7 @@ def try_decode(d: Delivery) -> Envelope | None:
     if raw is None:
         return None
     try:
-        return decode_job(raw)
+        return decode_job(raw, d.queue)
     except BadJob:
         return None
 
@@ -250,6 +251,21 @@ class Settler:
 
     def _succeeded(self, o: Succeeded, c: _Ctx) -> Settle:
         env = c.env
+        cfg = self.config()
+        task = cfg.tasks.get(env.task)
+        keep = (task.keep_result if task is not None else None) or cfg.results.keep
+        report = c.report("succeeded", env.attempt + 1, env.lost, result=o.result)
+        if keep != "full":
+            try:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
+                orjson.dumps(o.result)
+            except TypeError as e:
+                return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
+                                       attempts=env.attempt + 1), c)
+        if keep == "none":  # complete.lua writes no record for an empty payload
+            return Settle("S", c.d.eid, env.id, b"", None, report)
+        if keep == "status":  # small: one embedded string of at most 44 bytes
+            return Settle("S", c.d.eid, env.id, b'{"status":"succeeded","attempts":%d}'
+                          % (env.attempt + 1), None, report)
         try:
             record = orjson.dumps({"status": "succeeded", "task": env.task, "result": o.result,
                                    "attempts": env.attempt + 1, "lost": env.lost,
@@ -258,8 +274,7 @@ class Settler:
         except TypeError as e:  # the handler did its work: running it again repeats it
             return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
                                    attempts=env.attempt + 1), c)
-        return Settle("S", c.d.eid, env.id, record, None, c.report(
-            "succeeded", env.attempt + 1, env.lost, result=o.result))
+        return Settle("S", c.d.eid, env.id, record, None, report)
 
     def _retried(self, o: Retried, c: _Ctx) -> Settle:
         env = c.env
@@ -305,7 +320,18 @@ class Settler:
         cancelled (it was cancelled meanwhile), '0' not pending any more. Safe to
         repeat after a lost reply (each entry is gated on its XACK, so nothing is
         reported twice)."""
-        done, acked = await complete(r, cfg, batch)
+        calls = Completion(cfg, batch)
+        replies = await scripts.pipelined(r, calls.calls)
+        done, failed, acked = calls.applied(replies)
+        if failed:
+            raise failed[0][1]
+        self.report_applied(done, acked, cfg)
+        return done
+
+    def report_applied(self, done: list[tuple[str, list[Settle], str]], acked: int | None,
+                       cfg: Config) -> None:
+        """Count, write and log what Redis applied (see `settle`); `acked`: how many
+        replicas WAIT saw (None: no WAIT)."""
         if acked is not None and acked < cfg.redis.wait_replicas:
             self._not_replicated(acked, cfg)
         for _q, chunk, flags in done:
@@ -315,7 +341,6 @@ class Settler:
                 if flag == "c":  # a retry or hand-back of a job cancelled meanwhile
                     s.report.outcome = "cancelled"
                 self.report(s.report)
-        return done
 
     def _not_replicated(self, acked: int, cfg: Config) -> None:
         """A settle that fewer than redis.wait_replicas replicas acknowledged: the outcome
@@ -340,37 +365,52 @@ class Settler:
         self.outcome_log.write(rep)
 
 
-async def complete(r: aredis.Redis, cfg: Config, batch: dict[str, list[Settle]]
-                   ) -> tuple[list[tuple[str, list[Settle], str]], int | None]:
-    """COMPLETE.lua for every queue's records, chunked, in one pipelined round trip;
-    with redis.wait_replicas, a WAIT rides last in it. Returns the replies and how
-    many replicas acknowledged (None: no WAIT)."""
-    prefix = cfg.redis.prefix
-    ttl_ms = int(cfg.results.ttl_s * 1000)
-    done_channel = GlobalKeys(prefix).done
-    calls: list[scripts.PipeCall] = []
-    groups: list[tuple[str, list[Settle]]] = []
-    for q, items in batch.items():
-        qk = QueueKeys(prefix, q)
-        for i in range(0, len(items), ACK_CHUNK):
-            chunk = items[i:i + ACK_CHUNK]
+class Completion:
+    """COMPLETE.lua calls for every queue's records, chunked, to run in one pipelined
+    round trip: alone (`Settler.settle`) or riding on the pool's next fetch."""
+
+    def __init__(self, cfg: Config, batch: dict[str, list[Settle]]) -> None:
+        prefix = cfg.redis.prefix
+        ttl_ms = int(cfg.results.ttl_s * 1000)
+        done_channel = GlobalKeys(prefix).done
+        self.calls: list[scripts.PipeCall] = []
+        self.groups: list[tuple[str, list[Settle]]] = []
+        for q, items in batch.items():
+            qk = QueueKeys(prefix, q)
             keys: list[Any] = [qk.stream, qk.delayed, qk.state, qk.dlq, qk.conf, qk.full,
                                qk.done, qk.cancel, qk.waiters, qk.progress]
-            argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
-            for s in chunk:
-                argv += [s.op, s.eid, s.job_id, s.payload, "" if s.extra is None else s.extra]
-            calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
-            groups.append((q, chunk))
-    n = cfg.redis.wait_replicas
-    if n > 0 and calls:
-        calls.append(scripts.wait_call(n, round(cfg.redis.wait_timeout_s * 1000)))
-    replies = await scripts.pipelined(r, calls)
-    acked = None
-    if n > 0 and calls:
-        w = replies.pop()  # WAIT's reply: how many replicas have every write before it
-        acked = w if isinstance(w, int) else 0
-    for x in replies:
-        if isinstance(x, Exception):
-            raise x
-    return [(q, chunk, flags.decode() if isinstance(flags, bytes) else str(flags))
-            for (q, chunk), flags in zip(groups, replies, strict=True)], acked
+            for i in range(0, len(items), ACK_CHUNK):
+                chunk = items[i:i + ACK_CHUNK]
+                argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
+                for s in chunk:
+                    argv += [s.op, s.eid, s.job_id, s.payload,
+                             "" if s.extra is None else s.extra]
+                self.calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
+                self.groups.append((q, chunk))
+        # redis.wait_replicas: a WAIT right after them covers every settle before it
+        self.wait = cfg.redis.wait_replicas if self.calls else 0
+        if self.wait:
+            self.calls.append(scripts.wait_call(self.wait,
+                                                round(cfg.redis.wait_timeout_s * 1000)))
+
+    def applied(self, replies: list[Any]
+                ) -> tuple[list[tuple[str, list[Settle], str]],
+                           list[tuple[tuple[str, list[Settle]], Exception]], int | None]:
+        """Split the calls' replies: (queue, chunk, flags) for the chunks Redis ran,
+        (chunk, error) for those it refused (to be settled again: each entry is gated
+        on its XACK, so a second run applies nothing twice), and how many replicas
+        acknowledged them (None: no WAIT)."""
+        acked = None
+        if self.wait:
+            replies = list(replies)
+            w = replies.pop()  # WAIT's reply: replicas that have every write before it
+            acked = w if isinstance(w, int) else 0
+        done: list[tuple[str, list[Settle], str]] = []
+        failed: list[tuple[tuple[str, list[Settle]], Exception]] = []
+        for (q, chunk), flags in zip(self.groups, replies, strict=True):
+            if isinstance(flags, Exception):
+                failed.append(((q, chunk), flags))
+            else:
+                done.append((q, chunk, flags.decode() if isinstance(flags, bytes)
+                             else str(flags)))
+        return done, failed, acked

@@ -14,6 +14,11 @@ notification sent meanwhile is missed; and after `QUIET_S` without any notificat
 while waits are pending it re-reads them too, so even a connection that died
 silently (a dropped NAT entry) delays a result by seconds, never for ever.
 `wait_sync` is the blocking version for one job.
+
+A job whose task keeps nothing (``keep_result: none``) leaves no record to re-read:
+a wait registered before it ended returns the status the notification announced
+(a `JobInfo` with only id, queue and status); one that starts afterwards, or whose
+notification was lost with its connection, gets `JobNotFound`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
@@ -32,7 +37,7 @@ from jobqd.aio import Backoff
 from jobqd.deps import is_redis_error
 from jobqd.errors import JobCancelled, JobFailed, JobNotFound
 from jobqd.ids import queue_of
-from jobqd.jobs import FINAL, JobInfo
+from jobqd.jobs import FINAL, JobInfo, Status
 from jobqd.keys import GlobalKeys, QueueKeys
 
 log = logging.getLogger("jobqd.waiting")
@@ -71,6 +76,9 @@ class Waiter:
         self.kick = asyncio.Event()
         self.subscribed = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        # job id -> the final status announced on the done channel, for a job that
+        # keeps no record (keep_result: none): the re-read then finds nothing
+        self.announced: dict[str, str] = {}
 
     def _start(self) -> None:
         if not self.tasks or any(t.done() for t in self.tasks):
@@ -100,6 +108,7 @@ class Waiter:
                     futs.remove(fut)
                 if not futs:
                     del self.waiting[job_id]
+                    self.announced.pop(job_id, None)
 
     async def close(self) -> None:
         """Stop listening (bounded: a task cancelled in the middle of a Redis call may
@@ -139,8 +148,10 @@ class Waiter:
                             self.todo.extend(self.waiting)
                             self.kick.set()
                         continue
-                    job_id = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")[0]
+                    job_id, _, final = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")
                     if job_id in self.waiting:
+                        if final in FINAL:
+                            self.announced[job_id] = final
                         self.todo.append(job_id)
                         self.kick.set()
             except Exception as e:
@@ -173,7 +184,9 @@ class Waiter:
                     continue
                 backoff.reset()
                 for job_id, (info, exc) in zip(batch, replies, strict=True):
-                    if exc is not None or (info is not None and info.status in FINAL):
+                    if isinstance(exc, JobNotFound) and job_id in self.announced:
+                        self._resolve(job_id, announced(job_id, self.announced[job_id]), None)
+                    elif exc is not None or (info is not None and info.status in FINAL):
                         self._resolve(job_id, info, exc)
 
     def _batch(self, job_ids: list[str]
@@ -198,10 +211,16 @@ def wait_sync(r: redis.Redis, prefix: str, job_id: str, timeout_s: float | None)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     run = ops.SyncRunner(r).run
     pubsub = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    final = ""  # the status the done channel announced for it
     try:
         pubsub.subscribe(GlobalKeys(prefix).done)
         while True:
-            info = run(_read_one(prefix, job_id))
+            try:
+                info = run(_read_one(prefix, job_id))
+            except JobNotFound:
+                if final not in FINAL:
+                    raise
+                return announced(job_id, final)  # it keeps no record (keep_result: none)
             if info.status in FINAL:
                 return info
             while True:
@@ -214,10 +233,18 @@ def wait_sync(r: redis.Redis, prefix: str, job_id: str, timeout_s: float | None)
                     if left is None or left > 5.0:
                         break  # re-read now and then: a reconnect may have lost a message
                     continue
-                if bytes(msg["data"]).decode("utf-8", "replace").partition(" ")[0] == job_id:
+                jid, _, said = bytes(msg["data"]).decode("utf-8", "replace").partition(" ")
+                if jid == job_id:
+                    final = said
                     break
     finally:
         pubsub.close()
+
+
+def announced(job_id: str, status: str) -> JobInfo:
+    """What a wait returns for a job that finished without leaving a record
+    (`keep_result: none`): the status the done channel announced, nothing else."""
+    return JobInfo(id=job_id, status=cast(Status, status), queue=queue_of(job_id))
 
 
 def _read_one(prefix: str, job_id: str) -> ops.Op[JobInfo]:

@@ -106,6 +106,11 @@ async def noop() -> None:
     return None
 
 
+async def noop_blob(b: str = "") -> None:
+    """A no-op that takes a payload (to fill Redis)."""
+    return None
+
+
 async def raise_timeout() -> None:
     raise TimeoutError("socket timed out")
 

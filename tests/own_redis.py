@@ -5,6 +5,7 @@ killed by pid. Only such a server may be FLUSHALLed or restarted empty."""
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -25,11 +26,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    for _ in range(200):
+        p = random.randrange(20000, 45000)
+        try:
+            for q in (p, p + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no free port pair")
+
+
 class OwnRedis:
-    def __init__(self, dir_: Path, *args: str) -> None:
+    def __init__(self, dir_: Path, *args: str, port: int | None = None) -> None:
         self.dir = dir_
         self.args = list(args)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -219,3 +234,149 @@ def sentinel_group(dir_: Path, **kw: int) -> Iterator[SentinelGroup]:
         yield g
     finally:
         g.stop()
+needs_redis_cluster = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server / redis-cli is not installed")
+
+
+class OwnCluster:
+    """A Redis Cluster of `masters` masters (and `replicas` replicas each) on free
+    loopback ports, one `OwnRedis` per node in its own directory; stopped by pid.
+
+    `node_timeout_ms` is cluster-node-timeout: how long a master may be silent
+    before its replica is promoted (small, so a failover test is quick)."""
+
+    def __init__(self, dir_: Path, masters: int = 3, replicas: int = 0,
+                 node_timeout_ms: int = 1000) -> None:
+        self.dir = dir_
+        self.nodes: list[OwnRedis] = []
+        for i in range(masters * (1 + replicas)):
+            d = dir_ / f"n{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(OwnRedis(
+                d, "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-require-full-coverage", "no", port=free_cluster_port()))
+        self.masters = masters
+        self.replicas = replicas
+        self.want_replicas = replicas  # wait_ok waits for this many per master
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def by_port(self, port: int) -> OwnRedis:
+        return next(n for n in self.nodes if n.port == port)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for n in self.nodes:
+            n.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addrs,
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=timeout)
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says cluster_state:ok and agrees on the masters."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._ok(n) for n in self.nodes if n.proc and n.proc.poll() is None):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"cluster not ok within {timeout}s")
+
+    def _ok(self, n: OwnRedis) -> bool:
+        c = redis.Redis(port=n.port, socket_timeout=1)
+        try:
+            info = c.execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in text:
+                return False
+            slots = c.execute_command("CLUSTER", "SLOTS")
+            # each range: lo, hi, master, replicas...; right after create, replicas join late
+            return (sum(int(s[1]) - int(s[0]) + 1 for s in slots) == 16384
+                    and all(len(s) - 3 >= self.want_replicas for s in slots))
+        except redis.RedisError:
+            return False
+        finally:
+            c.close()
+
+    def master_of(self, key: str) -> OwnRedis:
+        """The node serving `key`'s slot now (asked of any live node)."""
+        for n in self.nodes:
+            if n.proc is None or n.proc.poll() is not None:
+                continue
+            c = redis.Redis(port=n.port, socket_timeout=1)
+            try:
+                slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+                for lo, hi, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                    if int(lo) <= slot <= int(hi):
+                        return self.by_port(int(master[1]))
+            except redis.RedisError:
+                continue
+            finally:
+                c.close()
+        raise RuntimeError("no live node answers")
+
+    def node_id(self, n: OwnRedis) -> str:
+        c = redis.Redis(port=n.port, socket_timeout=2)
+        try:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            c.close()
+
+    def migrate_slot(self, key: str, dst: OwnRedis, batch: int = 10,
+                     pause_s: float = 0.0) -> int:
+        """Move `key`'s slot to `dst` the way redis-cli --cluster reshard moves each
+        slot: IMPORTING/MIGRATING, MIGRATE the keys `batch` at a time (sleeping
+        `pause_s` between batches, so a busy queue runs across it), then SETSLOT NODE
+        on every master. Returns how many keys moved."""
+        src = self.master_of(key)
+        assert src is not dst
+        s = redis.Redis(port=src.port, socket_timeout=10)
+        d = redis.Redis(port=dst.port, socket_timeout=10)
+        try:
+            slot = int(s.execute_command("CLUSTER", "KEYSLOT", key))
+            src_id, dst_id = self.node_id(src), self.node_id(dst)
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000,
+                                  "KEYS", *keys)
+                moved += len(keys)
+                if pause_s:
+                    time.sleep(pause_s)
+            for n in self.nodes:
+                if n.proc is None or n.proc.poll() is not None:
+                    continue
+                c = redis.Redis(port=n.port, socket_timeout=2)
+                try:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                except redis.ResponseError:
+                    pass  # a replica
+                finally:
+                    c.close()
+            return moved
+        finally:
+            s.close()
+            d.close()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.kill()
+
+
+@contextlib.contextmanager
+def own_cluster(dir_: Path, masters: int = 3, replicas: int = 0) -> Iterator[OwnCluster]:
+    dir_.mkdir(parents=True, exist_ok=True)
+    c = OwnCluster(dir_, masters, replicas)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -183,7 +183,8 @@ async def test_an_outcome_redis_refused_writes_no_ledger_event(make_rt: Callable
     await r.xack(qk.stream, GROUP, eid)  # settled elsewhere meanwhile
     events = _Events()
     settler = Settler(Metrics(), events, "stalled", lambda: rt.config)
-    s = settler.build(Succeeded(1), Delivery("default", eid, {b"j": raw}), decode_job(raw))
+    s = settler.build(Succeeded(1), Delivery("default", eid, {b"j": raw}),
+                      decode_job(raw, "default"))
     assert s is not None
     [(_, _, flags)] = await settler.settle(r, rt.config, {"default": [s]})
     assert flags == "0" and events.seen == []
@@ -191,7 +192,8 @@ async def test_an_outcome_redis_refused_writes_no_ledger_event(make_rt: Callable
     # and the same record applied while pending is reported
     eid2 = await r.xadd(qk.stream, {"j": raw})
     await r.xreadgroup(GROUP, "live", {qk.stream: ">"})
-    s2 = settler.build(Succeeded(1), Delivery("default", eid2, {b"j": raw}), decode_job(raw))
+    s2 = settler.build(Succeeded(1), Delivery("default", eid2, {b"j": raw}),
+                       decode_job(raw, "default"))
     assert s2 is not None
     [(_, _, flags)] = await settler.settle(r, rt.config, {"default": [s2]})
     assert flags == "1" and events.seen == ["succeeded"]

@@ -75,15 +75,15 @@ def test_ulid_sortable_and_queue_suffix() -> None:
 
 def test_codec_roundtrip_and_rejects() -> None:
     raw = encode_job("01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "t", {"a": [1, 2]}, 123.0, idem="k")
-    env = decode_job(raw)
+    env = decode_job(raw, "q")
     assert (env.task, env.args, env.attempt, env.lost, env.queue) == ("t", {"a": [1, 2]}, 0, 0, "q")
-    assert decode_job(env.next(attempt=2)).attempt == 2
+    assert decode_job(env.next(attempt=2), "q").attempt == 2
     for bad in (b"not json", b"[1]", b'{"id": "x", "task": "t"}',
                 b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": ""}',
                 b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": "t", "args": [1]}',
                 b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": "t", "attempt": "1"}'):
         with pytest.raises(BadJob):
-            decode_job(bad)
+            decode_job(bad, "default")
     with pytest.raises(TypeError, match="dict"):
         encode_args([1, 2])
     with pytest.raises(TypeError, match="keys must be strings"):

@@ -9,17 +9,18 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import orjson
 import pytest
 
-from jobqd.config import LogConfig, TaskConfig
+from jobqd.config import LogConfig, ResultsConfig, TaskConfig
 from jobqd.errors import Fail, Retry
 from jobqd.events import NoEvents
 from jobqd.execute import Executor, Running, bad_args
 from jobqd.ids import new_job_id
-from jobqd.jobs import decode_job, encode_job
+from jobqd.jobs import decode_job, encode_job, view
 from jobqd.metrics import Metrics
 from jobqd.outcomes import (
     Abandoned,
@@ -105,6 +106,8 @@ CFG_LOG = LogConfig()
 
 class _Cfg:
     log = CFG_LOG
+    tasks: MappingProxyType[str, Any] = MappingProxyType({})
+    results = ResultsConfig()
 
 
 def _settler() -> Settler:
@@ -119,7 +122,7 @@ def _delivery(args: Any = None, raw: bytes | None = None) -> Delivery:
 
 def test_succeeded_is_a_result_record() -> None:
     d = _delivery()
-    env = decode_job(d.fields[b"j"])
+    env = decode_job(d.fields[b"j"], "default")
     s = _settler().build(Succeeded({"x": 1}), d, env, started_ms=5.0)
     assert s is not None and s.op == "S"
     rec = orjson.loads(s.payload)
@@ -128,7 +131,7 @@ def test_succeeded_is_a_result_record() -> None:
 
 def test_unencodable_result_is_dead_bad_result() -> None:
     d = _delivery()
-    env = decode_job(d.fields[b"j"])
+    env = decode_job(d.fields[b"j"], "default")
     s = _settler().build(Succeeded(object()), d, env)
     assert s is not None and s.op == "D"
     assert orjson.loads(s.extra)["reason"] == "bad_result"
@@ -142,7 +145,7 @@ def _deep(levels: int) -> bytes:
 def test_a_retry_of_a_job_that_cannot_be_re_encoded_is_dead_malformed_raw_kept() -> None:
     raw = _deep(300)  # orjson reads 1024 levels, writes 254
     d = _delivery(raw=raw)
-    env = decode_job(raw)
+    env = decode_job(raw, "default")
     s = _settler().build(Retried("error", "boom", 1.0), d, env)
     assert s is not None and s.op == "D" and s.payload == raw
     death = orjson.loads(s.extra)
@@ -151,19 +154,19 @@ def test_a_retry_of_a_job_that_cannot_be_re_encoded_is_dead_malformed_raw_kept()
 
 def test_a_reclaim_of_such_a_job_is_dead_too() -> None:
     raw = _deep(300)
-    s = _settler().build(HandedBack(lost=1), _delivery(raw=raw), decode_job(raw))
+    s = _settler().build(HandedBack(lost=1), _delivery(raw=raw), decode_job(raw, "default"))
     assert s is not None and s.op == "D" and s.payload == raw
 
 
 def test_hand_back_defer_and_abandon() -> None:
     d = _delivery()
-    env = decode_job(d.fields[b"j"])
+    env = decode_job(d.fields[b"j"], "default")
     st = _settler()
     b = st.build(HandedBack(), d, env)
     assert b is not None and b.op == "B" and b.payload == d.fields[b"j"]
     r = st.build(HandedBack(lost=1, delay_s=0.5), d, env)
     assert r is not None and r.op == "R" and r.extra == 500
-    assert orjson.loads(r.payload)["lost"] == 1
+    assert decode_job(r.payload, "default").lost == 1
     f = st.build(Deferred(0.0001), d, env)
     assert f is not None and f.op == "R" and f.extra == 1 and f.report is None
     assert st.build(Abandoned("thread"), d, env) is None
@@ -180,13 +183,13 @@ def test_error_text_with_surrogates_encodes_everywhere() -> None:
     import os
 
     d = _delivery()
-    env = decode_job(d.fields[b"j"])
+    env = decode_job(d.fields[b"j"], "default")
     err = os.fsdecode(b"\xff")
     s = _settler().build(Dead("failed", err, tb=err), d, env)
     assert s is not None
     assert orjson.loads(s.extra)["error"] == "\\udcff"
     r = _settler().build(Retried("error", err, 1.0), d, env)
-    assert r is not None and orjson.loads(r.payload)["err"] == "\\udcff"
+    assert r is not None and view(orjson.loads(r.payload), "default")["err"] == "\\udcff"
 
 
 def test_outcome_log_modes_rate_and_reserved_names(caplog: pytest.LogCaptureFixture) -> None:
@@ -437,7 +440,7 @@ async def test_execute_cancelled_before_start_never_runs() -> None:
         ran.append(1)
 
     d = _delivery()
-    jid = decode_job(d.fields[b"j"]).id
+    jid = decode_job(d.fields[b"j"], "default").id
     ex = Executor(_NoLimits(), _StartSink(), ThreadPoolExecutor(1), cancelled={jid})
     me = asyncio.current_task()
     assert me is not None
@@ -446,5 +449,53 @@ async def test_execute_cancelled_before_start_never_runs() -> None:
 
 def test_cancelled_outcome_is_a_c_record() -> None:
     d = _delivery()
-    s = _settler().build(Cancelled(), d, decode_job(d.fields[b"j"]))
+    s = _settler().build(Cancelled(), d, decode_job(d.fields[b"j"], "default"))
     assert s is not None and s.op == "C" and s.payload == d.fields[b"j"]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_fetch_size_refills_at_half_the_prefetch_buffer() -> None:
+    from jobqd.pool import fetch_size
+
+    # 16 consumers, prefetch unset, short runs: up to 16 running + 16 buffered
+    assert fetch_size(16, None, 0.001, running=0, buffered=0, pending=0) == 32
+    assert fetch_size(16, None, 0.001, running=16, buffered=9, pending=0) == 0  # > half
+    assert fetch_size(16, None, 0.001, running=16, buffered=8, pending=5) == 8
+    assert fetch_size(16, None, 0.001, running=10, buffered=0, pending=0) == 22
+    # settles awaiting their ride do not hold fetching back, unless they pile up
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=32) == 16
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=33) == 0
+
+
+def test_fetch_size_fetches_no_further_ahead_for_long_jobs() -> None:
+    from jobqd.pool import PREFETCH_MAX_RUN_S, fetch_size
+
+    long = PREFETCH_MAX_RUN_S * 2
+    assert fetch_size(16, None, long, running=15, buffered=0, pending=0) == 1
+    assert fetch_size(16, None, long, running=16, buffered=0, pending=0) == 0
+    # an explicit prefetch is kept whatever the run times; 0 never fetches ahead
+    assert fetch_size(16, 4, long, running=16, buffered=2, pending=0) == 2
+    assert fetch_size(16, 4, long, running=16, buffered=3, pending=0) == 0
+    assert fetch_size(16, 0, 0.0, running=16, buffered=0, pending=0) == 0
+    assert fetch_size(16, 0, 0.0, running=12, buffered=0, pending=0) == 4
+
+
+def test_completion_splits_applied_chunks_from_refused_ones() -> None:
+    from jobqd.config import Config, RedisConfig
+    from jobqd.settle import Completion
+
+    s = _settler()
+    d = _delivery()
+    one = s.build(Succeeded(1), d, decode_job(d.fields[b"j"], "default"),
+                  started_ms=1, duration_s=0.0)
+    assert one is not None
+    cfg = Config(path="t.yaml", redis=RedisConfig(url="redis://localhost"))
+    c = Completion(cfg, {"a": [one], "b": [one, one]})
+    assert [q for q, _ in c.groups] == ["a", "b"] and len(c.calls) == 2
+    err = RuntimeError("OOM")
+    done, failed, acked = c.applied([b"1", err])
+    assert acked is None  # no WAIT (redis.wait_replicas: 0)
+    assert done == [("a", [one], "1")]
+    assert failed == [(("b", [one, one]), err)]

@@ -19,6 +19,7 @@ import redis.asyncio as aredis
 from jobqd import Client, JobqdError, RedisOutOfMemory, SyncClient, config, publish, scripts
 from jobqd.cli import main
 from jobqd.exitcodes import ExitCode
+from jobqd.jobs import decode_job
 from jobqd.keys import QueueKeys
 from jobqd.ops import fields_dict
 from jobqd.runtime import Runtime
@@ -71,10 +72,8 @@ async def fill(srv: OwnRedis, prefix: str) -> RedisOutOfMemory:
 
 
 async def stream_ids(r: aredis.Redis, prefix: str) -> list[str]:
-    import orjson
-
     entries = await r.xrange(QueueKeys(prefix, "default").stream)
-    return [orjson.loads(fields_dict(f)["j"])["id"] for _, f in entries]
+    return [decode_job(fields_dict(f)["j"], "default").id for _, f in entries]
 
 
 async def test_enqueue_many_refused_part_way_reports_exactly_the_accepted(

@@ -228,3 +228,11 @@ async def test_bad_runtime_weight_in_redis_does_not_stop_the_daemon(
     d = await start(cfg.path)
     assert d.daemon.weights.weights == {"a": 4, "b": 1}
     await d.stop()
+
+
+def test_stats_skip_runtime_weights_that_are_not_weights() -> None:
+    """Garbage in the weights hash (redis-cli, a buggy tool) must not crash the gauges
+    loop or `jobqd stats`: the weights loop reports it and falls back to the YAML."""
+    from jobqd import ops
+
+    assert ops._weights({b"a": b"lots", b"b": b"-3", b"c": b"2"}) == {"c": 2}

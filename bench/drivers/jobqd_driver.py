@@ -103,6 +103,15 @@ class JobqdDriver(c.Driver):
         "routing published once with `jobqd publish`"
     )
 
+    def info(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        import jobqd
+
+        # where jobqd came from (bench/compare_revisions.py runs other checkouts)
+        src = os.path.dirname(os.path.realpath(jobqd.__file__))
+        return {**super().info(), "redis_py": version("redis"), "jobqd_src": src}
+
     def worker(self, a: argparse.Namespace) -> None:
         import uvloop
         from jobqd.daemon import Daemon

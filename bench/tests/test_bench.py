@@ -134,3 +134,68 @@ def test_driver_cli_contract() -> None:
     assert (a.mode, a.n, a.batch_size, a.rate) == ("batch", 5, 1000, 0.0)
     w = p.parse_args(["worker", "--redis-url", "u", "--concurrency", "100", "--workload", "sleep"])
     assert (w.concurrency, w.workload) == (100, "sleep")
+
+
+def _proc(jq: list[float], ref: list[float], r5: list[float]) -> dict[str, Any]:
+    def sysres(runs: list[float], **info: Any) -> dict[str, Any]:
+        return {"status": "ok", "notes": [], "info": info, "metrics": {
+            k: {"runs": runs, "extra": [{"concurrency": c}] * len(runs),
+                "median": sorted(runs)[len(runs) // 2]}
+            for k, c in (("proc_default", 16), ("proc_100", 100))}}
+
+    return {"jobqd": sysres(jq, redis_py="8.1.0"), "reference": sysres(ref),
+            "jobqd_redis5": sysres(r5, redis_py="5.3.1"), "saq": sysres([10.0])}
+
+
+def test_reference_and_redis5_are_not_peers() -> None:
+    res = _proc([50.0], [100.0], [25.0])
+    assert run.best_peer(res, "proc_100") == ("saq", 10.0)
+
+
+def test_reference_table_medians_and_paired_ratios() -> None:
+    lines = run.reference_lines(_proc([60.0, 80.0, 70.0], [100.0, 100.0, 80.0], [30.0] * 3))
+    row = next(x for x in lines if x.startswith("| Processing, no-op, concurrency 100"))
+    # medians 70 / 100 = 70 %; per repeat 60 %, 80 %, 88 %; goal 90 %; 30 / 70 = 0.43x
+    assert row == ("| Processing, no-op, concurrency 100 (consumers 100) | 70 | 100 | 70% | "
+                   "60%, 80%, 88% | ≥ 90% | 30 | 0.43× |")
+    assert any("redis-py 5.3.1 / 8.1.0" in x for x in lines)
+    assert run.reference_lines({"jobqd": _proc([1.0], [1.0], [1.0])["jobqd"]}) == []
+
+
+def test_requirements_root_placeholder(tmp_path: Path) -> None:
+    sections = run.parse_requirements()
+    assert "-e {ROOT}" in sections["jobqd_redis5"]
+    assert "redis==5.3.1" in sections["jobqd_redis5"]
+
+
+def test_pythonpath_for_another_jobqd(tmp_path: Path) -> None:
+    assert run.pythonpath("jobqd", None) == str(run.ROOT)
+    assert run.pythonpath("streaq", str(tmp_path)) == str(run.ROOT)
+    (tmp_path / "jobqd").mkdir()
+    d = Path(run.pythonpath("jobqd_redis5", str(tmp_path)))
+    assert (d / "bench").resolve() == run.BENCH
+    assert (d / "jobqd").resolve() == (tmp_path / "jobqd").resolve()
+
+
+def test_pyspy_raw_aggregation() -> None:
+    from bench import profile_daemon
+
+    raw = ("main (a.py:1);run (b.py:2);work (c.py:3) 6\n"
+           "main (a.py:1);run (b.py:9);work (c.py:4) 2\n"
+           "main (a.py:1);idle (d.py:1) 2\n")
+    total, own, incl = profile_daemon.aggregate(raw)
+    assert total == 10
+    assert own == {"work (c.py)": 8, "idle (d.py)": 2}
+    assert incl["main (a.py)"] == 10
+    assert incl["run (b.py)"] == 8
+
+
+def test_capacity_arithmetic() -> None:
+    from bench import daemons
+
+    cap = daemons.capacity(redis_us=20.0, daemon_us=100.0)
+    assert cap["redis_core_jobs_per_s"] == 50_000
+    assert cap["daemon_core_jobs_per_s"] == 10_000
+    assert cap["daemons_to_saturate"] == 5.0
+    assert cap["daemons_whole"] == 5
+    assert cap["fits_on_host"]

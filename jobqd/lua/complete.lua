@@ -7,7 +7,7 @@
 -- slot), so a batch carries no key per job.
 -- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n ARGV[4]=done channel
 -- then per entry i (0-based), at b = 5 + 5*i: op, entry id, job id, payload, extra
---   op 'S' succeeded:   payload = final record json
+--   op 'S' succeeded:   payload = final record json ('' = keep none: no record)
 --   op 'R' retry/defer: payload = job json for the next attempt, extra = delay ms
 --   op 'D' dead:        payload = job json (or raw fields json), extra = death json
 --   op 'B' hand back:   payload = job json to re-add at the tail now
@@ -50,7 +50,9 @@ for i = 0, n - 1 do
     if op == 'S' then
       if id ~= '' then
         redis.call('HDEL', KEYS[3], id)
-        redis.call('SET', tag .. 'r:' .. id, payload, 'PX', ttl)
+        if payload ~= '' then
+          redis.call('SET', tag .. 'r:' .. id, payload, 'PX', ttl)
+        end
         final = 'succeeded'
       end
     elseif op == 'C' then

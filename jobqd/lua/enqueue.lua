@@ -1,12 +1,15 @@
 -- enqueue: add a batch of jobs for ONE task to ONE queue, atomically.
 -- KEYS[1]=stream KEYS[2]=delayed KEYS[3]=state KEYS[4]=conf KEYS[5]=full
--- KEYS[6]=enqueue counters ({p:q}:in) KEYS[6+k]=idempotency key k (k >= 1)
+-- KEYS[6]=enqueue counters ({p:q}:in) KEYS[7]=memory-full marker ({p:q}:mem, set with a
+-- short PX by the daemons' redis guard while Redis memory is over
+-- redis.max_memory_fraction) KEYS[7+k]=idempotency key k (k >= 1)
 -- Also HINCRBYs the task's field of KEYS[6] by the
 -- number of jobs created: every producer's enqueues, read by jobqd_jobs_enqueued_total.
 -- ARGV[1]=task ARGV[2]=n ARGV[3]=idempotency ttl ms
 -- then per job i (0-based), at b = 4 + 4*i: id, job json, delay ms, idempotency key index (0 = none)
 -- Returns {'OK', flags, id...} (flag '1' = created, '0' = idempotent hit, id = the existing job)
 --      or {'UNKNOWN'} | {'TOOBIG', i, size, max} | {'FULL', depth, high, low}
+--      | {'MEMFULL', '<used> <max> <fraction>'}
 local task = ARGV[1]
 local n = tonumber(ARGV[2])
 local idem_ttl = tonumber(ARGV[3])
@@ -22,8 +25,14 @@ for i = 0, n - 1 do
     return {'TOOBIG', i, size, maxp}
   end
   local ki = tonumber(ARGV[b + 3])
-  if ki == 0 or redis.call('EXISTS', KEYS[6 + ki]) == 0 then
+  if ki == 0 or redis.call('EXISTS', KEYS[7 + ki]) == 0 then
     fresh = fresh + 1
+  end
+end
+if fresh > 0 then
+  local mem = redis.call('GET', KEYS[7])
+  if mem then
+    return {'MEMFULL', mem}
   end
 end
 local t = redis.call('TIME')
@@ -54,9 +63,9 @@ for i = 0, n - 1 do
   local ki = tonumber(ARGV[b + 3])
   local hit = false
   if ki > 0 then
-    hit = redis.call('GET', KEYS[6 + ki])
+    hit = redis.call('GET', KEYS[7 + ki])
     if not hit then
-      redis.call('SET', KEYS[6 + ki], id, 'PX', idem_ttl)
+      redis.call('SET', KEYS[7 + ki], id, 'PX', idem_ttl)
     end
   end
   if hit then
