@@ -164,6 +164,52 @@ def capacity(redis_us: float, daemon_us: float, host_cores: int = 16) -> dict[st
             "fits_on_host": math.ceil(need) + 1 <= host_cores}
 
 
+def report(runs: dict[int, list[dict[str, Any]]], consumers: int, n_per_daemon: int,
+           repeats: int, started: str) -> tuple[list[str], dict[str, float]]:
+    counts = list(runs)
+
+    def med(k: int, f: str) -> float:
+        return statistics.median(x[f] for x in runs[k])
+
+    lines = [f"# Several jobqd daemons on one Redis ({started})", "",
+             f"`bench/daemons.py`: consumers {consumers} per daemon, "
+             f"{n_per_daemon:,} no-op jobs per daemon, medians of {repeats} interleaved "
+             f"runs, measured from 10 % to 90 % done; {os.cpu_count()} CPUs shared with "
+             "Redis and everything else on the machine. R = Redis CPU µs/job, D = daemon "
+             "CPU µs/job; 1e6 / R = jobs/s one Redis core carries, D / R = one-core daemons "
+             "it takes to saturate it.", "",
+             "| daemons | jobs/s | R: Redis CPU µs/job | Redis CPU % | D: daemon CPU µs/job "
+             "| daemons' CPU % | 1e6 / R | D / R | last run (UTC), load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k in counts:
+        last = runs[k][-1]
+        r, d = med(k, "redis_us_per_job"), med(k, "daemon_us_per_job")
+        lines.append(f"| {k} | {med(k, 'jobs_per_s'):,.0f} | {r:.1f} | "
+                     f"{med(k, 'redis_cpu_pct'):.0f} | {d:.1f} | "
+                     f"{med(k, 'daemon_cpu_pct'):.0f} | {1e6 / r:,.0f} | {d / r:.1f} | "
+                     f"{last['at']}, {last['loadavg']} |")
+    cap = capacity(med(counts[0], "redis_us_per_job"), med(counts[0], "daemon_us_per_job"))
+    lines += ["", f"With {counts[0]} daemon(s): one Redis core carries 1e6 / "
+              f"{med(counts[0], 'redis_us_per_job'):.1f} µs = "
+              f"**{cap['redis_core_jobs_per_s']:,.0f} jobs/s**; one daemon at a full core does "
+              f"1e6 / {med(counts[0], 'daemon_us_per_job'):.1f} µs = "
+              f"{cap['daemon_core_jobs_per_s']:,.0f} jobs/s; so "
+              f"{cap['daemons_to_saturate']:.1f} → **{cap['daemons_whole']} daemons** "
+              f"(one core each, plus one for Redis) saturate one Redis.", ""]
+    return lines, cap
+
+
+def render(path: Path) -> int:
+    data = json.loads(path.read_text())
+    runs = {int(k): v for k, v in data["runs"].items()}
+    args = data["args"]
+    lines, _ = report(runs, int(args["consumers"]), int(args["n_per_daemon"]),
+                      int(args["repeats"]), data["started"])
+    (path.parent / "daemons.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--daemons", default="1,2,4")
@@ -173,7 +219,10 @@ def main() -> int:
     ap.add_argument("--redis-url", help="a loopback Redis DB to FLUSHDB and use (default: own)")
     ap.add_argument("--python", default=DEFAULT_PY, help="python with jobqd's dependencies")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--render", type=Path, help="only rewrite daemons.md from this daemons.json")
     a = ap.parse_args()
+    if a.render:
+        return render(a.render)
     counts = [int(x) for x in a.daemons.split(",")]
     server = RedisServer(None, 6392) if not a.redis_url else None
     url = a.redis_url or (server.url if server else "")
@@ -194,30 +243,7 @@ def main() -> int:
         if server:
             server.kill()
 
-    def med(k: int, f: str) -> float:
-        return statistics.median(x[f] for x in runs[k])
-
-    lines = [f"# Several jobqd daemons on one Redis ({started})", "",
-             f"`bench/daemons.py`: consumers {a.consumers} per daemon, "
-             f"{a.n_per_daemon:,} no-op jobs per daemon, medians of {a.repeats} interleaved "
-             f"runs, measured from 10 % to 90 % done; {os.cpu_count()} CPUs shared with "
-             "Redis and everything else on the machine.", "",
-             "| daemons | jobs/s | Redis CPU µs/job | Redis CPU % | daemon CPU µs/job "
-             "| daemons' CPU % | time (UTC), load avg |",
-             "|---|---|---|---|---|---|---|"]
-    for k in counts:
-        last = runs[k][-1]
-        lines.append(f"| {k} | {med(k, 'jobs_per_s'):,.0f} | {med(k, 'redis_us_per_job'):.1f} | "
-                     f"{med(k, 'redis_cpu_pct'):.0f} | {med(k, 'daemon_us_per_job'):.1f} | "
-                     f"{med(k, 'daemon_cpu_pct'):.0f} | {last['at']}, {last['loadavg']} |")
-    cap = capacity(med(counts[0], "redis_us_per_job"), med(counts[0], "daemon_us_per_job"))
-    lines += ["", f"With {counts[0]} daemon(s): one Redis core carries 1e6 / "
-              f"{med(counts[0], 'redis_us_per_job'):.1f} µs = "
-              f"**{cap['redis_core_jobs_per_s']:,.0f} jobs/s**; one daemon at a full core does "
-              f"1e6 / {med(counts[0], 'daemon_us_per_job'):.1f} µs = "
-              f"{cap['daemon_core_jobs_per_s']:,.0f} jobs/s; so "
-              f"{cap['daemons_to_saturate']:.1f} → **{cap['daemons_whole']} daemons** "
-              f"(one core each, plus one for Redis) saturate one Redis.", ""]
+    lines, cap = report(runs, a.consumers, a.n_per_daemon, a.repeats, started)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "daemons.md").write_text("\n".join(lines))
     (a.out / "daemons.json").write_text(json.dumps(

@@ -618,10 +618,14 @@ def weights_get(prefix: str) -> Op[dict[str, int]]:
 def _weights(raw: Any) -> dict[str, int]:
     table = {s(k): s(v) for k, v in raw.items()} if isinstance(raw, dict) else \
         fields_dict_str(raw)
-    out = {}
-    for k, v in table.items():  # a value written by hand that is no weight is skipped
-        if v.isdigit():  # (as the weights refresh does): it must not crash stats or gauges
-            out[k] = int(v)
+    out: dict[str, int] = {}
+    for k, v in table.items():
+        try:
+            n = int(v)
+        except ValueError:  # written by hand into Redis: the weights loop reports it
+            continue
+        if n >= 0:
+            out[k] = n
     return out
 
 

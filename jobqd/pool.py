@@ -63,6 +63,7 @@ DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
 ACK_LINGER_S = 0.01  # under load, a settle waits at most this long for a fetch to carry it
 PREFETCH_MAX_RUN_S = 0.05  # unset `prefetch`: fetch ahead only while runs average less
 RUN_EWMA = 0.05  # weight of the latest run in that average
+BUFFER_STALE_S = 1.0  # buffered jobs nobody could start for this long are handed back
 PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
 
 
@@ -166,7 +167,10 @@ class Pool:
         # off, stopped): the acker then flushes at once instead of lingering
         self.fetch_idle = asyncio.Event()
         self.fetch_idle.set()
-        self.avg_run_s = 0.0  # moving average of run times (decides unset `prefetch`)
+        # moving average of run times (decides unset `prefetch`): unknown at start, so
+        # taken as long: a first fetch of long jobs must not buffer what others could run
+        self.avg_run_s = PREFETCH_MAX_RUN_S
+        self.starts = 0  # jobs started (the deadline tick notices a buffer standing still)
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
         self.consumers: dict[asyncio.Task[None], Running | None] = {}
@@ -466,6 +470,7 @@ class Pool:
             run = Running(d, me)
             self.consumers[me] = run
             self.running += 1
+            self.starts += 1
             self.slot_freed.set()  # the buffer shrank: maybe time to refill
             outcome: Outcome = HandedBack()  # if a bug escapes `run`, the job is not lost
             try:
@@ -501,7 +506,10 @@ class Pool:
         self.ack_wakeup.set()
 
     async def _deadline_loop(self) -> None:
-        """Job timeouts: one coarse timer for the pool instead of one per job."""
+        """Job timeouts: one coarse timer for the pool instead of one per job. The same
+        tick hands back a buffer that stood still for BUFFER_STALE_S."""
+        still = 0  # ticks the buffer had jobs and none started
+        starts = self.starts
         while True:
             await asyncio.sleep(DEADLINE_TICK_S)
             now = time.monotonic()
@@ -511,6 +519,28 @@ class Pool:
                     if run.stop_reason is None:
                         run.stop_reason = "timeout"
                         t.cancel()
+            still = still + 1 if len(self.buffer) and self.starts == starts else 0
+            starts = self.starts
+            if still * DEADLINE_TICK_S >= BUFFER_STALE_S and self.rt.config.prefetch is None:
+                still = 0
+                self._hand_back_buffer()
+
+    def _hand_back_buffer(self) -> None:
+        """Every consumer is busy with jobs longer than the prefetch expected: the
+        buffered jobs go back to their queues (no attempt used), where an idle
+        daemon takes them instead of them waiting here."""
+        items = self.buffer.take_all()
+        jobs = [d for d in items if d is not None]
+        for d in items:
+            if d is None:  # a retiring consumer's signal stays
+                self.buffer.put(None)
+        for d in jobs:
+            self._outcome(d, None, HandedBack())
+        if jobs:
+            # the runs are long after all: fetch no further ahead until they are not
+            self.avg_run_s = max(self.avg_run_s, PREFETCH_MAX_RUN_S)
+            log.info("handed back %d buffered jobs: no consumer was free for %gs",
+                     len(jobs), BUFFER_STALE_S)
 
     # ------------------------------------------------------------ cancel, progress
 

@@ -14,6 +14,11 @@ notification sent meanwhile is missed; and after `QUIET_S` without any notificat
 while waits are pending it re-reads them too, so even a connection that died
 silently (a dropped NAT entry) delays a result by seconds, never for ever.
 `wait_sync` is the blocking version for one job.
+
+A job whose task keeps nothing (``keep_result: none``) leaves no record to re-read:
+a wait registered before it ended returns the status the notification announced
+(a `JobInfo` with only id, queue and status); one that starts afterwards, or whose
+notification was lost with its connection, gets `JobNotFound`.
 """
 
 from __future__ import annotations

@@ -70,3 +70,30 @@ async def test_at_low_load_a_settle_is_not_held_back(start_daemon: Callable[...,
         # the fetcher sits in its blocking read between jobs: the acker flushes at
         # once instead of waiting for a fetch to carry the settle
         assert time.monotonic() - t0 < 10
+
+
+async def test_long_jobs_buffered_behind_busy_consumers_go_to_an_idle_daemon(
+        start_daemon: Callable[..., Any], client: Client, prefix: str, r: Any) -> None:
+    key = f"{prefix}:runs"
+    await start_daemon(consumers=2)
+    warm = [await client.enqueue("noop") for _ in range(5)]  # short runs: prefetch on
+    for j in warm:
+        await client.wait(j.id, timeout_s=20)
+    jobs = await client.enqueue_many("sleep", [{"seconds": 8, "key": key}] * 4)
+    t0 = time.monotonic()
+
+    async def two_started() -> bool:
+        return int(await r.hlen(key + ":started")) >= 2
+
+    await wait_for(two_started, timeout=10)
+    await start_daemon(consumers=2)  # idle: it gets what the first one buffered
+
+    async def all_started() -> bool:
+        return int(await r.hlen(key + ":started")) == 4
+
+    await wait_for(all_started, timeout=20)
+    # the first daemon's two runs take 8 s; the buffered pair was handed back after
+    # BUFFER_STALE_S and ran on the second daemon long before that
+    assert time.monotonic() - t0 < 7.5
+    for j in jobs:
+        assert int(await r.hget(key + ":started", j.id) or 0) == 1  # each started once

