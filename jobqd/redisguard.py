@@ -41,6 +41,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 from prometheus_client import Counter, Gauge
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ResponseError
 
 from jobqd import ops, publish, scripts
@@ -215,7 +216,9 @@ class Guard:
         rt = self.rt
         cfg = rt.config
         r = rt.redis
-        info: Any = await r.info("memory")
+        # on a Redis Cluster INFO goes to one node unless told: ask every master
+        info: Any = await r.info("memory", **({"target_nodes": AsyncRedisCluster.PRIMARIES}
+                                              if is_cluster(r) else {}))
         # one server: its fields; Redis Cluster (one dict per node): the fullest node
         nodes = [info] if isinstance(info, dict) and "used_memory" in info else [
             v for v in (info.values() if isinstance(info, dict) else ())

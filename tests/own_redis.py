@@ -270,7 +270,15 @@ class OwnCluster:
 
     def start(self, timeout: float = 30.0) -> None:
         for n in self.nodes:
-            n.start()
+            for attempt in range(3):  # a port found free may be taken before it binds
+                try:
+                    n.start()
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    n.port = free_cluster_port()
+                    n.url = f"redis://127.0.0.1:{n.port}/0"
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(["redis-cli", "--cluster", "create", *addrs,
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],

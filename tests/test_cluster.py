@@ -24,6 +24,7 @@ import yaml
 from jobqd import Client, JobNotFound, QueueFull, SyncClient, config, connect
 from jobqd.cli import main
 from jobqd.daemon import Daemon
+from jobqd.errors import RedisMemoryFull
 from jobqd.exitcodes import ExitCode
 from jobqd.keys import QueueKeys
 
@@ -222,6 +223,11 @@ async def test_backpressure_http_api_and_metrics(cluster: OwnCluster, cprefix: s
             assert (await resp.json())["status"] == "queued"
         async with s.get("/readyz") as resp:
             assert resp.status == 200, await resp.text()
+        # the dashboard's pages read every queue on its own master
+        for path in ("/ui/", "/ui/api/overview", f"/ui/queues/{qs[2]}", "/ui/workers",
+                     "/ui/dlq", f"/ui/jobs/{body['id']}"):
+            async with s.get(path) as resp:
+                assert resp.status == 200, (path, await resp.text())
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             async with s.get("/metrics") as resp:
@@ -230,6 +236,9 @@ async def test_backpressure_http_api_and_metrics(cluster: OwnCluster, cprefix: s
                 break
             assert asyncio.get_running_loop().time() < deadline, text
             await asyncio.sleep(0.2)
+    # cancel every queued job of one queue (ZSCAN/XRANGE on that queue's master)
+    res = await cclient.cancel_many(qs[0])
+    assert res == {"cancelled": 3, "cancelling": 0}, res
 
 
 async def test_backpressure(cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any],
@@ -572,3 +581,31 @@ async def test_every_master_policy_is_checked(cluster: OwnCluster, cprefix: str,
         finally:
             c.config_set("maxmemory-policy", "noeviction")
             c.close()
+
+
+async def test_memory_fraction_watches_every_master(cluster: OwnCluster, cprefix: str,
+                                                    cstart: Callable[..., Any],
+                                                    cclient: Client) -> None:
+    """redis.max_memory_fraction on a cluster: any master over it refuses enqueues,
+    whichever node the daemon's client asks by default (each master in turn)."""
+    qs = spread_queues(cluster, cprefix)
+    d = await cstart(qs, consumers=0, redis={"max_memory_fraction": 0.5})
+    for q in qs:
+        node = redis.Redis(port=cluster.master_of(QueueKeys(cprefix, q).stream).port)
+        used = int(node.info("memory")["used_memory"])
+        node.config_set("maxmemory", int(used * 1.3))  # used is ~77 % of it
+        try:
+            await wait_for(lambda q=q: _refused_for_memory(cclient, q), 10, "refused")
+        finally:
+            node.config_set("maxmemory", 0)
+            node.close()
+        await wait_for(lambda q=q: _accepts(cclient, q), 10, "accepted again")
+    assert d.task is not None and not d.task.done()
+
+
+async def _refused_for_memory(c: Client, q: str) -> bool:
+    try:
+        await c.enqueue("noop", queue=q)
+    except RedisMemoryFull:
+        return True
+    return False
