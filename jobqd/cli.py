@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -539,11 +541,21 @@ def _draw_stats(args: argparse.Namespace, queues: list[ops.QueueStats],
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = _load(args)
     period = args.watch or args.interval_s
+    # Ctrl-C ends --watch. Its KeyboardInterrupt alone is not enough: one that lands
+    # inside asyncio.run (reading the workers) becomes a cancellation there, and a
+    # library that swallows it would lose the Ctrl-C, leaving the loop running.
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if args.watch else None
     try:
         with _client(cfg) as c:
             before = {q.name: q.done for q in c.queues()}
             t0 = time.monotonic()
-            while True:
+            while not interrupted.is_set():
                 time.sleep(period)
                 queues = c.queues()
                 t1 = time.monotonic()
@@ -558,6 +570,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if args.watch:  # Ctrl-C is how --watch ends
             return ExitCode.OK
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return ExitCode.OK
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:

@@ -200,19 +200,57 @@ def test_stats_watch_redraws_until_ctrl_c(write_config: Callable[..., Path]) -> 
     proc = jobqd_proc("stats", "--watch", "0.2", "-c", cfg, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     assert proc.stdout is not None
-    frames = 0
-    deadline = time.monotonic() + 30
-    while frames < 2 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        frames += line.startswith("jobqd stats  ")
-    assert frames == 2
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    try:
+        frames = 0
+        deadline = time.monotonic() + 30
+        while frames < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            frames += line.startswith("jobqd stats  ")
+        assert frames == 2
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)  # closes the pipes
 
+
+def test_stats_watch_ends_on_a_ctrl_c_swallowed_inside_asyncio_run(
+        write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C that lands inside a frame's asyncio.run becomes a cancellation there; a
+    library that swallows it must not make --watch run on for ever (seen in CI under
+    load: frames kept coming after SIGINT)."""
+    import asyncio
+
+    from jobqd import cli
+
+    frames = 0
+
+    def workers(_cfg: Any) -> list[dict[str, Any]]:
+        nonlocal frames
+        frames += 1
+        assert frames < 5, "the Ctrl-C was lost: --watch kept drawing"
+
+        async def swallowing() -> list[dict[str, Any]]:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while reading the workers
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass  # what a careless library does
+            return []
+
+        return asyncio.run(swallowing())
+
+    monkeypatch.setattr(cli, "_workers", workers)
+    rc = cli.main(["stats", "--watch", "0.01", "-c", str(write_config())])
+    assert rc == 0 and frames == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    capsys.readouterr()
 
 
 def test_the_shipped_units_exec_start_parses() -> None:
