@@ -247,9 +247,14 @@ def test_stats_watch_ends_on_a_ctrl_c_swallowed_inside_asyncio_run(
         return asyncio.run(swallowing())
 
     monkeypatch.setattr(cli, "_workers", workers)
-    rc = cli.main(["stats", "--watch", "0.01", "-c", str(write_config())])
-    assert rc == 0 and frames == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # as in a shell (an earlier test in this process may have left another handler)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = cli.main(["stats", "--watch", "0.01", "-c", str(write_config())])
+        assert rc == 0 and frames == 1
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     capsys.readouterr()
 
 

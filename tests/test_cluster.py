@@ -540,8 +540,12 @@ async def _promoted(c: OwnCluster, key: str, victim: Any) -> bool:
 
 
 async def test_schedules_outbox_relay_and_ledger_with_postgres(
-        cluster: OwnCluster, cprefix: str, cstart: Callable[..., Any], cclient: Client,
-        db: Any, pg_schema: str, side: aredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        cluster: OwnCluster, cprefix: str, pg_schema: str, db: Any,
+        cstart: Callable[..., Any], cclient: Client, side: aredis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # pg_schema before cstart: fixtures tear down in reverse, so the daemons (ledger,
+    # relay) stop before the schema is dropped; the other way round, DROP SCHEMA
+    # waited for the relay's locks until the test timed out
     from jobqd import outbox
     from jobqd import relay as relay_mod
 
