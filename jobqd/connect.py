@@ -299,8 +299,9 @@ def connect_sync(url: str, **options: Any) -> redis.Redis:
     if t.kind == "cluster":
         options.pop("health_check_interval", None)
         seeds = [ClusterNode(h, p) for h, p in t.nodes]  # type: ignore[no-untyped-call]
-        cluster = RedisCluster(startup_nodes=seeds,
-                               **_auth(t), **options)
+        # as for the asyncio client: a MOVED reply patches the slot map (see connect)
+        cluster = RedisCluster(startup_nodes=seeds, reinitialize_steps=0, **_auth(t),
+                               **options)
         return cast(redis.Redis, cluster)
     sentinel = Sentinel(list(t.nodes),  # type: ignore[no-untyped-call]
                         sentinel_kwargs=_sentinel_kwargs(t, options))
