@@ -144,21 +144,28 @@ class InProcessDaemon:
         return await asyncio.wait_for(self.task, 30)
 
 
+@contextlib.asynccontextmanager
+async def in_process_daemons() -> AsyncIterator[list[InProcessDaemon]]:
+    """The daemons a test appends here are stopped when it ends (unless stopped)."""
+    started: list[InProcessDaemon] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            if d.task is not None and not d.task.done():
+                await d.stop()
+
+
 @pytest.fixture
 async def start_daemon(write_config: Callable[..., Path]) -> AsyncIterator[Callable[..., Any]]:
     """await start_daemon(**overrides) -> a running in-process daemon (stopped after)."""
-    started: list[InProcessDaemon] = []
+    async with in_process_daemons() as started:
+        async def start(**over: Any) -> InProcessDaemon:
+            d = await InProcessDaemon(config.load(write_config(**over))).start()
+            started.append(d)
+            return d
 
-    async def start(**over: Any) -> InProcessDaemon:
-        cfg = config.load(write_config(**over))
-        d = await InProcessDaemon(cfg).start()
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.task is not None and not d.task.done():
-            await d.stop()
+        yield start
 
 
 @pytest.fixture
@@ -175,6 +182,17 @@ async def make_rt(write_config: Callable[..., Path]) -> AsyncIterator[Callable[.
     yield make
     for rt in made:
         await rt.redis.aclose()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll a blocking predicate every 50 ms; seconds it took, or an AssertionError
+    naming `what` after `timeout` (for tests that drive subprocesses)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0,

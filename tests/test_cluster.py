@@ -28,7 +28,16 @@ from jobqd.errors import RedisMemoryFull
 from jobqd.exitcodes import ExitCode
 from jobqd.keys import QueueKeys
 
-from .conftest import DaemonProcess, InProcessDaemon, _cleanup, base_config, wait_for, wait_status
+from .conftest import (
+    DaemonProcess,
+    InProcessDaemon,
+    _cleanup,
+    base_config,
+    in_process_daemons,
+    wait_for,
+    wait_status,
+    wait_until,
+)
 from .own_redis import OwnCluster, needs_redis_cluster, own_cluster
 
 pytestmark = [pytest.mark.cluster, needs_redis_cluster]
@@ -90,19 +99,15 @@ def cluster_config(cluster: OwnCluster, prefix: str, qs: list[str], **over: Any
 @pytest.fixture
 async def cstart(cluster: OwnCluster, cprefix: str, tmp_path: Path
                  ) -> AsyncIterator[Callable[..., Any]]:
-    started: list[InProcessDaemon] = []
+    async with in_process_daemons() as started:
+        async def start(qs: list[str], **over: Any) -> InProcessDaemon:
+            path = tmp_path / f"jobqd-{uuid.uuid4().hex[:6]}.yaml"
+            path.write_text(yaml.safe_dump(cluster_config(cluster, cprefix, qs, **over)))
+            d = await InProcessDaemon(config.load(path)).start()
+            started.append(d)
+            return d
 
-    async def start(qs: list[str], **over: Any) -> InProcessDaemon:
-        path = tmp_path / f"jobqd-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(yaml.safe_dump(cluster_config(cluster, cprefix, qs, **over)))
-        d = await InProcessDaemon(config.load(path)).start()
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        if d.task is not None and not d.task.done():
-            await d.stop()
+        yield start
 
 
 @pytest.fixture
@@ -280,13 +285,6 @@ def wait_ready_on(cluster: OwnCluster, prefix: str, d: DaemonProcess,
         r.close()
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 FAST = {"heartbeat": {"interval_s": 0.5, "timeout_s": 2},

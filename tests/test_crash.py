@@ -14,19 +14,12 @@ import redis
 from jobqd import SyncClient
 from jobqd.keys import QueueKeys
 
-from .conftest import REDIS_URL, DaemonProcess
+from .conftest import REDIS_URL, DaemonProcess, wait_until
 
 FAST = {"heartbeat": {"interval_s": 0.5, "timeout_s": 2},
         "reaper": {"interval_s": 0.5, "visibility_timeout_s": 30, "max_deliveries": 3}}
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def runs(r: redis.Redis, key: str) -> dict[str, int]:

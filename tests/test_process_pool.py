@@ -22,7 +22,7 @@ from jobqd import SyncClient, config
 from jobqd.errors import ConfigError, UnknownTask
 from jobqd.jobs import JobInfo
 
-from .conftest import REDIS_URL, DaemonProcess, base_config
+from .conftest import REDIS_URL, DaemonProcess, base_config, wait_until
 
 FAST = {"heartbeat": {"interval_s": 0.5, "timeout_s": 2},
         "reaper": {"interval_s": 0.5, "visibility_timeout_s": 30, "max_deliveries": 3}}
@@ -50,13 +50,6 @@ def proc_tasks(**extra: Any) -> dict[str, Any]:
     return tasks
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def status(c: SyncClient, job_id: str, want: str, timeout: float = 20.0) -> JobInfo:

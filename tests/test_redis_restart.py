@@ -25,7 +25,7 @@ from redis.retry import Retry
 from jobqd import SyncClient
 from jobqd.keys import GROUP, QueueKeys
 
-from .conftest import REDIS_URL, DaemonProcess
+from .conftest import REDIS_URL, DaemonProcess, wait_until
 from .proxies import BlackholeProxy
 
 FAST = {"heartbeat": {"interval_s": 0.5, "timeout_s": 2},
@@ -133,13 +133,6 @@ def wait_ready_on(pr: PrivateRedis, d: DaemonProcess, prefix: str, timeout: floa
     raise RuntimeError(f"daemon not ready in {timeout}s:\n{d.log()}")
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def runs(r: redis.Redis, key: str) -> dict[str, int]:

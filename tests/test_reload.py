@@ -34,7 +34,15 @@ from jobqd.client import SyncClient
 from jobqd.keys import QueueKeys
 from jobqd.runtime import Runtime
 
-from .conftest import REDIS_URL, DaemonProcess, InProcessDaemon, base_config, wait_status
+from .conftest import (
+    REDIS_URL,
+    DaemonProcess,
+    InProcessDaemon,
+    base_config,
+    in_process_daemons,
+    wait_status,
+    wait_until,
+)
 
 TASKS: dict[str, Any] = {
     "record": {"handler": "tests.handlers:record"},
@@ -80,20 +88,16 @@ def conf(tmp_path: Path, prefix: str) -> Callable[..., ConfigFile]:
 @pytest.fixture
 async def watched() -> AsyncIterator[Callable[[ConfigFile], Any]]:
     """watched(config_file) -> a running in-process daemon that watches its file."""
-    started: list[InProcessDaemon] = []
+    async with in_process_daemons() as started:
+        async def start(cf: ConfigFile) -> InProcessDaemon:
+            d = InProcessDaemon(config.load(cf.path))
+            d.daemon.watch_config = True
+            await d.start()
+            started.append(d)
+            await asyncio.sleep(0.3)  # the watcher arms right after READY
+            return d
 
-    async def start(cf: ConfigFile) -> InProcessDaemon:
-        d = InProcessDaemon(config.load(cf.path))
-        d.daemon.watch_config = True
-        await d.start()
-        started.append(d)
-        await asyncio.sleep(0.3)  # the watcher arms right after READY
-        return d
-
-    yield start
-    for d in started:
-        if d.task is not None and not d.task.done():
-            await d.stop()
+        yield start
 
 
 @pytest.fixture
@@ -447,11 +451,6 @@ def reload_count(port: int, result: str) -> float:
     raise AssertionError(text[:2000])
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_sighup_reloads_a_running_process(

@@ -27,7 +27,7 @@ from jobqd import NotReplicated, SyncClient
 from jobqd.connect import connect_sync
 from jobqd.keys import QueueKeys
 
-from .conftest import REDIS_URL, ROOT, DaemonProcess
+from .conftest import REDIS_URL, ROOT, DaemonProcess, wait_until
 from .own_redis import SentinelGroup, needs_redis_server, sentinel_group
 
 pytestmark = [pytest.mark.sentinel, needs_redis_server]
@@ -86,13 +86,6 @@ class Producer(threading.Thread):
             c.redis.close()
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _failover_under_load(how: str, wait_replicas: int, g: SentinelGroup,
