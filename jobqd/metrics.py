@@ -1,19 +1,24 @@
 """Prometheus metrics of one daemon (its own registry, so tests can run several).
 
-Hot-path counters are bound to their label values once and cached: a job
-costs a few dictionary lookups, never a string format.
+The per-job metrics (jobs completed, run time, wait time) are plain integers and
+lists in `_JobCollector`, read at scrape time: a job costs a dictionary lookup and a
+bisect each, no lock, no label formatting. They are only ever updated from the
+event loop's thread (`job_started`, `job_done`). Other counters are bound to their
+label values once and cached.
 """
 
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import Info as PromInfo
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from jobqd import __version__
 
@@ -33,13 +38,9 @@ class Metrics:
         # read by the gauge loop (`set_enqueued`)
         self.enqueued_total: dict[tuple[str, str], int] = {}
         reg.register(_EnqueuedCollector(self.enqueued_total))
-        self.completed = Counter("jobqd_jobs_completed", "Job attempts finished, by outcome "
-                                 "(succeeded, retried, dead)", ["queue", "task", "outcome"],
-                                 registry=reg)
-        self.duration = Histogram("jobqd_job_duration_seconds", "Handler run time",
-                                  ["queue", "task"], buckets=_LATENCY_BUCKETS, registry=reg)
-        self.wait = Histogram("jobqd_job_wait_seconds", "Time from enqueue (or due time) to "
-                              "handler start", ["queue"], buckets=_LATENCY_BUCKETS, registry=reg)
+        # completed, duration and wait: `_JobCollector` (the hot path)
+        self.jobs = _JobCollector()
+        reg.register(self.jobs)
         self.queue_depth = Gauge("jobqd_queue_depth", "Jobs not yet acked (waiting, in flight, "
                                  "scheduled), read from Redis", ["queue"], registry=reg)
         self.queue_lag = Gauge("jobqd_queue_lag_seconds", "Age of the oldest waiting job",
@@ -82,9 +83,6 @@ class Metrics:
             self.not_replicated.labels(op)
         self.build = PromInfo("jobqd_build", "Version information", registry=reg)
         self.build.info({"version": __version__, "python": platform.python_version()})
-        self._completed: dict[tuple[str, str, str], Any] = {}
-        self._duration: dict[tuple[str, str], Any] = {}
-        self._wait: dict[str, Any] = {}
 
     def set_enqueued(self, queue: str, counts: dict[str, int]) -> None:
         """The Redis-side enqueue counters of one queue (task -> jobs ever enqueued)."""
@@ -92,22 +90,22 @@ class Metrics:
             self.enqueued_total[(queue, task)] = n
 
     def job_done(self, queue: str, task: str, outcome: str, duration_s: float) -> None:
+        jobs = self.jobs
         key = (queue, task, outcome)
-        c = self._completed.get(key)
-        if c is None:
-            c = self._completed[key] = self.completed.labels(queue, task, outcome)
-        c.inc()
-        dk = (queue, task)
-        h = self._duration.get(dk)
+        jobs.completed[key] = jobs.completed.get(key, 0) + 1
+        h = jobs.duration.get((queue, task))
         if h is None:
-            h = self._duration[dk] = self.duration.labels(queue, task)
-        h.observe(duration_s)
+            h = jobs.duration[(queue, task)] = _Histogram()
+        h.counts[bisect_left(_LATENCY_BUCKETS, duration_s)] += 1
+        h.sum += duration_s
 
     def job_started(self, queue: str, wait_s: float) -> None:
-        h = self._wait.get(queue)
+        h = self.jobs.wait.get(queue)
         if h is None:
-            h = self._wait[queue] = self.wait.labels(queue)
-        h.observe(max(0.0, wait_s))
+            h = self.jobs.wait[queue] = _Histogram()
+        wait_s = max(0.0, wait_s)
+        h.counts[bisect_left(_LATENCY_BUCKETS, wait_s)] += 1
+        h.sum += wait_s
 
     def component(self, kind: type[Counter] | type[Gauge], name: str, doc: str,
                   labels: tuple[str, ...] = ()) -> Any:
@@ -145,3 +143,59 @@ class _EnqueuedCollector(Collector):
         for (queue, task), n in sorted(self.values.items()):
             family.add_metric([queue, task], float(n))
         return [family]
+
+
+class _Histogram:
+    """Observations per bucket (`counts[i]`: at most `_LATENCY_BUCKETS[i]` and above the
+    bucket before; the last: above every bound) and their sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative, as Prometheus wants them (``le``), ending with +Inf."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*map(floatToGoString, _LATENCY_BUCKETS), "+Inf"), list(self.counts),
+                            strict=True):
+            total += n
+            out.append((bound, float(total)))
+        return out
+
+
+class _JobCollector(Collector):
+    """``jobqd_jobs_completed_total{queue,task,outcome}``,
+    ``jobqd_job_duration_seconds{queue,task}`` and ``jobqd_job_wait_seconds{queue}``: kept
+    as plain numbers by `Metrics.job_done` / `job_started`, turned into metric families
+    only when scraped."""
+
+    def __init__(self) -> None:
+        self.completed: dict[tuple[str, str, str], int] = {}
+        self.duration: dict[tuple[str, str], _Histogram] = {}
+        self.wait: dict[str, _Histogram] = {}
+
+    def describe(self) -> list[Metric]:
+        return [*self._families()]
+
+    def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily,
+                                 HistogramMetricFamily]:
+        return (CounterMetricFamily("jobqd_jobs_completed", "Job attempts finished, by outcome "
+                                    "(succeeded, retried, dead)",
+                                    labels=["queue", "task", "outcome"]),
+                HistogramMetricFamily("jobqd_job_duration_seconds", "Handler run time",
+                                      labels=["queue", "task"]),
+                HistogramMetricFamily("jobqd_job_wait_seconds", "Time from enqueue (or due "
+                                      "time) to handler start", labels=["queue"]))
+
+    def collect(self) -> list[Metric]:
+        completed, duration, wait = self._families()
+        for key, n in sorted(self.completed.copy().items()):
+            completed.add_metric(list(key), float(n))
+        for dkey, h in sorted(self.duration.copy().items()):
+            duration.add_metric(list(dkey), h.buckets(), h.sum)
+        for queue, h in sorted(self.wait.copy().items()):
+            wait.add_metric([queue], h.buckets(), h.sum)
+        return [completed, duration, wait]

@@ -130,6 +130,17 @@ async def test_job_roundtrip_health_readiness_metrics(start_daemon: Callable[...
         text = await metrics_text(s)
         assert "jobqd_build_info{" in text
         assert 'jobqd_jobs_accepted_total{queue="default",task="record"} 1.0' in text
+        # the per-job metrics (counted after Redis applied the settle, so poll)
+        deadline = time.monotonic() + 10
+        done = 'jobqd_jobs_completed_total{outcome="succeeded",queue="default",task="record"} 1.0'
+        while done not in text:
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.05)
+            text = await metrics_text(s)
+        assert 'jobqd_job_duration_seconds_count{queue="default",task="record"} 1.0' in text
+        assert 'jobqd_job_duration_seconds_bucket{le="+Inf",queue="default",task="record"} 1.0' \
+            in text
+        assert 'jobqd_job_wait_seconds_count{queue="default"} 1.0' in text
         deadline = time.monotonic() + 10  # gauges are refreshed on a timer, not per scrape
         while 'jobqd_queue_depth{queue="default"}' not in text:
             assert time.monotonic() < deadline, text
