@@ -18,6 +18,7 @@ and a log line — shared by the pool and the reaper.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -365,6 +366,24 @@ class Settler:
         self.outcome_log.write(rep)
 
 
+_HEAD = struct.Struct(">cHHII")  # complete.lua's '>c1I2I2I4I4'
+_OPS = {op: op.encode() for op in "SRDBC"}
+
+
+def pack_entries(chunk: list[Settle]) -> bytes:
+    """complete.lua's ARGV[5]: per record a header (op and the lengths of the four
+    fields) and the fields: entry id, job id, payload, extra (None: empty; a number:
+    its decimal digits)."""
+    parts: list[bytes] = []
+    for s in chunk:
+        jid = s.job_id.encode()
+        x = s.extra
+        extra = b"" if x is None else x if isinstance(x, bytes) else str(x).encode()
+        parts += (_HEAD.pack(_OPS[s.op], len(s.eid), len(jid), len(s.payload), len(extra)),
+                  s.eid, jid, s.payload, extra)
+    return b"".join(parts)
+
+
 class Completion:
     """COMPLETE.lua calls for every queue's records, chunked, to run in one pipelined
     round trip: alone (`Settler.settle`) or riding on the pool's next fetch."""
@@ -381,10 +400,7 @@ class Completion:
                                qk.done, qk.cancel, qk.waiters, qk.progress]
             for i in range(0, len(items), ACK_CHUNK):
                 chunk = items[i:i + ACK_CHUNK]
-                argv: list[Any] = [GROUP, ttl_ms, len(chunk), done_channel]
-                for s in chunk:
-                    argv += [s.op, s.eid, s.job_id, s.payload,
-                             "" if s.extra is None else s.extra]
+                argv = [GROUP, ttl_ms, len(chunk), done_channel, pack_entries(chunk)]
                 self.calls.append(scripts.ScriptCall(scripts.COMPLETE, keys, argv))
                 self.groups.append((q, chunk))
         # redis.wait_replicas: a WAIT right after them covers every settle before it

@@ -409,3 +409,25 @@ async def test_short_retry_is_not_held_back_by_the_scheduler_poll(
         durations.append(time.monotonic() - t0)
     # the pool wakes the scheduler: ~0.05 s, not the 0.5 s poll
     assert sorted(durations)[2] < 0.3, durations
+
+
+async def test_settle_carries_any_bytes_and_large_records(start_daemon: Callable[..., Any],
+                                                          client: Client, prefix: str) -> None:
+    """complete.lua gets each batch packed into one argument (`settle.pack_entries`):
+    lengths, not separators, delimit the fields, so a result or error with NULs, quotes,
+    non-ASCII text or over 64 KiB (4-byte lengths) comes back exactly, next to small
+    ones settled in the same batch."""
+    await start_daemon(consumers=8)
+    big = "\x00|\"ü€𝄞\n" * 20_000  # 140,000 characters; the record is larger still
+    values: list[Any] = [big, "", "\x00", {"k": ["\u2028", None, 1.5]}, "x" * 65_535]
+    jobs = [await client.enqueue("record", {"key": f"{prefix}:runs", "value": v})
+            for v in values]
+    dead = await client.enqueue("fail_now", {"reason": big})
+    for job, v in zip(jobs, values, strict=True):
+        info = await wait_status(client, job.id, "succeeded")
+        assert info.result == v
+    info = await wait_status(client, dead.id, "dead")
+    assert info.error is not None and info.error.startswith("\x00|\"ü€𝄞")
+    (letter,) = await client.dlq_list("default")
+    assert letter.job_id == dead.id and letter.job is not None
+    assert letter.job["args"] == {"reason": big}  # the job's own bytes, kept whole

@@ -6,7 +6,10 @@
 -- A job's result key, {p:q}:r:<job id>, is derived from KEYS[1]'s hash tag (the same
 -- slot), so a batch carries no key per job.
 -- ARGV[1]=group ARGV[2]=result ttl ms ARGV[3]=n ARGV[4]=done channel
--- then per entry i (0-based), at b = 5 + 5*i: op, entry id, job id, payload, extra
+-- ARGV[5]=the n entries, packed (jobqd.settle.pack_entries): per entry a header
+--   (struct '>c1I2I2I4I4': op, then the byte lengths of the four fields) and the
+--   fields: entry id, job id, payload, extra. One argument instead of five per entry:
+--   the client packs a batch in one join, not a protocol frame per field.
 --   op 'S' succeeded:   payload = final record json ('' = keep none: no record)
 --   op 'R' retry/defer: payload = job json for the next attempt, extra = delay ms
 --   op 'D' dead:        payload = job json (or raw fields json), extra = death json
@@ -14,6 +17,8 @@
 --   op 'C' cancelled:   payload = job json, extra = attempts made ('' = the job's own)
 -- A job in the cancel set whose op is R or B (a retry, a drain's hand-back) is
 -- cancelled instead: a cancel is never undone by a retry. S and D stand (it ended).
+-- The settled entries are deleted from the stream, and the finished jobs' state and
+-- progress fields removed, in one command each after the loop.
 -- Returns a string of per-entry flags: '1' settled, 'c' settled as cancelled instead,
 -- '0' skipped (not pending).
 local group = ARGV[1]
@@ -33,13 +38,25 @@ local function clock()
   end
   return now
 end
-for i = 0, n - 1 do
-  local b = 5 + 5 * i
-  local op, eid, id, payload, extra = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+local packed = ARGV[5]
+local pos = 1
+local acked = {}  -- entry ids to XDEL
+local ended = {}  -- job ids whose state (and progress) field goes
+for i = 1, n do
+  local op, le, li, lp, lx = struct.unpack('>c1I2I2I4I4', packed, pos)
+  pos = pos + 13
+  local eid = string.sub(packed, pos, pos + le - 1)
+  pos = pos + le
+  local id = string.sub(packed, pos, pos + li - 1)
+  pos = pos + li
+  local payload = string.sub(packed, pos, pos + lp - 1)
+  pos = pos + lp
+  local extra = string.sub(packed, pos, pos + lx - 1)
+  pos = pos + lx
   if redis.call('XACK', KEYS[1], group, eid) == 0 then
-    flags[#flags + 1] = '0'
+    flags[i] = '0'
   else
-    redis.call('XDEL', KEYS[1], eid)
+    acked[#acked + 1] = eid
     local flag = '1'
     if cancels and id ~= '' and redis.call('SREM', KEYS[8], id) == 1
         and (op == 'R' or op == 'B') then
@@ -49,14 +66,14 @@ for i = 0, n - 1 do
     local final = nil
     if op == 'S' then
       if id ~= '' then
-        redis.call('HDEL', KEYS[3], id)
+        ended[#ended + 1] = id
         if payload ~= '' then
           redis.call('SET', tag .. 'r:' .. id, payload, 'PX', ttl)
         end
         final = 'succeeded'
       end
     elseif op == 'C' then
-      redis.call('HDEL', KEYS[3], id)
+      ended[#ended + 1] = id
       redis.call('ZREM', KEYS[2], id)
       local attempts = ''
       if extra ~= '' and tonumber(extra) then attempts = ',"attempts":' .. tonumber(extra) end
@@ -76,21 +93,24 @@ for i = 0, n - 1 do
       local neid = redis.call('XADD', KEYS[1], '*', 'j', payload)
       redis.call('HSET', KEYS[3], id, neid)
     end
-    if progress and id ~= '' then
+    if progress and id ~= '' and op ~= 'S' and op ~= 'C' then
       redis.call('HDEL', KEYS[10], id)
     end
     if final and waiters and redis.call('SREM', KEYS[9], id) == 1 then
       redis.call('PUBLISH', chan, id .. ' ' .. final)
     end
-    flags[#flags + 1] = flag
+    flags[i] = flag
   end
 end
-local settled = 0
-for _, f in ipairs(flags) do
-  if f ~= '0' then settled = settled + 1 end
+if #acked > 0 then
+  redis.call('XDEL', KEYS[1], unpack(acked))
+  redis.call('INCRBY', KEYS[7], #acked)
 end
-if settled > 0 then
-  redis.call('INCRBY', KEYS[7], settled)
+if #ended > 0 then
+  redis.call('HDEL', KEYS[3], unpack(ended))
+  if progress then
+    redis.call('HDEL', KEYS[10], unpack(ended))
+  end
 end
 -- leave backpressure as soon as depth falls to the low watermark
 if redis.call('EXISTS', KEYS[6]) == 1 then
