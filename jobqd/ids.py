@@ -34,6 +34,10 @@ def new_job_id(queue: str, now_ms: int | None = None) -> str:
     return f"{new_ulid(now_ms)}-{queue}"
 
 
+def is_ulid(text: str) -> bool:
+    return len(text) == ULID_LEN and _ULID.fullmatch(text) is not None
+
+
 def queue_of(job_id: str) -> str | None:
     """The queue a job id belongs to, or None when it is not a jobqd job id."""
     if len(job_id) <= ULID_LEN + 1 or job_id[ULID_LEN] != "-":

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from jobqd.errors import InvalidArgument, InvalidValue, PayloadTooDeep
-from jobqd.ids import ULID_LEN, queue_of
+from jobqd.ids import ULID_LEN, is_ulid, queue_of
 
 Status = Literal["queued", "scheduled", "running", "succeeded", "dead", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "scheduled", "running", "succeeded", "dead",
@@ -245,13 +245,20 @@ def decode_job(data: bytes | str, queue: str) -> Envelope:
     if not isinstance(env, dict):
         raise BadJob("job is not a JSON object")
     if "i" in env or "id" not in env:  # the compact format
-        job_id, task, args = _full_id(env.get("i"), queue), env.get("t"), env.get("a", {})
+        job_id, task, args = env.get("i"), env.get("t"), env.get("a", {})
         attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
+        if type(job_id) is str and is_ulid(job_id):
+            # the hot path: a ULID, the queue implied (no second parse of what we build)
+            if enq is None:
+                enq = int(job_id[:10].translate(_B32), 32)
+            job_id = job_id + "-" + queue
+        elif not isinstance(job_id, str) or queue_of(job_id) is None:
+            raise BadJob(f"job has no valid id: {job_id!r}")
     else:  # written before the compact format
         job_id, task, args = env.get("id"), env.get("task"), env.get("args", {})
         attempt, lost, enq = env.get("attempt", 0), env.get("lost", 0), env.get("enq", 0)
-    if not isinstance(job_id, str) or queue_of(job_id) is None:
-        raise BadJob(f"job has no valid id: {job_id!r}")
+        if not isinstance(job_id, str) or queue_of(job_id) is None:
+            raise BadJob(f"job has no valid id: {job_id!r}")
     if not isinstance(task, str) or not task:
         raise BadJob(f"job has no task name: {task!r}")
     if not isinstance(args, dict):

@@ -84,6 +84,18 @@ def test_codec_roundtrip_and_rejects() -> None:
                 b'{"id": "01HZZZZZZZZZZZZZZZZZZZZZZZ-q", "task": "t", "attempt": "1"}'):
         with pytest.raises(BadJob):
             decode_job(bad, "default")
+    # the compact form: the id is the ULID alone (the queue is where it was read), the
+    # enqueue time its ULID's unless stored
+    jid = new_job_id("q", now_ms=1_700_000_000_123)
+    env = decode_job(encode_job(jid, "t", {}, None), "q")
+    assert (env.id, env.enq_ms, env.queue) == (jid, 1_700_000_000_123.0, "q")
+    assert decode_job(encode_job(jid, "t", {}, 5.0), "q").enq_ms == 5.0
+    assert decode_job(b'{"i": "%s", "t": "t"}' % jid.encode(), "other").id == jid  # a full id
+    for bad in (b'{"i": "01HZZZZZZZZZZZZZZZZZZZZZZU", "t": "t"}',  # U is not Crockford
+                b'{"i": "01hzzzzzzzzzzzzzzzzzzzzzzz", "t": "t"}', b'{"i": 7, "t": "t"}',
+                b'{"i": "01HZZZZZZZZZZZZZZZZZZZZZZZ", "t": "t", "n": "1"}'):
+        with pytest.raises(BadJob):
+            decode_job(bad, "q")
     with pytest.raises(TypeError, match="dict"):
         encode_args([1, 2])
     with pytest.raises(TypeError, match="keys must be strings"):
