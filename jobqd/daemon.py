@@ -59,6 +59,7 @@ log = logging.getLogger("jobqd.daemon")
 # How long start-up waits for Redis before exiting UNAVAILABLE (69); systemd then
 # restarts the daemon. $JOBQD_CONNECT_TIMEOUT_S overrides it.
 CONNECT_TIMEOUT_S = float(os.environ.get("JOBQD_CONNECT_TIMEOUT_S", "15"))
+GC_GEN0 = 20_000  # allocations between young-generation collections (Python: 700)
 
 
 class _Forced(Exception):
@@ -333,9 +334,13 @@ class Daemon:
             if self.install_signals:  # the process is ours (not a test's, nor an app's)
                 # what start-up made (modules, handlers, config) lives as long as the
                 # daemon: moved out of the collector's generations, a collection walks
-                # only what jobs allocate (measured in bench/README.md)
+                # only what jobs allocate. Then collect young objects less often: a
+                # job's objects die by reference count long before GC_GEN0 more are
+                # allocated, so a collection no longer walks (and promotes) the
+                # in-flight jobs every few jobs (measured in bench/README.md)
                 gc.collect()
                 gc.freeze()
+                gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
             self.notifier.ready(self._status_line(rt))
             log.info("ready: %s", self._status_line(rt))
             if self.on_ready is not None:
