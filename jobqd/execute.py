@@ -149,9 +149,9 @@ class Executor:
         self.cancelled = cancelled  # job ids cancelled before they started here
         self.progress = progress
 
-    async def run(self, run: Running, cfg: Config) -> Outcome:
-        """Run `run.delivery` under `cfg` (the config it starts with); never raises
-        except for a bug. See the module docstring for cancellation."""
+    def _prepare(self, run: Running, cfg: Config) -> TaskConfig | Outcome:
+        """Decode the job and decide whether it may start: its task's config, or the
+        outcome it ends with unstarted (malformed, unknown task, cancelled, expired)."""
         d = run.delivery
         raw = d.fields.get(b"j")
         if raw is None:
@@ -173,20 +173,25 @@ class Executor:
         if exp is not None and now_ms() > exp:  # stale work is not done
             return Dead("expired", f"not started before it expired ({(now_ms() - exp) / 1000:.1f}s "
                         "ago)")
-        if self.limits.applies(task):
+        return task
+
+    async def run(self, run: Running, cfg: Config) -> Outcome:
+        """Run `run.delivery` under `cfg` (the config it starts with); never raises
+        except for a bug. See the module docstring for cancellation. One coroutine
+        from decode to outcome: every await of the handler resumes through it."""
+        task = self._prepare(run, cfg)
+        if not isinstance(task, TaskConfig):
+            return task
+        env = run.env
+        assert env is not None
+        limited = self.limits.applies(task)
+        if limited:
             try:
                 wait = await self.limits.acquire(task, env.id)
             except asyncio.CancelledError:  # drain: not started, back with no attempt used
                 return HandedBack()
             if wait is not None:  # over its limit: back through the delayed set
                 return Deferred(wait)
-        try:
-            return await self._run_handler(run, task, env, cfg)
-        finally:
-            self.limits.release(task, env.id)  # no-op unless it holds a slot; never blocks
-
-    async def _run_handler(self, run: Running, task: TaskConfig, env: Envelope,
-                           cfg: Config) -> Outcome:
         me = run.consumer
         run.started_ms = now_ms()
         self.starts.started(run)
@@ -223,6 +228,8 @@ class Executor:
             if run.stop_reason and not cancel_seen:  # (set only when the pool cancelled us)
                 me.uncancel()  # the handler swallowed our own cancellation
             _current.reset(token)
+            if limited:
+                self.limits.release(task, env.id)  # never blocks
 
     def _raised(self, e: Exception, task: TaskConfig, env: Envelope, cfg: Config) -> Outcome:
         """What the handler's exception means for the job."""

@@ -449,15 +449,19 @@ class Pool:
     async def _consumer(self) -> None:
         me = asyncio.current_task()
         assert me is not None
+        items = self.buffer.items
         while True:
-            try:
-                d = await self.buffer.get()
-            except asyncio.CancelledError:
-                if me.cancelling():
-                    raise
-                # a deadline's cancellation that arrived after its job had already
-                # finished (and was uncancelled): ours, and stale
-                continue
+            if items:  # under load: the next job is buffered already (no coroutine)
+                d = items.popleft()
+            else:
+                try:
+                    d = await self.buffer.get()
+                except asyncio.CancelledError:
+                    if me.cancelling():
+                        raise
+                    # a deadline's cancellation that arrived after its job had already
+                    # finished (and was uncancelled): ours, and stale
+                    continue
             if d is None:
                 if self.retiring:
                     self.retiring -= 1
