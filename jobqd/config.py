@@ -435,7 +435,7 @@ class Config:
     # how many jobs this daemon runs at once (0: route and reap only)
     consumers: int = opt(16, ge=0, le=10_000)
     # jobs fetched ahead of the consumers, so fetches (and the settles riding on them)
-    # come in batches: null = as many as consumers once runs average under 50 ms, none
+    # come in batches: null = 4 per consumer once runs average under 50 ms, none
     # for longer jobs, and buffered jobs no consumer could start for 1 s go back to
     # their queue for other daemons; a number N = always N ahead; 0 = never ahead
     prefetch: int | None = opt(None, ge=0, le=10_000)

@@ -62,6 +62,7 @@ log = logging.getLogger("jobqd.pool")
 DEADLINE_TICK_S = 0.05  # job timeouts are enforced to within this
 ACK_LINGER_S = 0.01  # under load, a settle waits at most this long for a fetch to carry it
 PREFETCH_MAX_RUN_S = 0.05  # unset `prefetch`: fetch ahead only while runs average less
+PREFETCH_PER_CONSUMER = 4  # unset `prefetch`, short runs: this many per consumer ahead
 RUN_EWMA = 0.05  # weight of the latest run in that average
 BUFFER_STALE_S = 1.0  # buffered jobs nobody could start for this long are handed back
 PROGRESS_FLUSH_S = 0.5  # progress reports are written at most this often per job
@@ -136,12 +137,13 @@ def fetch_size(capacity: int, prefetch: int | None, avg_run_s: float, *, running
     settles riding on them) come in batches of about `ahead` / 2 or more — by
     design, not by the timing of round trips. Jobs awaiting their settle do not
     count (they ride on this very fetch), unless settles keep failing: then
-    fetching stops too. Unset `prefetch`: as many as the consumers while runs
-    average under PREFETCH_MAX_RUN_S, none for longer jobs (a job buffered behind
-    a long one would wait while another daemon is idle)."""
+    fetching stops too. Unset `prefetch`: PREFETCH_PER_CONSUMER per consumer while
+    runs average under PREFETCH_MAX_RUN_S (Celery's worker_prefetch_multiplier is 4
+    too; under 0.2 s of work at that run time), none for longer jobs (a job buffered
+    behind a long one would wait while another daemon is idle)."""
     ahead = prefetch
     if ahead is None:
-        ahead = capacity if avg_run_s < PREFETCH_MAX_RUN_S else 0
+        ahead = PREFETCH_PER_CONSUMER * capacity if avg_run_s < PREFETCH_MAX_RUN_S else 0
     if buffered > ahead // 2 or pending > capacity + ahead:
         return 0
     return max(0, capacity + ahead - running - buffered)

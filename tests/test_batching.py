@@ -50,8 +50,9 @@ async def test_a_backlog_is_fetched_in_batches_with_the_settles_riding_along(
     fetches = [t for t in spy.trips if t[1]]
     riding = sum(s for s, reads in spy.trips if reads)
     alone = sum(s for s, reads in spy.trips if not reads)
-    # prefetch: 16 ahead, refilled at half: >= 8 jobs per fetch on average (the
-    # old design fetched one free slot's worth whenever one freed: ~2-5 per fetch)
+    # prefetch: 64 ahead, refilled at half: >= 8 jobs per fetch on average whatever
+    # the load (the old design fetched one free slot's worth whenever one freed:
+    # ~2-5 per fetch)
     assert len(fetches) <= n / 8, (len(fetches), n)
     assert riding > 0, "no settle rode on a fetch"
     assert riding + alone <= n / 4, "settles were not batched"

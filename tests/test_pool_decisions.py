@@ -459,14 +459,17 @@ def test_cancelled_outcome_is_a_c_record() -> None:
 def test_fetch_size_refills_at_half_the_prefetch_buffer() -> None:
     from jobqd.pool import fetch_size
 
-    # 16 consumers, prefetch unset, short runs: up to 16 running + 16 buffered
-    assert fetch_size(16, None, 0.001, running=0, buffered=0, pending=0) == 32
-    assert fetch_size(16, None, 0.001, running=16, buffered=9, pending=0) == 0  # > half
-    assert fetch_size(16, None, 0.001, running=16, buffered=8, pending=5) == 8
-    assert fetch_size(16, None, 0.001, running=10, buffered=0, pending=0) == 22
+    # 16 consumers, prefetch unset, short runs: up to 16 running + 4 x 16 buffered
+    assert fetch_size(16, None, 0.001, running=0, buffered=0, pending=0) == 80
+    assert fetch_size(16, None, 0.001, running=16, buffered=33, pending=0) == 0  # > half
+    assert fetch_size(16, None, 0.001, running=16, buffered=32, pending=5) == 32
+    assert fetch_size(16, None, 0.001, running=10, buffered=0, pending=0) == 70
+    # an explicit prefetch: that many ahead
+    assert fetch_size(16, 16, 0.001, running=16, buffered=8, pending=5) == 8
+    assert fetch_size(16, 16, 0.001, running=16, buffered=9, pending=0) == 0
     # settles awaiting their ride do not hold fetching back, unless they pile up
-    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=32) == 16
-    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=33) == 0
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=80) == 64
+    assert fetch_size(16, None, 0.001, running=16, buffered=0, pending=81) == 0
 
 
 def test_fetch_size_fetches_no_further_ahead_for_long_jobs() -> None:
