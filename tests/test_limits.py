@@ -195,14 +195,16 @@ async def test_slots_of_a_dead_daemon_expire_with_their_lease(daemons: Callable[
 
 
 async def test_renewed_slots_do_not_expire(daemons: Callable[..., Limiter]) -> None:
-    holder, other = daemons(hb_s=0.1), daemons(hb_s=0.1)
+    # lease 0.9 s, renewed every ~0.05 s: a stall of the test process below ~0.8 s (a busy
+    # shared machine) cannot let it expire; with 0.1 s heartbeats (lease 0.3 s) one did
+    holder, other = daemons(hb_s=0.3), daemons(hb_s=0.3)
     t = _task(concurrency=1)
     assert await holder.acquire(t, "a") is None
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.0:  # ~3 leases long
+    while time.monotonic() - t0 < 1.8:  # two leases long
         assert await holder.renew() == 0
         assert await other.acquire(t, "b") is not None
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
 async def test_renew_takes_back_a_lost_slot(daemons: Callable[..., Limiter], prefix: str,
