@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from jobqd import SyncClient
@@ -26,6 +27,7 @@ def runs(r: redis.Redis, key: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(key).items()}
 
 
+@pytest.mark.redis62
 def test_subprocess_runs_1000_jobs_exactly_once_and_exits_0_on_sigterm(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -44,6 +46,7 @@ def test_subprocess_runs_1000_jobs_exactly_once_and_exits_0_on_sigterm(
     assert sync_r.zcard(f"{prefix}:hb") == 0  # deregistered on the way out
 
 
+@pytest.mark.redis62
 def test_kill9_one_of_two_daemons_other_finishes_everything(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -80,6 +83,7 @@ def test_kill9_one_of_two_daemons_other_finishes_everything(
     print(f"\nkill -9 with 200 in flight: recovery began after {recovery_s:.2f}s")
 
 
+@pytest.mark.redis62
 def test_long_job_on_healthy_daemon_runs_exactly_once(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -167,6 +171,7 @@ def test_sigterm_short_job_finishes_long_job_handed_back(
     assert runs(sync_r, key) == {short.id: 1, long.id: 1}
 
 
+@pytest.mark.redis62
 def test_sigterm_hands_back_fetched_but_unstarted_jobs_at_once(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:

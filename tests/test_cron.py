@@ -217,6 +217,7 @@ async def test_racing_daemons_make_one_job_per_tick(
     assert last * 1000 in t
 
 
+@pytest.mark.redis62
 async def test_a_daemon_dying_between_enqueue_and_mark_makes_no_duplicate(
         make_rt: Callable[..., Runtime], sync_r: redis.Redis, prefix: str,
         client: Any) -> None:
