@@ -114,9 +114,12 @@ def test_chaos_two_daemons_one_kill9_restarted_every_few_seconds_10000_jobs_succ
     assert killed_mid_run >= 3, "the chaos loop must kill daemons that hold work"
     assert never == [] and left == [], (len(never), len(left))
     assert dead == []
-    # a job runs twice only if the worker holding it died: each kill -9 takes at most
-    # `consumers` held jobs with it
-    assert runs_total - len(ran) <= kills * CONSUMERS, (len(dup), kills)
+    # a job runs twice only if the worker holding it died: each kill -9 takes with it the
+    # jobs running (at most `consumers`) and those finished whose settle had not been
+    # written yet (settles linger up to 10 ms to ride on a fetch; a job sleeps >= 10 ms,
+    # so about one more per consumer). The old bound, `consumers` per kill, held only
+    # while kills caught few running jobs: 99 extra runs for 6 kills failed it once.
+    assert runs_total - len(ran) <= kills * 2 * CONSUMERS, (len(dup), kills)
     assert sync_r.xpending(QueueKeys(prefix, "default").stream, GROUP)["pending"] == 0
     for d in daemons:
         assert d.proc is not None and d.proc.poll() is None, d.log()
