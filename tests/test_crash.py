@@ -55,16 +55,20 @@ def test_kill9_one_of_two_daemons_other_finishes_everything(
     a.wait_ready(prefix)
     key = f"{prefix}:runs"
     with SyncClient(REDIS_URL, prefix) as c:
-        ids = [j.id for j in c.enqueue_many("sleep", [{"seconds": 1.5, "key": key}] * 200)]
+        # 4 s: A must still be running them once B has started (1.5 s was less than B's
+        # start under coverage on a busy machine: A finished first, nothing was reclaimed)
+        ids = [j.id for j in c.enqueue_many("sleep", [{"seconds": 4, "key": key}] * 200)]
     # all 200 in flight on A (100 running, the rest waiting) before B exists
     wait_until(lambda: sync_r.hlen(key + ":started") >= 100, 20,
                "A running 100 jobs")
-    b = spawn(cfg)
+    # B has a consumer for every job: it runs the waiting ones and the reclaimed ones at once
+    b = spawn(write_config(consumers=200, **FAST))
     b.wait_ready(prefix)
     a.kill()
     killed_at = time.monotonic()
     # recovery begins within heartbeat.timeout_s (+ one reaper interval + one beat)
     started_before = sync_r.hgetall(key + ":started")
+    assert len(started_before) > sync_r.hlen(key), "A finished its jobs before the kill"
 
     def restarted_elsewhere() -> bool:
         now = sync_r.hgetall(key + ":started")
