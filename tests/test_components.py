@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aredis
 
 from jobqd import Client, logs
@@ -60,6 +61,7 @@ class _Nobody:
         return set()
 
 
+@pytest.mark.redis62
 async def test_reaper_dead_consumer_with_garbage_and_an_empty_dead_consumer(
         make_rt: Callable[..., Runtime], prefix: str, r: aredis.Redis) -> None:
     rt = make_rt(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},

@@ -23,6 +23,9 @@ from jobqd.keys import GROUP, QueueKeys
 
 from .conftest import REDIS_URL, wait_status
 
+# every test here drives the Lua scripts and stream commands of the data plane
+pytestmark = pytest.mark.redis62
+
 
 async def test_enqueue_run_succeeded(start_daemon: Callable[..., Any], client: Client,
                                      prefix: str, r: aredis.Redis) -> None:

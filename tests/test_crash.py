@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from jobqd import SyncClient
@@ -26,6 +27,7 @@ def runs(r: redis.Redis, key: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(key).items()}
 
 
+@pytest.mark.redis62
 def test_subprocess_runs_1000_jobs_exactly_once_and_exits_0_on_sigterm(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -44,6 +46,7 @@ def test_subprocess_runs_1000_jobs_exactly_once_and_exits_0_on_sigterm(
     assert sync_r.zcard(f"{prefix}:hb") == 0  # deregistered on the way out
 
 
+@pytest.mark.redis62
 def test_kill9_one_of_two_daemons_other_finishes_everything(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -52,16 +55,20 @@ def test_kill9_one_of_two_daemons_other_finishes_everything(
     a.wait_ready(prefix)
     key = f"{prefix}:runs"
     with SyncClient(REDIS_URL, prefix) as c:
-        ids = [j.id for j in c.enqueue_many("sleep", [{"seconds": 1.5, "key": key}] * 200)]
+        # 4 s: A must still be running them once B has started (1.5 s was less than B's
+        # start under coverage on a busy machine: A finished first, nothing was reclaimed)
+        ids = [j.id for j in c.enqueue_many("sleep", [{"seconds": 4, "key": key}] * 200)]
     # all 200 in flight on A (100 running, the rest waiting) before B exists
     wait_until(lambda: sync_r.hlen(key + ":started") >= 100, 20,
                "A running 100 jobs")
-    b = spawn(cfg)
+    # B has a consumer for every job: it runs the waiting ones and the reclaimed ones at once
+    b = spawn(write_config(consumers=200, **FAST))
     b.wait_ready(prefix)
     a.kill()
     killed_at = time.monotonic()
     # recovery begins within heartbeat.timeout_s (+ one reaper interval + one beat)
     started_before = sync_r.hgetall(key + ":started")
+    assert len(started_before) > sync_r.hlen(key), "A finished its jobs before the kill"
 
     def restarted_elsewhere() -> bool:
         now = sync_r.hgetall(key + ":started")
@@ -80,6 +87,7 @@ def test_kill9_one_of_two_daemons_other_finishes_everything(
     print(f"\nkill -9 with 200 in flight: recovery began after {recovery_s:.2f}s")
 
 
+@pytest.mark.redis62
 def test_long_job_on_healthy_daemon_runs_exactly_once(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:
@@ -167,6 +175,7 @@ def test_sigterm_short_job_finishes_long_job_handed_back(
     assert runs(sync_r, key) == {short.id: 1, long.id: 1}
 
 
+@pytest.mark.redis62
 def test_sigterm_hands_back_fetched_but_unstarted_jobs_at_once(
         write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess],
         prefix: str, sync_r: redis.Redis) -> None:

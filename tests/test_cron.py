@@ -217,6 +217,7 @@ async def test_racing_daemons_make_one_job_per_tick(
     assert last * 1000 in t
 
 
+@pytest.mark.redis62
 async def test_a_daemon_dying_between_enqueue_and_mark_makes_no_duplicate(
         make_rt: Callable[..., Runtime], sync_r: redis.Redis, prefix: str,
         client: Any) -> None:
@@ -374,8 +375,9 @@ async def _any_tick(sync_r: redis.Redis, prefix: str) -> bool:
 def test_three_daemons_one_killed_exactly_one_job_per_tick(
         spawn: Callable[[Path], Any], write_config: Callable[..., Path], sync_r: redis.Redis,
         prefix: str) -> None:
-    """Three daemons run an every_s: 1 schedule for ~30 s; one is kill -9'd midway and
-    restarted. Every tick has exactly one job, with no gap, and every job ran."""
+    """Three daemons run an every_s: 1 schedule for ~15 s; one is kill -9'd 1 ms after a
+    tick (~4 s in) and restarted 5 s later, then all three run on for the rest. Every tick
+    has exactly one job, with no gap, and every job ran."""
     path = write_config(schedules={"beat": {"task": "record", "every_s": 1,
                                             "args": {"key": f"{prefix}:runs"}}},
                         log={"level": "WARNING"})
@@ -383,21 +385,21 @@ def test_three_daemons_one_killed_exactly_one_job_per_tick(
     for dp in daemons:
         dp.wait_ready(prefix)
     started = time.monotonic()
-    time.sleep(9.5)
+    time.sleep(3.5)
     now_ms = _redis_ms(sync_r)
     time.sleep((1000 - now_ms % 1000 + 1) / 1000)  # 1 ms after a tick, on the Redis clock
     daemons[0].kill()  # kill -9, whatever it was doing at the tick
     time.sleep(5)
     daemons.append(spawn(path))
     daemons[-1].wait_ready(prefix)
-    time.sleep(max(0.0, 30 - (time.monotonic() - started)))
+    time.sleep(max(0.0, 15 - (time.monotonic() - started)))
     for dp in daemons[1:]:
         dp.signal(signal.SIGTERM)
     for dp in daemons[1:]:
         assert dp.wait(30) == ExitCode.OK, dp.log()
     keys = tick_keys(sync_r, prefix, "beat")
     t = ticks(keys)
-    assert len(t) >= 25, t
+    assert len(t) >= 12, t
     assert t == list(range(t[0], t[-1] + 1000, 1000))  # no gap while a daemon lived
     jobs = set(keys.values())
     assert len(jobs) == len(t) and len(keys) == len(t)  # one job per tick, no catch-ups

@@ -27,6 +27,7 @@ def _tasks() -> dict[str, Any]:
     return tasks
 
 
+@pytest.mark.redis62
 async def test_cancel_queued_and_scheduled_jobs_never_run(start_daemon: Callable[..., Any],
                                                           client: Client, prefix: str,
                                                           r: aredis.Redis) -> None:
@@ -49,6 +50,7 @@ async def test_cancel_queued_and_scheduled_jobs_never_run(start_daemon: Callable
     assert again.outcome == "finished" and again.status == "cancelled"
 
 
+@pytest.mark.redis62
 async def test_cancel_a_running_async_job_stops_it_within_a_second_and_never_retries(
         start_daemon: Callable[..., Any], client: Client, prefix: str,
         r: aredis.Redis) -> None:
@@ -79,6 +81,7 @@ async def test_cancel_a_running_sync_job_sets_its_flag(start_daemon: Callable[..
     assert await r.hget(f"{prefix}:n", job.id) == b"1"
 
 
+@pytest.mark.redis62
 async def test_a_cancel_whose_message_was_lost_is_honoured_from_redis_state(
         start_daemon: Callable[..., Any], client: Client, prefix: str,
         r: aredis.Redis) -> None:
@@ -143,6 +146,7 @@ async def test_an_expired_job_never_runs(start_daemon: Callable[..., Any], clien
         await client.enqueue("noop", expires_s=float("inf"))
 
 
+@pytest.mark.redis62
 async def test_wait_returns_results_and_raises_for_dead_and_cancelled(
         start_daemon: Callable[..., Any], client: Client, prefix: str) -> None:
     await start_daemon(tasks=_tasks())

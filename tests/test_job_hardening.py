@@ -74,6 +74,7 @@ async def test_unencodable_job_ends_dead_in_a_subprocess_daemon_that_keeps_runni
     assert d.wait(30) == 0
 
 
+@pytest.mark.redis62
 async def test_unencodable_job_reclaimed_from_a_dead_consumer_is_dead_not_a_reaper_crash(
         start_daemon: Callable[..., Any], client: Client, prefix: str,
         r: aredis.Redis) -> None:

@@ -70,6 +70,7 @@ async def test_unlimited_task_costs_no_round_trip(daemons: Callable[..., Limiter
     assert lim.held == {} and await lim.renew() == 0
 
 
+@pytest.mark.redis62
 async def test_concurrency_is_global_across_two_daemons(daemons: Callable[..., Limiter],
                                                         prefix: str, r: aredis.Redis) -> None:
     a, b = daemons(), daemons()
@@ -174,6 +175,7 @@ async def test_rerun_before_release_is_sent_keeps_its_slot(daemons: Callable[...
     assert lim.held == {"t": {"j"}}
 
 
+@pytest.mark.redis62
 async def test_slots_of_a_dead_daemon_expire_with_their_lease(daemons: Callable[..., Limiter]
                                                               ) -> None:
     dead, alive = daemons(hb_s=0.1), daemons(hb_s=0.1)  # lease: 3 x 0.1 s
@@ -195,16 +197,19 @@ async def test_slots_of_a_dead_daemon_expire_with_their_lease(daemons: Callable[
 
 
 async def test_renewed_slots_do_not_expire(daemons: Callable[..., Limiter]) -> None:
-    holder, other = daemons(hb_s=0.1), daemons(hb_s=0.1)
+    # lease 0.9 s, renewed every ~0.05 s: a stall of the test process below ~0.8 s (a busy
+    # shared machine) cannot let it expire; with 0.1 s heartbeats (lease 0.3 s) one did
+    holder, other = daemons(hb_s=0.3), daemons(hb_s=0.3)
     t = _task(concurrency=1)
     assert await holder.acquire(t, "a") is None
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.0:  # ~3 leases long
+    while time.monotonic() - t0 < 1.8:  # two leases long
         assert await holder.renew() == 0
         assert await other.acquire(t, "b") is not None
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
+@pytest.mark.redis62
 async def test_renew_takes_back_a_lost_slot(daemons: Callable[..., Limiter], prefix: str,
                                             r: aredis.Redis) -> None:
     lim = daemons()
@@ -266,6 +271,7 @@ async def test_token_bucket_burst_then_refill_rate(daemons: Callable[..., Limite
     assert calls < 4 * len(grants) + 16
 
 
+@pytest.mark.redis62
 async def test_refused_jobs_are_told_successive_token_times(daemons: Callable[..., Limiter]
                                                             ) -> None:
     lim = daemons()
@@ -287,6 +293,7 @@ async def test_per_minute_rate(daemons: Callable[..., Limiter]) -> None:
     assert w is not None and 19 <= w <= 20.1  # 3/m: one token per 20 s
 
 
+@pytest.mark.redis62
 async def test_token_only_spent_when_a_slot_is_free(daemons: Callable[..., Limiter],
                                                     prefix: str, r: aredis.Redis) -> None:
     lim = daemons()

@@ -587,7 +587,9 @@ def test_reload_with_a_handler_that_exits_at_import_is_refused_and_the_daemon_ru
     cf.data["tasks"]["bad"] = {"handler": f"{bad}:handle"}
     cf.write()
     d.signal(signal.SIGHUP)
-    wait_until(lambda: reload_count(port, "error") == 1, 15, "the refused reload")
+    # >= 1: the file watcher may refuse the same file a second time after the SIGHUP's
+    # reload; waiting for exactly 1 missed that window on a busy machine (timed out)
+    wait_until(lambda: reload_count(port, "error") >= 1, 15, "the refused reload")
     status, body = http_get(port, "/readyz")
     err = json.loads(body)["last_reload_error"]
     assert status == 503 and "reload" in json.loads(body)["problems"], body

@@ -19,6 +19,7 @@ from jobqd.runtime import Runtime
 from .conftest import wait_status
 
 
+@pytest.mark.redis62
 async def test_drain_hands_back_entries_a_lost_fetch_delivered(
         start_daemon: Callable[..., Any], client: Client, prefix: str,
         r: aredis.Redis) -> None:
@@ -81,6 +82,7 @@ class _Alive:
         return []
 
 
+@pytest.mark.redis62
 async def test_visibility_scan_reaches_stalled_entries_behind_1000_live_ones(
         make_rt: Callable[..., Runtime], client: Client, prefix: str, r: aredis.Redis) -> None:
     """F5: XAUTOCLAIM looks at <= 10 x COUNT entries a call; keep scanning to the end."""
@@ -100,6 +102,7 @@ async def test_visibility_scan_reaches_stalled_entries_behind_1000_live_ones(
     assert (await client.status(jobs[0].id)).lost == 0
 
 
+@pytest.mark.redis62
 async def test_reaper_spares_a_consumer_that_is_active_in_the_group(
         make_rt: Callable[..., Runtime], client: Client, prefix: str, r: aredis.Redis) -> None:
     """F2: missing from the heartbeat snapshot but active in the group: not dead."""
