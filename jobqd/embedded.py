@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from jobqd.aio import Backoff
 from jobqd.config import Config
@@ -69,7 +71,10 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     async def _answers(self) -> bool:
-        r = aredis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=0.5)
+        # one try: redis-py's default retries (with backoff) made each probe of a stale
+        # socket file take ~4 s, stretching the documented restart backoff to ~40 s
+        r = aredis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=0.5,
+                         retry=Retry(NoBackoff(), 0))
         try:
             return bool(await r.ping())
         except Exception:
