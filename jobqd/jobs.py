@@ -116,10 +116,15 @@ _SHORT = {v: k for k, v in _LONG.items()}
 _B32 = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
 
 
+def _ulid_ms(text: str) -> int:
+    """The time (ms) in the first 10 characters of a ULID (ValueError if not base 32)."""
+    return int(text[:10].translate(_B32), 32)
+
+
 def id_ms(job_id: str) -> int | None:
     """The creation time (ms) in a job id's ULID, or None for something else."""
     try:
-        return int(job_id[:10].translate(_B32), 32) if len(job_id) > ULID_LEN else None
+        return _ulid_ms(job_id) if len(job_id) > ULID_LEN else None
     except ValueError:
         return None
 
@@ -250,7 +255,7 @@ def decode_job(data: bytes | str, queue: str) -> Envelope:
         if type(job_id) is str and is_ulid(job_id):
             # the hot path: a ULID, the queue implied (no second parse of what we build)
             if enq is None:
-                enq = int(job_id[:10].translate(_B32), 32)
+                enq = _ulid_ms(job_id)
             job_id = job_id + "-" + queue
         elif not isinstance(job_id, str) or queue_of(job_id) is None:
             raise BadJob(f"job has no valid id: {job_id!r}")

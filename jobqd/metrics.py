@@ -96,16 +96,13 @@ class Metrics:
         h = jobs.duration.get((queue, task))
         if h is None:
             h = jobs.duration[(queue, task)] = _Histogram()
-        h.counts[bisect_left(_LATENCY_BUCKETS, duration_s)] += 1
-        h.sum += duration_s
+        h.observe(duration_s)
 
     def job_started(self, queue: str, wait_s: float) -> None:
         h = self.jobs.wait.get(queue)
         if h is None:
             h = self.jobs.wait[queue] = _Histogram()
-        wait_s = max(0.0, wait_s)
-        h.counts[bisect_left(_LATENCY_BUCKETS, wait_s)] += 1
-        h.sum += wait_s
+        h.observe(max(0.0, wait_s))
 
     def component(self, kind: type[Counter] | type[Gauge], name: str, doc: str,
                   labels: tuple[str, ...] = ()) -> Any:
@@ -154,6 +151,10 @@ class _Histogram:
     def __init__(self) -> None:
         self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
         self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative, as Prometheus wants them (``le``), ending with +Inf."""
