@@ -49,7 +49,8 @@ from jobqd.outcomes import (
 
 log = logging.getLogger("jobqd.jobs")
 
-ACK_CHUNK = 500  # entries per COMPLETE call
+ACK_CHUNK = 500  # entries per COMPLETE call (complete.lua unpack()s up to this many ids at once:
+# keep it well under Lua's C-stack limit of ~8000)
 
 
 @dataclass(slots=True)
