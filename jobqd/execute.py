@@ -81,12 +81,30 @@ class Running:
     # set by the pool just before it cancels `consumer` for a reason of its own
     stop_reason: Literal["timeout", "cancel"] | None = None
     thread: concurrent.futures.Future[Any] | None = None  # a sync handler's run
-    current: CurrentJob | None = None  # what the handler sees (its cancel flag, progress)
+    # what the handler sees (its cancel flag, progress): made when it first calls
+    # current_job() (`jobs.CurrentJobSource`), up front for a plain def in a thread
+    current: CurrentJob | None = None
+    progress: ProgressSink | None = None
+    cancelled: bool = False  # cancel() was called (a CurrentJob made later sees it)
+
+    def current_job(self) -> CurrentJob:
+        """This job as its handler sees it; made on first use, on the event loop's
+        thread (a thread's handler gets it made before the thread starts)."""
+        cur = self.current
+        if cur is None:
+            env = self.env
+            assert env is not None, "current_job() before the job was decoded"
+            cur = self.current = CurrentJob(
+                id=env.id, task=env.task, queue=self.delivery.queue, attempt=env.attempt + 1,
+                enqueued_at=env.enq_ms / 1000, _progress=self.progress)
+            cur._cancel.is_set = self.cancelled
+        return cur
 
     def cancel(self) -> None:
         """Stop this job because it was cancelled: an async handler gets CancelledError
         at its next await; a process job's worker process is killed; a plain def in a
         thread sees `current_job().cancelled` turn true (a thread cannot be stopped)."""
+        self.cancelled = True
         if self.current is not None:
             self.current._cancel.is_set = True
         if self.stop_reason is None and (self.task is None or self.task.kind != "thread"):
@@ -195,10 +213,8 @@ class Executor:
         me = run.consumer
         run.started_ms = now_ms()
         self.starts.started(run)
-        run.current = CurrentJob(id=env.id, task=env.task, queue=run.delivery.queue,
-                                 attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000,
-                                 _progress=self.progress)
-        token = _current.set(run.current)
+        run.progress = self.progress
+        token = _current.set(run)  # current_job() makes the handler's view on first use
         if task.timeout_s is not None:
             run.deadline = time.monotonic() + task.timeout_s
         cancel_seen = False
@@ -289,6 +305,7 @@ class Executor:
             return await task.fn(**env.args)
         # A plain def runs in a thread. A thread cannot be killed: at the deadline we
         # stop waiting and count a timeout; the thread finishes on its own (documented).
+        run.current_job()  # made here, so the thread never races cancel() to make it
         ctx = contextvars.copy_context()
         fn = task.fn
         run.thread = self.threads.submit(lambda: ctx.run(fn, **env.args))

@@ -226,7 +226,11 @@ class Envelope:
     @property
     def exp_ms(self) -> float | None:
         """Not to be started after this (ms since the epoch), if the producer said so."""
-        exp = self.raw.get("x", self.raw.get("exp"))
+        exp = self.raw.get("x")
+        if exp is None:
+            exp = self.raw.get("exp")
+            if exp is None:
+                return None
         return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
     @property
@@ -241,13 +245,30 @@ class Envelope:
         return orjson.dumps(_compact(env))
 
 
+_NO_ARGS: dict[str, Any] = {}  # never handed out: a job without args gets its own {}
+_NUMBER = (int, float)
+
+
 def decode_job(data: bytes | str, queue: str) -> Envelope:
     """A stored job of `queue` (the queue whose stream, delayed set or DLQ held it)."""
     try:
         env = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise BadJob(f"job is not valid JSON: {e}") from None
-    if not isinstance(env, dict):
+    if type(env) is dict:  # the hot path: compact, with a ULID and well-typed fields
+        job_id = env.get("i")
+        if type(job_id) is str and is_ulid(job_id):
+            task, args = env.get("t"), env.get("a", _NO_ARGS)
+            attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
+            if enq is None:
+                enq = _ulid_ms(job_id)
+            # exact types: what orjson makes of valid input (else the checks below say why)
+            if (type(task) is str and task and type(args) is dict and type(attempt) is int
+                    and type(lost) is int and type(enq) in _NUMBER):
+                if args is _NO_ARGS:
+                    args = {}
+                return Envelope(f"{job_id}-{queue}", task, args, attempt, lost, float(enq), env)
+    elif not isinstance(env, dict):
         raise BadJob("job is not a JSON object")
     if "i" in env or "id" not in env:  # the compact format
         job_id, task, args = env.get("i"), env.get("t"), env.get("a", {})
@@ -363,8 +384,17 @@ class CurrentJob:
                                     None if message is None else str(message)[:500])
 
 
-_current: contextvars.ContextVar[CurrentJob | None] = contextvars.ContextVar(
-    "jobqd_current_job", default=None)
+class CurrentJobSource(Protocol):
+    """Makes a job's `CurrentJob` when its handler first asks for it (the pool's run of
+    the job: most handlers never ask, so most jobs never pay for one)."""
+
+    def current_job(self) -> CurrentJob: ...
+
+
+# What `current_job()` returns in this context: a CurrentJob made up front (a worker
+# process's job), or the source that makes it on first use.
+_current: contextvars.ContextVar[CurrentJob | CurrentJobSource | None] = (
+    contextvars.ContextVar("jobqd_current_job", default=None))
 
 
 def current_job() -> CurrentJob:
@@ -372,4 +402,6 @@ def current_job() -> CurrentJob:
     job = _current.get()
     if job is None:
         raise LookupError("current_job() called outside a jobqd handler")
-    return job
+    if isinstance(job, CurrentJob):
+        return job
+    return job.current_job()

@@ -389,6 +389,34 @@ async def test_execute_cancel_of_a_plain_def_sets_its_flag() -> None:
     assert isinstance(out, Cancelled) and seen == [True]
 
 
+async def test_current_job_is_made_on_first_use_and_sees_an_earlier_cancel() -> None:
+    from jobqd import current_job
+
+    async def asks(x: int) -> tuple[str, int, bool]:
+        before = box_run[0].current
+        job = current_job()
+        assert current_job() is job  # made once, then the same one
+        return ("none" if before is None else "made", job.attempt, job.cancelled)
+
+    box_run: list[Running] = []
+    sink = _StartSink()
+    ex = Executor(_NoLimits(), sink, ThreadPoolExecutor(1))
+
+    async def consumer(cancel_first: bool) -> Any:
+        me = asyncio.current_task()
+        assert me is not None
+        run = Running(_delivery({"x": 1}), me)
+        box_run[:] = [run]
+        if cancel_first:  # as if cancel() came in between the start and the handler's ask
+            run.cancelled = True
+        return await ex.run(run, _cfg(asks))
+
+    assert await asyncio.create_task(consumer(False)) == Succeeded(("none", 1, False))
+    assert await asyncio.create_task(consumer(True)) == Succeeded(("none", 1, True))
+    with pytest.raises(LookupError):
+        current_job()  # outside a handler
+
+
 async def test_execute_drain_while_a_thread_runs_abandons_the_job() -> None:
     release = threading.Event()
 
