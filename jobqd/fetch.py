@@ -50,6 +50,11 @@ class SmoothWRR:
         if not live or n <= 0:
             return []
         cur = self.current
+        if len(live) == 1:  # the loop below, for one queue: always it, its credit kept
+            credit = cur.get(live[0], 0)
+            cur.clear()
+            cur[live[0]] = credit
+            return live * n
         for q in list(cur):  # forget queues that left the active set: no saved-up burst
             if q not in live:
                 del cur[q]

@@ -492,8 +492,10 @@ class Pool:
                 raise asyncio.CancelledError
 
     def _outcome(self, d: Delivery, run: Running | None, outcome: Outcome) -> None:
+        duration_s = 0.0
         if run is not None:
-            self.avg_run_s += (run.duration_s - self.avg_run_s) * RUN_EWMA
+            duration_s = run.duration_s
+            self.avg_run_s += (duration_s - self.avg_run_s) * RUN_EWMA
             if run.env is not None and self.cancelled:
                 self.cancelled.discard(run.env.id)
         if isinstance(outcome, Abandoned):
@@ -503,7 +505,7 @@ class Pool:
             return
         s = self.settler.build(outcome, d, run.env if run else None,
                                started_ms=run.started_ms if run else None,
-                               duration_s=run.duration_s if run else 0.0)
+                               duration_s=duration_s)
         if s is None:
             self._release(d)
             return

@@ -234,10 +234,10 @@ class Settler:
                                  started=started_ms)
             return Settle("D", d.eid, "", raw_fields(d), death, Report(
                 d.queue, "", "", "dead", 0.0, 0, 0, dead.error, dead.reason))
-        c = _Ctx(d, env, started_ms, duration_s,
-                 env.args if self.config().log.payloads else None)
+        cfg = self.config()
+        c = _Ctx(d, env, started_ms, duration_s, env.args if cfg.log.payloads else None)
         if isinstance(outcome, Succeeded):
-            return self._succeeded(outcome, c)
+            return self._succeeded(outcome, c, cfg)
         if isinstance(outcome, Retried):
             return self._retried(outcome, c)
         if isinstance(outcome, Dead):
@@ -251,9 +251,8 @@ class Settler:
                           c.report("cancelled", env.attempt + 1, env.lost))
         return None  # Abandoned: it stays ours in the PEL; the reaper recovers it
 
-    def _succeeded(self, o: Succeeded, c: _Ctx) -> Settle:
+    def _succeeded(self, o: Succeeded, c: _Ctx, cfg: Config) -> Settle:
         env = c.env
-        cfg = self.config()
         task = cfg.tasks.get(env.task)
         keep = (task.keep_result if task is not None else None) or cfg.results.keep
         report = c.report("succeeded", env.attempt + 1, env.lost, result=o.result)

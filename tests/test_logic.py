@@ -35,6 +35,42 @@ def test_swrr_state_spans_calls() -> None:
     assert Counter(many) == {"a": 75, "b": 25}
 
 
+def _swrr_by_the_book(cur: dict[str, int], n: int, weights: dict[str, int],
+                      active: list[str]) -> list[str]:
+    """SmoothWRR.picks without its one-queue shortcut: the plain algorithm."""
+    live = [q for q in active if weights.get(q, 0) > 0]
+    if not live or n <= 0:
+        return []
+    for q in list(cur):
+        if q not in live:
+            del cur[q]
+    total = sum(weights[q] for q in live)
+    out = []
+    for _ in range(n):
+        best, best_w = None, 0
+        for q in live:
+            cur[q] = cur.get(q, 0) + weights[q]
+            if best is None or cur[q] > best_w:
+                best, best_w = q, cur[q]
+        assert best is not None
+        cur[best] -= total
+        out.append(best)
+    return out
+
+
+def test_swrr_one_queue_shortcut_keeps_the_order() -> None:
+    # queues come and go (one live queue takes the shortcut); the picks and the saved
+    # credits must be those of the plain algorithm at every step
+    rnd = random.Random(7)
+    w = {"a": 5, "b": 3, "c": 1, "z": 0}
+    s, book = SmoothWRR(), dict[str, int]()
+    for _ in range(2000):
+        active = rnd.sample(list(w), rnd.randint(0, 3))
+        n = rnd.randint(0, 7)
+        assert s.picks(n, w, active) == _swrr_by_the_book(book, n, w, active)
+        assert s.current == book
+
+
 def test_swrr_work_conserving_and_paused() -> None:
     s = SmoothWRR()
     w = {"a": 60, "b": 30, "c": 10}
