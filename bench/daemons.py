@@ -62,9 +62,24 @@ def redis_cpu_s(r: MiniRedis) -> float:
 
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_wakeups(pid: int) -> int:
+    """Voluntary context switches of a process's main thread: how often its event loop
+    went to sleep waiting for I/O (each costs a wake-up, which on a VM is not free)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
 
 
 def loadavg() -> str:
@@ -113,6 +128,10 @@ def measure(
     rc0 = rc1 = 0.0
     pc0: list[float] = []
     pc1: list[float] = []
+    wk0: list[int] = []
+    sy0: list[float] = []
+    sy1: list[float] = []
+    wk1: list[int] = []
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -120,8 +139,12 @@ def measure(
             now = time.monotonic()
             if not t0 and done >= lo:
                 t0, d0, rc0, pc0 = now, done, cpu_probe(), [proc_cpu_s(p.pid) for p in procs]
+                wk0 = [proc_wakeups(p.pid) for p in procs]
+                sy0 = [proc_cpu_split(p.pid)[1] for p in procs]
             if t0 and done >= hi:
                 t1, d1, rc1, pc1 = now, done, cpu_probe(), [proc_cpu_s(p.pid) for p in procs]
+                wk1 = [proc_wakeups(p.pid) for p in procs]
+                sy1 = [proc_cpu_split(p.pid)[1] for p in procs]
                 break
             if now > deadline or any(p.poll() is not None for p in procs):
                 logs.seek(0)
@@ -148,6 +171,8 @@ def measure(
         "window_s": secs, "jobs_per_s": jobs / secs,
         "redis_us_per_job": (rc1 - rc0) / jobs * 1e6,
         "daemon_us_per_job": daemon_cpu / jobs * 1e6,
+        "daemon_sys_us_per_job": sum(b - a for a, b in zip(sy0, sy1, strict=True)) / jobs * 1e6,
+        "wakeups_per_job": sum(b - a for a, b in zip(wk0, wk1, strict=True)) / jobs,
         "redis_cpu_pct": (rc1 - rc0) / secs * 100,
         "daemon_cpu_pct": daemon_cpu / secs * 100,
         "at": time.strftime("%H:%M:%S", time.gmtime()), "loadavg": loadavg(),

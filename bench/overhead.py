@@ -33,7 +33,7 @@ from bench.run import RedisServer  # noqa: E402
 
 SYSTEMS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
 BODIES = {"incr": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
-KEYS = ("jobs_per_s", "daemon_us_per_job", "redis_us_per_job")
+KEYS = ("jobs_per_s", "daemon_us_per_job", "redis_us_per_job", "wakeups_per_job")
 
 
 def main() -> int:
@@ -57,8 +57,10 @@ def main() -> int:
                     runs[f"{system}/{body}"].append(res)
                     print(f"[{res['at']} load {res['loadavg']}] {rep + 1}/{a.repeats} "
                           f"{system} {body}: {res['jobs_per_s']:,.0f} jobs/s, worker "
-                          f"{res['daemon_us_per_job']:.1f} µs/job, Redis "
-                          f"{res['redis_us_per_job']:.1f} µs/job", flush=True)
+                          f"{res['daemon_us_per_job']:.1f} µs/job (sys "
+                          f"{res['daemon_sys_us_per_job']:.1f}), Redis "
+                          f"{res['redis_us_per_job']:.1f} µs/job, {res['wakeups_per_job']:.3f} "
+                          "wake-ups/job", flush=True)
     finally:
         server.kill()
     med = {k: {m: statistics.median(r[m] for r in rs) for m in KEYS} for k, rs in runs.items()}

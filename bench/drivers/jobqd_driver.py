@@ -1,6 +1,7 @@
 """jobqd driver: the real daemon (`jobqd.daemon.Daemon`, uvloop) in this process.
 
-The worker writes a YAML config naming the handlers below and runs the same
+The worker writes a YAML config naming the job bodies in `common` (what the
+reference worker calls, with no wrapper of our own) and runs the same
 `Daemon` class `jobqd run` runs, with `consumers` = the requested concurrency
 and the log level at WARNING; every other setting is jobqd's default (heartbeat
 timeout 10 s, reaper every 5 s: what the recovery phase measures). Full status
@@ -18,22 +19,6 @@ import tempfile
 from typing import Any
 
 from bench.drivers import common as c
-
-
-async def noop() -> None:
-    await c.async_noop()
-
-
-async def sleep() -> None:
-    await c.async_sleep()
-
-
-async def latency(ts: float) -> None:
-    await c.async_latency(ts)
-
-
-async def hold(i: int, hold: float) -> None:
-    await c.async_hold(i, hold)
 
 
 def _postgres_section() -> str:
@@ -58,7 +43,8 @@ queues: {{{c.QUEUE}: {{weight: 1}}}}
 tasks:
 """
         + "".join(
-            f"  {w}: {{handler: 'bench.drivers.jobqd_driver:{w}', queue: {c.QUEUE}}}\n"
+            # the job bodies themselves, as the reference worker calls them: no wrapper
+            f"  {w}: {{handler: 'bench.drivers.common:async_{w}', queue: {c.QUEUE}}}\n"
             for w in c.WORKLOADS
         )
         + """
