@@ -102,7 +102,7 @@ class Metrics:
         h = self.jobs.wait.get(queue)
         if h is None:
             h = self.jobs.wait[queue] = _Histogram()
-        h.observe(max(0.0, wait_s))
+        h.observe(wait_s if wait_s > 0.0 else 0.0)
 
     def component(self, kind: type[Counter] | type[Gauge], name: str, doc: str,
                   labels: tuple[str, ...] = ()) -> Any:

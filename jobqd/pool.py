@@ -118,14 +118,11 @@ class _Starts:
     def started(self, run: Running) -> None:
         d, env = run.delivery, run.env
         assert env is not None and run.started_ms is not None
-        self.metrics.job_started(d.queue, (run.started_ms - _eid_ms(d.eid)) / 1000.0)
+        eid = d.eid  # <ms>-<seq>: the time Redis added the entry
+        self.metrics.job_started(d.queue, (run.started_ms - int(eid[:eid.index(b"-")])) / 1000.0)
         if self.events is not None:
             self.events.record("started", env.id, d.queue, env.task, attempt=env.attempt + 1,
                                lost=env.lost, ts_ms=run.started_ms, enq_ms=env.enq_ms)
-
-
-def _eid_ms(eid: bytes) -> float:
-    return float(eid.split(b"-", 1)[0])
 
 
 def fetch_size(capacity: int, prefetch: int | None, avg_run_s: float, *, running: int,
