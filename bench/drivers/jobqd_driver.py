@@ -21,6 +21,13 @@ from typing import Any
 from bench.drivers import common as c
 
 
+def _results_section() -> str:
+    """JOBQD_BENCH_KEEP=full|status|none: what a succeeded job keeps (`results.keep`;
+    jobqd's default, full, when unset)."""
+    keep = os.environ.get("JOBQD_BENCH_KEEP")
+    return f"results: {{keep: {keep}}}\n" if keep else ""
+
+
 def _postgres_section() -> str:
     """bench/jobqd_variants.py sets these to measure PostgreSQL heartbeats / the ledger."""
     dsn = os.environ.get("JOBQD_BENCH_PG_DSN")
@@ -49,7 +56,7 @@ tasks:
         )
         + """
 log: {level: WARNING}
-""" + _postgres_section()
+""" + _postgres_section() + _results_section()
     )
     fd, path = tempfile.mkstemp(suffix=".yaml", prefix="jobqd-bench-")
     with os.fdopen(fd, "w") as f:
