@@ -1,7 +1,8 @@
 """The supervisor: one TaskGroup owns every long-running component.
 
-Start: (embedded Redis) -> connect -> load scripts -> check Redis's
-maxmemory-policy (exit 78 if it may evict jobs) and the data epoch -> publish
+Start: (embedded Redis) -> connect -> load scripts -> check that Redis's Lua has
+the struct library (exit 69 if not) -> check Redis's maxmemory-policy (exit 78 if
+it may evict jobs) and the data epoch -> publish
 routing and weights -> heartbeat store -> components -> READY.
 
 Stop (SIGTERM, SIGINT, a crashed component or a test: one idempotent path,
@@ -179,6 +180,10 @@ class Daemon:
         store = heartbeat.make_store(rt)
         guard = redisguard.Guard(rt, self.weights)
         try:
+            problem = await scripts.check_lua(r)
+            if problem is not None:  # the environment lacks what jobqd needs: see exitcodes
+                log.error("refusing to run: %s", problem)
+                return ExitCode.UNAVAILABLE
             problem = await guard.start()
             if problem is not None:
                 log.error("refusing to run: %s", problem)
