@@ -345,7 +345,12 @@ class Daemon:
                 # in-flight jobs every few jobs (measured in bench/README.md)
                 gc.collect()
                 gc.freeze()
-                gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+                was = gc.get_threshold()
+                gc.set_threshold(GC_GEN0, *was[1:])
+                # read back: what this process now runs with, for whoever compares memory
+                # or latency with another Python program
+                log.info("gc: froze %d start-up objects, young-generation threshold %d "
+                         "(was %d)", gc.get_freeze_count(), gc.get_threshold()[0], was[0])
             self.notifier.ready(self._status_line(rt))
             log.info("ready: %s", self._status_line(rt))
             if self.on_ready is not None:
