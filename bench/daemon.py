@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from jobqd.connect import connect_sync
 
 ROOT = Path(__file__).resolve().parent.parent

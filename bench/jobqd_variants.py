@@ -76,6 +76,7 @@ def processing_rate(port: int, n: int, env: dict[str, str]) -> float:
 
 async def _relay_latency(port: int, env: dict[str, str], n: int, rate: float) -> list[float]:
     import asyncpg
+
     from jobqd import outbox
 
     url = f"redis://127.0.0.1:{port}/0"

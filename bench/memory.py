@@ -41,11 +41,10 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import daemon  # noqa: E402
 from jobqd import Client  # noqa: E402
 from jobqd import config as config_mod  # noqa: E402
 from jobqd.publish import publish_config  # noqa: E402
-
-from bench.daemon import daemon  # noqa: E402
 
 PREFIX = "jobqd"
 CHUNK = 10_000

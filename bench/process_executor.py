@@ -30,9 +30,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobqd import SyncClient  # noqa: E402
-
 from bench.daemon import daemon  # noqa: E402
+from jobqd import SyncClient  # noqa: E402
 
 
 def main() -> None:

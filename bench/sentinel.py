@@ -33,13 +33,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.daemon import daemon  # noqa: E402
 from jobqd import SyncClient  # noqa: E402
 from jobqd.connect import connect_sync  # noqa: E402
 from jobqd.keys import QueueKeys  # noqa: E402
 from tests.own_redis import SentinelGroup, own_redis, sentinel_group  # noqa: E402
 from tests.test_sentinel import Producer  # noqa: E402
-
-from bench.daemon import daemon  # noqa: E402
 
 TASKS = {"noop": {"handler": "tests.handlers:noop"},
          "record": {"handler": "tests.handlers:record"}}

@@ -33,9 +33,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobqd import Client  # noqa: E402
-
 from bench.daemon import daemon  # noqa: E402
+from jobqd import Client  # noqa: E402
 
 
 def _done(r: redis.Redis, prefix: str) -> int:

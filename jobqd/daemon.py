@@ -1,7 +1,8 @@
 """The supervisor: one TaskGroup owns every long-running component.
 
-Start: (embedded Redis) -> connect -> load scripts -> check Redis's
-maxmemory-policy (exit 78 if it may evict jobs) and the data epoch -> publish
+Start: (embedded Redis) -> connect -> load scripts -> check that Redis's Lua has
+the struct library (exit 69 if not) -> check Redis's maxmemory-policy (exit 78 if
+it may evict jobs) and the data epoch -> publish
 routing and weights -> heartbeat store -> components -> READY.
 
 Stop (SIGTERM, SIGINT, a crashed component or a test: one idempotent path,
@@ -179,6 +180,10 @@ class Daemon:
         store = heartbeat.make_store(rt)
         guard = redisguard.Guard(rt, self.weights)
         try:
+            problem = await scripts.check_lua(r)
+            if problem is not None:  # the environment lacks what jobqd needs: see exitcodes
+                log.error("refusing to run: %s", problem)
+                return ExitCode.UNAVAILABLE
             problem = await guard.start()
             if problem is not None:
                 log.error("refusing to run: %s", problem)
@@ -340,7 +345,12 @@ class Daemon:
                 # in-flight jobs every few jobs (measured in bench/README.md)
                 gc.collect()
                 gc.freeze()
-                gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
+                was = gc.get_threshold()
+                gc.set_threshold(GC_GEN0, *was[1:])
+                # read back: what this process now runs with, for whoever compares memory
+                # or latency with another Python program
+                log.info("gc: froze %d start-up objects, young-generation threshold %d "
+                         "(was %d)", gc.get_freeze_count(), gc.get_threshold()[0], was[0])
             self.notifier.ready(self._status_line(rt))
             log.info("ready: %s", self._status_line(rt))
             if self.on_ready is not None:

@@ -16,7 +16,8 @@ class ExitCode(enum.IntEnum):
     QUEUE_FULL = 3  # `jobqd enqueue`: the queue is over its high watermark
     UNKNOWN_TASK = 4  # no daemon routes that task (or serves that queue: enqueue, weights)
     USAGE = 64  # EX_USAGE: bad command-line arguments or input (e.g. ARGS_JSON)
-    UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot connect to Redis / PostgreSQL at start
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: cannot connect to Redis / PostgreSQL at start, or the
+    # environment lacks what jobqd needs (no redis-server to embed, no Lua struct in Redis)
     SOFTWARE = 70  # EX_SOFTWARE: a component crashed (bug); systemd restarts it
     REDIS_OOM = 75  # EX_TEMPFAIL: Redis is out of memory (noeviction); retry later
     CONFIG = 78  # EX_CONFIG: the config file is missing, malformed or invalid

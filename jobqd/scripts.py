@@ -6,6 +6,8 @@
   for a single call (async and sync), `pipelined` for many in one round trip.
 * `ensure_group`: create a stream's consumer group (and the stream) unless it
   exists.
+* `check_lua`: the daemon's start-up check that Redis's Lua has what the scripts
+  use beyond the core language (the ``struct`` library of ``complete.lua``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ CANCEL = _load("cancel")
 LIMIT_ACQUIRE = _load("limit_acquire")
 LIMIT_RENEW = _load("limit_renew")
 SCHED_MARK = _load("sched_mark")
+STRUCT_PROBE = _load("struct_probe")  # run once at start (check_lua), not preloaded
 ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
        FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW, SCHED_MARK)
 
@@ -215,3 +218,27 @@ def preload_sync(r: redis.Redis) -> None:
         for s in ALL:
             p.script_load(s.source)
         p.execute()
+
+
+async def check_lua(r: aredis.Redis) -> str | None:
+    """None if Redis runs `STRUCT_PROBE` (``struct.pack``/``struct.unpack``, which
+    ``complete.lua`` settles every batch with), else why not: a Redis built without
+    the library would refuse every settle. Called like every other script (SCRIPT
+    LOAD, EVALSHA), so it needs no permission the daemon does not need anyway. On a
+    Redis Cluster, on every master. A Redis error other than a script's (a lost
+    connection) is raised."""
+    try:
+        if is_cluster(r):
+            await r.initialize()  # the slot map, once
+            await r.script_load(STRUCT_PROBE.source)  # into every master
+            nodes = r.get_primaries()  # type: ignore[attr-defined]
+            await asyncio.gather(*(r.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", STRUCT_PROBE.sha, 0, target_nodes=n) for n in nodes))
+        else:
+            await STRUCT_PROBE(r, [], [])
+    except ResponseError as e:
+        return (f"redis failed the start-up check of Lua's struct library (struct.pack, "
+                f"struct.unpack), which complete.lua settles every job with: "
+                f"{str(e).rstrip('.')}. Every official Redis build since 2.6 bundles struct; "
+                f"one without it cannot settle jobs")
+    return None

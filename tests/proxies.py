@@ -1,10 +1,13 @@
-"""A TCP proxy in front of Redis, for tests that cut a daemon off from it."""
+"""TCP proxies in front of Redis: `BlackholeProxy` cuts a daemon off from it,
+`RewriteProxy` changes the commands a client sends (to make Redis itself answer as a
+differently built server would)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -86,3 +89,125 @@ class BlackholeProxy:
             for cs, ss, _ in self.conns:
                 cs.close()
                 ss.close()
+
+
+def _resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
+    """One RESP command (an array of bulk strings, as redis-py sends) from the start
+    of `buf`, and its length in bytes; None until `buf` holds all of it."""
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None
+    if buf[:1] != b"*":
+        raise ValueError(f"not a RESP array: {buf[:40]!r}")
+    n, pos, args = int(buf[1:end]), end + 2, []
+    for _ in range(n):
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        size = int(buf[pos + 1:end])
+        start = end + 2
+        if len(buf) < start + size + 2:
+            return None
+        args.append(buf[start:start + size])
+        pos = start + size + 2
+    return args, pos
+
+
+def _resp_encode(args: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+class RewriteProxy:
+    """A TCP proxy to Redis that passes every command the client sends through
+    `rewrite(args) -> args` (replies are forwarded untouched). Redis answers the
+    rewritten command, so its reply keeps its place among pipelined ones."""
+
+    def __init__(self, target_port: int, rewrite: Callable[[list[bytes]], list[bytes]]) -> None:
+        self.target_port = target_port
+        self.rewrite = rewrite
+        self.rewritten = 0  # commands that `rewrite` changed
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.lsock.settimeout(0.1)
+        self.port = int(self.lsock.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                cs, _ = self.lsock.accept()
+            except OSError:
+                continue
+            try:
+                ss = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
+            except OSError:
+                cs.close()
+                continue
+            with self.lock:
+                self.socks += [cs, ss]
+            for target, args in ((self._commands, (cs, ss)), (self._replies, (ss, cs))):
+                t = threading.Thread(target=target, args=args, daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _recv(self, src: socket.socket) -> bytes | None:
+        """Bytes from `src`; b"" on a timeout, None once it is closed."""
+        try:
+            return src.recv(65536) or None
+        except TimeoutError:
+            return b""
+        except OSError:
+            return None
+
+    def _commands(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.1)
+        buf = b""
+        while not self.closed.is_set():
+            data = self._recv(src)
+            if data is None:
+                break
+            buf += data
+            out = []
+            while (got := _resp_command(buf)) is not None:
+                args, size = got
+                buf = buf[size:]
+                new = self.rewrite(args)
+                if new != args:
+                    with self.lock:
+                        self.rewritten += 1
+                out.append(_resp_encode(new))
+            try:
+                dst.sendall(b"".join(out))
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _replies(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.1)
+        while not self.closed.is_set():
+            data = self._recv(src)
+            if data is None:
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.closed.set()
+        for t in self.threads:
+            t.join(2)
+        self.lsock.close()
+        with self.lock:
+            for sock in self.socks:
+                sock.close()

@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aredis
 import yaml
 
-from jobqd import Client, JobNotFound, QueueFull, SyncClient, config, connect
+from jobqd import Client, JobNotFound, QueueFull, SyncClient, config, connect, scripts
 from jobqd.cli import main
 from jobqd.daemon import Daemon
 from jobqd.errors import RedisMemoryFull
@@ -583,6 +583,34 @@ async def test_every_master_policy_is_checked(cluster: OwnCluster, cprefix: str,
         finally:
             c.config_set("maxmemory-policy", "noeviction")
             c.close()
+
+
+async def test_lua_check_runs_on_every_master(cluster: OwnCluster) -> None:
+    """The start-up struct probe (scripts.check_lua) runs on each master, not on
+    whichever one a keyless EVALSHA happens to reach: each counts one more call."""
+    def calls() -> dict[int, int]:
+        """EVALSHA calls so far, per live master."""
+        out = {}
+        for n in cluster.nodes:
+            if n.proc is None or n.proc.poll() is not None:
+                continue
+            c = n.client()
+            try:
+                if c.info("replication")["role"] == "master":
+                    stats = c.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+                    out[n.port] = int(stats["calls"])
+            finally:
+                c.close()
+        return out
+
+    r = connect.connect(cluster.url)
+    try:
+        before = calls()
+        assert await scripts.check_lua(r) is None
+        after = calls()
+    finally:
+        await r.aclose()
+    assert all(after[p] > before[p] for p in before), (before, after)
 
 
 async def test_memory_fraction_watches_every_master(cluster: OwnCluster, cprefix: str,

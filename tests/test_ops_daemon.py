@@ -3,8 +3,10 @@ socket the test owns, the watchdog, and JSON log lines."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,8 +20,9 @@ import pytest
 import redis
 
 from jobqd import SyncClient
+from jobqd.daemon import GC_GEN0
 
-from .conftest import REDIS_URL, ROOT
+from .conftest import REDIS_URL, ROOT, DaemonProcess
 
 
 @pytest.fixture
@@ -121,3 +124,32 @@ def test_handler_import_error_refuses_to_start(write_config: Callable[..., Any],
     assert proc.wait(20) == 78
     out = (tmp_path / "d.log").read_text()
     assert "tasks.bad.handler" in out and "does_not_exist" in out
+
+
+def test_own_process_freezes_gc_and_raises_the_young_threshold(
+        write_config: Callable[..., Path], spawn: Callable[[Path], DaemonProcess]) -> None:
+    """`jobqd run` (the process is the daemon's) freezes what start-up made and sets
+    the young-generation threshold to GC_GEN0, and says so at INFO with the values read
+    back from the interpreter."""
+    d = spawn(write_config(consumers=1))
+    d.wait_ready()
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0, d.log()
+    lines = [json.loads(x) for x in d.log_path.read_text().splitlines() if x.strip()]
+    gc_lines = [x for x in lines if x["msg"].startswith("gc: ")]
+    assert len(gc_lines) == 1, d.log()
+    m = re.fullmatch(r"gc: froze (\d+) start-up objects, young-generation threshold "
+                     r"(\d+) \(was (\d+)\)", gc_lines[0]["msg"])
+    assert m is not None, gc_lines
+    frozen, gen0, was = map(int, m.groups())
+    assert gen0 == GC_GEN0 == 20_000 and was < gen0 and frozen > 10_000, gc_lines
+    assert gc_lines[0]["level"] == "info"
+
+
+async def test_in_process_daemon_leaves_the_hosts_gc_alone(
+        start_daemon: Callable[..., Any]) -> None:
+    """A daemon inside someone else's process (a test, an app: install_signals=False)
+    does not change that process's collector."""
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    await start_daemon()
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)

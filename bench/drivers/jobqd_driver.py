@@ -107,6 +107,7 @@ class JobqdDriver(c.Driver):
 
     def worker(self, a: argparse.Namespace) -> None:
         import uvloop
+
         from jobqd.daemon import Daemon
 
         cfg = _config(a.redis_url, a.concurrency)
