@@ -113,12 +113,12 @@ def encode_args(args: Any) -> Any:
 _LONG = {"i": "id", "t": "task", "a": "args", "n": "attempt", "l": "lost", "e": "enq",
          "k": "idem", "r": "err", "x": "exp"}
 _SHORT = {v: k for k, v in _LONG.items()}
-_B32 = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
+_B32 = bytes.maketrans(b"0123456789ABCDEFGHJKMNPQRSTVWXYZ", b"0123456789abcdefghijklmnopqrstuv")
 
 
 def _ulid_ms(text: str) -> int:
     """The time (ms) in the first 10 characters of a ULID (ValueError if not base 32)."""
-    return int(text[:10].translate(_B32), 32)
+    return int(text[:10].encode().translate(_B32), 32)  # bytes.translate: a table, not a dict
 
 
 def id_ms(job_id: str) -> int | None:

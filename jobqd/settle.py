@@ -219,6 +219,8 @@ class Settler:
         self.worker = worker
         self.config = config
         self.outcome_log = OutcomeLog(config)
+        self._keep: dict[str, str] = {}  # task -> what its successes keep, under _keep_cfg
+        self._keep_cfg: Config | None = None
         self._warned_at = -1e9  # the last not-replicated warning (monotonic s)
 
     # ------------------------------------------------------------ building
@@ -235,9 +237,10 @@ class Settler:
             return Settle("D", d.eid, "", raw_fields(d), death, Report(
                 d.queue, "", "", "dead", 0.0, 0, 0, dead.error, dead.reason))
         cfg = self.config()
+        if type(outcome) is Succeeded:  # the hot path: no _Ctx unless it goes wrong
+            return self._succeeded(outcome, d, env, started_ms=started_ms,
+                                   duration_s=duration_s, cfg=cfg)
         c = _Ctx(d, env, started_ms, duration_s, env.args if cfg.log.payloads else None)
-        if isinstance(outcome, Succeeded):
-            return self._succeeded(outcome, c, cfg)
         if isinstance(outcome, Retried):
             return self._retried(outcome, c)
         if isinstance(outcome, Dead):
@@ -251,31 +254,47 @@ class Settler:
                           c.report("cancelled", env.attempt + 1, env.lost))
         return None  # Abandoned: it stays ours in the PEL; the reaper recovers it
 
-    def _succeeded(self, o: Succeeded, c: _Ctx, cfg: Config) -> Settle:
-        env = c.env
-        task = cfg.tasks.get(env.task)
-        keep = (task.keep_result if task is not None else None) or cfg.results.keep
-        report = c.report("succeeded", env.attempt + 1, env.lost, result=o.result)
-        if keep != "full":
-            try:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
-                orjson.dumps(o.result)
-            except TypeError as e:
-                return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
-                                       attempts=env.attempt + 1), c)
+    def _succeeded(self, o: Succeeded, d: Delivery, env: Envelope, *, started_ms: float | None,
+                   duration_s: float, cfg: Config) -> Settle:
+        keep = self._keep.get(env.task) if cfg is self._keep_cfg else None
+        if keep is None:
+            keep = self._keep_of(env.task, cfg)
+        attempts = env.attempt + 1
+        report = Report(d.queue, env.task, env.id, "succeeded", duration_s, attempts, env.lost,
+                        result=o.result, args=env.args if cfg.log.payloads else None)
+        if keep == "full":
+            try:
+                record = orjson.dumps({"status": "succeeded", "task": env.task,
+                                       "result": o.result, "attempts": attempts,
+                                       "lost": env.lost, "enq": env.enq_ms,
+                                       "started": started_ms, "finished": now_ms(),
+                                       "worker": self.worker})
+            except TypeError as e:  # the handler did its work: running it again repeats it
+                return self._bad_result(e, _Ctx(d, env, started_ms, duration_s, report.args))
+            return Settle("S", d.eid, env.id, record, None, report)
+        try:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
+            orjson.dumps(o.result)
+        except TypeError as e:
+            return self._bad_result(e, _Ctx(d, env, started_ms, duration_s, report.args))
         if keep == "none":  # complete.lua writes no record for an empty payload
-            return Settle("S", c.d.eid, env.id, b"", None, report)
-        if keep == "status":  # small: one embedded string of at most 44 bytes
-            return Settle("S", c.d.eid, env.id, b'{"status":"succeeded","attempts":%d}'
-                          % (env.attempt + 1), None, report)
-        try:
-            record = orjson.dumps({"status": "succeeded", "task": env.task, "result": o.result,
-                                   "attempts": env.attempt + 1, "lost": env.lost,
-                                   "enq": env.enq_ms, "started": c.started_ms,
-                                   "finished": now_ms(), "worker": self.worker})
-        except TypeError as e:  # the handler did its work: running it again repeats it
-            return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
-                                   attempts=env.attempt + 1), c)
-        return Settle("S", c.d.eid, env.id, record, None, report)
+            return Settle("S", d.eid, env.id, b"", None, report)
+        # status: small, one embedded string of at most 44 bytes
+        return Settle("S", d.eid, env.id, b'{"status":"succeeded","attempts":%d}' % attempts,
+                      None, report)
+
+    def _keep_of(self, task_name: str, cfg: Config) -> str:
+        """What a succeeded job of this task keeps (`keep_result`, else `results.keep`),
+        remembered per task until the config is swapped."""
+        if cfg is not self._keep_cfg:
+            self._keep, self._keep_cfg = {}, cfg
+        task = cfg.tasks.get(task_name)
+        keep = self._keep[task_name] = (
+            (task.keep_result if task is not None else None) or cfg.results.keep)
+        return keep
+
+    def _bad_result(self, e: TypeError, c: _Ctx) -> Settle:
+        return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
+                               attempts=c.env.attempt + 1), c)
 
     def _retried(self, o: Retried, c: _Ctx) -> Settle:
         env = c.env
