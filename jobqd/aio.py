@@ -20,6 +20,13 @@ async def wait_first(*events: asyncio.Event,
             return e
     if timeout_s is not None and timeout_s <= 0:
         return None
+    if len(events) == 1:  # the common case (the acker's linger): no waiter task at all
+        try:
+            async with asyncio.timeout(timeout_s):
+                await events[0].wait()
+        except TimeoutError:
+            return None
+        return events[0]
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -146,3 +146,25 @@ def test_mask_url() -> None:
     assert mask_url("redis://user:pw@h:1/0") == "redis://user:****@h:1/0"
     assert mask_url("redis://h:1/0") == "redis://h:1/0"
     assert mask_url("host=db password=pw user=u") == "host=db password=**** user=u"
+
+
+async def test_wait_first_one_event_or_several() -> None:
+    import asyncio
+
+    from jobqd.aio import wait_first
+
+    a, b = asyncio.Event(), asyncio.Event()
+    for events in ((a,), (a, b)):
+        assert await wait_first(*events, timeout_s=0.01) is None  # nothing set: the timeout
+        asyncio.get_running_loop().call_later(0.01, a.set)
+        assert await wait_first(*events, timeout_s=5) is a  # set while waiting
+        assert await wait_first(*events, timeout_s=0) is a  # set already
+        a.clear()
+        assert not a._waiters  # nothing left waiting on the event
+        # an outer cancellation is not a timeout: it propagates
+        t = asyncio.ensure_future(wait_first(*events, timeout_s=5))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert not a._waiters
