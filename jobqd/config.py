@@ -197,6 +197,10 @@ class RedisConfig:
     # shortfall within wait_timeout_s fails an enqueue (NotReplicated), logs a settle
     wait_replicas: int = opt(0, ge=0, le=100)
     wait_timeout_s: float = opt(0.5, gt=0, unit="s")
+    # the daemon's Redis connections: a command with no reply for this long fails and
+    # its connection is replaced (a silently dropped connection is noticed, instead of
+    # a fetcher hung for ever); above the fetcher's 2 s blocking XREADGROUP
+    socket_timeout_s: float = opt(10.0, ge=3, unit="s")
 
     def _constraints(self) -> Problems:
         if self.wait_replicas and self.url.split("://", 1)[0] in connect.CLUSTER_SCHEMES:

@@ -127,10 +127,12 @@ class Daemon:
             except EmbeddedError as e:
                 log.error("%s", e)
                 return None
-        # socket_timeout (above the 2 s blocking read) turns a silently dropped
-        # connection into an error we recover from, instead of a fetcher hung forever
+        # socket_timeout (redis.socket_timeout_s, above the 2 s blocking read) turns a
+        # silently dropped connection into an error we recover from, instead of a
+        # fetcher hung forever
         options: dict[str, Any] = {"decode_responses": False, "health_check_interval": 15,
-                                   "socket_connect_timeout": 5, "socket_timeout": 10}
+                                   "socket_connect_timeout": 5,
+                                   "socket_timeout": cfg.redis.socket_timeout_s}
         if not cfg.redis_url.startswith("unix://"):
             options["socket_keepalive"] = True
         r = connect.connect(cfg.redis_url, **options)

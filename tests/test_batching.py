@@ -76,7 +76,8 @@ async def test_at_low_load_a_settle_is_not_held_back(start_daemon: Callable[...,
 async def test_long_jobs_buffered_behind_busy_consumers_go_to_an_idle_daemon(
         start_daemon: Callable[..., Any], client: Client, prefix: str, r: Any) -> None:
     key = f"{prefix}:runs"
-    await start_daemon(consumers=2)
+    # drain_timeout_s 0: at the end the 8-s jobs are handed back, not waited for
+    await start_daemon(consumers=2, shutdown={"drain_timeout_s": 0})
     warm = [await client.enqueue("noop") for _ in range(5)]  # short runs: prefetch on
     for j in warm:
         await client.wait(j.id, timeout_s=20)
@@ -87,7 +88,8 @@ async def test_long_jobs_buffered_behind_busy_consumers_go_to_an_idle_daemon(
         return int(await r.hlen(key + ":started")) >= 2
 
     await wait_for(two_started, timeout=10)
-    await start_daemon(consumers=2)  # idle: it gets what the first one buffered
+    await start_daemon(consumers=2, shutdown={"drain_timeout_s": 0})  # idle: it gets
+    # what the first one buffered
 
     async def all_started() -> bool:
         return int(await r.hlen(key + ":started")) == 4

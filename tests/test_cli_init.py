@@ -75,11 +75,22 @@ def test_built_wheel_installed_outside_the_repo_runs_init_and_check_config(
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "bench",
         "state"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
-                    str(src)], check=True, env=env, cwd=tmp_path, timeout=120)
-    [wheel] = dist.glob("jobqd-*.whl")
+    # the build and the venv (ensurepip) do not depend on each other: side by side
+    build_log = tmp_path / "build.log"
+    with build_log.open("w") as out:
+        build = subprocess.Popen([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                                  "-w", str(dist), str(src)], env=env, cwd=tmp_path,
+                                 stdout=out, stderr=subprocess.STDOUT)
     venv_dir = tmp_path / "venv"
-    venv.create(venv_dir, with_pip=True)
+    try:
+        venv.create(venv_dir, with_pip=True)
+        build.wait(timeout=120)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    assert build.returncode == 0, build_log.read_text()
+    [wheel] = dist.glob("jobqd-*.whl")
     py = venv_dir / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                     str(wheel)], check=True, env=env, cwd=tmp_path, timeout=150)

@@ -70,7 +70,7 @@ async def test_pause_resume_and_stats(start_daemon: Callable[..., Any],
 async def test_wait_prints_the_result_and_fails_for_dead_jobs(
         start_daemon: Callable[..., Any], write_config: Callable[..., Path], client: Client,
         capsys: pytest.CaptureFixture[str]) -> None:
-    await start_daemon()
+    await start_daemon(shutdown={"drain_timeout_s": 0})  # the 5-s job: handed back at the end
     cfg = str(write_config())
     ok = await client.enqueue("record", {"key": "k", "value": {"a": 1}})
     code, out, _ = await cli(capsys, "wait", ok.id, "-c", cfg, "--timeout-s", "10")

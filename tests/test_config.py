@@ -83,6 +83,7 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
      "tasks.t.retry_backoff.max_s", ">= base_s"),
     ("tasks:\n  t:\n    queue: default\n", "tasks.t.handler", "required"),
     ("postgres:\n  ledger: true\n", "postgres.ledger", "needs postgres.dsn"),
+    ("  socket_timeout_s: 2\n", "redis.socket_timeout_s", "must be >="),  # < 2 s fetch
 ])
 def test_bad_values(tmp_path: Path, snippet: str, key: str, words: str) -> None:
     e = load_err(tmp_path, MIN + snippet)

@@ -78,6 +78,8 @@ def test_demo_shows_a_job_succeeding_and_exits_0(state_dir: Path) -> None:
     assert proc.returncode == 0, out
     assert re.search(r"^status: +succeeded$", proc.stdout, re.M), out  # `jobqd status` text
     assert "jobqd stats" in proc.stdout and "jobqd dlq list" in proc.stdout, out
+    assert re.search(r"^== jobqd wait \S+ \(enqueued with --delay-s 2\)\n\S", proc.stdout,
+                     re.M), out  # the delayed job ran, and its result was printed
     assert "!!" not in out, out
 
 

@@ -227,7 +227,9 @@ def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnec
     proxy = BlackholeProxy(6379)
     try:
         url = f"redis://127.0.0.1:{proxy.port}/0"
-        d = spawn(write_config(redis={"url": url, "prefix": prefix}, tasks=_tasks()))
+        # redis.socket_timeout_s: how soon its silent connections fail and are replaced
+        d = spawn(write_config(redis={"url": url, "prefix": prefix, "socket_timeout_s": 3},
+                               tasks=_tasks()))
         d.wait_ready(prefix)
         with SyncClient(REDIS_URL, prefix) as c:
             job = c.enqueue("sleep", {"seconds": 120, "key": f"{prefix}:n"})
@@ -241,7 +243,7 @@ def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnec
             time.sleep(1.0)
             assert c.status(job.id).status == "running"  # it cannot know yet
             proxy.gated.clear()  # the network is back
-            deadline = time.monotonic() + 40  # its socket timeout (10 s), then a renewal
+            deadline = time.monotonic() + 40  # its socket timeout (3 s), then a renewal
             while c.status(job.id).status != "cancelled":
                 assert time.monotonic() < deadline, c.status(job.id)
                 time.sleep(0.1)
