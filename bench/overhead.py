@@ -76,8 +76,12 @@ def main() -> int:
     lines.append("")
     for body in BODIES:
         j, r = med[f"jobqd/{body}"], med[f"reference/{body}"]
+        pairs = [x["jobs_per_s"] / y["jobs_per_s"]
+                 for x, y in zip(runs[f"jobqd/{body}"], runs[f"reference/{body}"], strict=True)]
         lines.append(f"- {body} body: jobqd runs at {j['jobs_per_s'] / r['jobs_per_s']:.0%} of "
-                     f"the reference's jobs/s; its worker CPU per job is "
+                     f"the reference's jobs/s (per repeat: "
+                     f"{', '.join(f'{x:.0%}' for x in pairs)}; their median "
+                     f"{statistics.median(pairs):.0%}); its worker CPU per job is "
                      f"{j['daemon_us_per_job'] / r['daemon_us_per_job']:.2f}x the reference's.")
     j_incr = med["jobqd/incr"]["daemon_us_per_job"] - med["jobqd/empty"]["daemon_us_per_job"]
     r_incr = (med["reference/incr"]["daemon_us_per_job"]

@@ -1,0 +1,168 @@
+"""Instructions per job (valgrind's callgrind): what jobqd and the reference worker
+execute per job in steady state. Unlike jobs/s or CPU time, the count does not depend
+on what else the machine is doing, so a change of a few per cent shows (issue #17).
+
+    .venv/bin/python bench/instructions.py    # jobqd, reference; no-op, empty body; consumers 100
+    .venv/bin/python bench/instructions.py --consumers 16 --systems jobqd
+    .venv/bin/python bench/instructions.py --systems jobqd --jobqd-src /tmp/jobqd-rev-X \\
+        --jobqd-python /tmp/jobqd-rev-X/.venv/bin/python            # another revision, same drivers
+
+Each run: its own redis-server on loopback, `--n` pre-filled jobs, the driver's worker
+under `valgrind --tool=callgrind`; the counters are zeroed at 20 % of the jobs done and
+dumped at 80 % (`callgrind_control`), so start-up and the tail are left out. A job under
+valgrind runs ~50x slower, so the daemon's timers (its 50-ms deadline tick, heartbeats,
+the memory guard) fire ~50x more often per job than in a real run: the count slightly
+overstates jobqd's per-job cost; compare counts taken the same way. `--jobqd-src`
+runs another checkout's `jobqd` under this checkout's `bench` (as `run.py` does).
+Needs valgrind. Prints a table and writes bench/results/<--name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.daemons import DEFAULT_PY, mini  # noqa: E402
+from bench.run import RedisServer  # noqa: E402
+
+DRIVERS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
+BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
+LO, HI = 0.2, 0.8  # the window counted, as fractions of the jobs done
+
+
+def source_dir(jobqd_src: str | None) -> str:
+    """The directory a driver runs in (first on its sys.path): this checkout, or one
+    where `bench` is this checkout's and `jobqd` the other checkout's."""
+    if not jobqd_src:
+        return str(ROOT)
+    d = tempfile.mkdtemp(prefix="bench-instr-src-")
+    os.symlink(ROOT / "bench", os.path.join(d, "bench"))
+    os.symlink(Path(jobqd_src).resolve() / "jobqd", os.path.join(d, "jobqd"))
+    return d
+
+
+def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: str,
+          env: dict[str, str], timeout: float = 900.0) -> dict[str, Any]:
+    """Instructions executed by one worker process between LO and HI of `n` jobs done."""
+    r = mini(url)
+    r.cmd("FLUSHDB")
+    penv = {**os.environ, "PYTHONPATH": src, **env}
+    penv.pop("VIRTUAL_ENV", None)
+    subprocess.run([python, "-m", driver, "enqueue", "--redis-url", url, "--mode", "batch",
+                    "--n", str(n), "--workload", "noop"],
+                   cwd=src, env=penv, check=True, capture_output=True, timeout=600)
+    out = tempfile.mkdtemp(prefix="bench-callgrind-")
+    with open(os.path.join(out, "stderr"), "w") as err:
+        p = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
+             python, "-m", driver, "worker", "--redis-url", url, "--concurrency",
+             str(consumers), "--workload", "noop"],
+            cwd=src, env=penv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+
+        def wait_for(done: float) -> int:
+            while (got := r.get_int("bench:done")) < done:
+                if p.poll() is not None or time.monotonic() > deadline:
+                    tail = Path(out, "stderr").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"worker died or too slow at {got}/{n} jobs\n{tail}")
+                time.sleep(0.05)
+            return got
+
+        c0 = wait_for(n * LO)
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True,
+                       capture_output=True)
+        c1 = r.get_int("bench:done")
+        wait_for(n * HI)
+        d1 = r.get_int("bench:done")
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True,
+                       capture_output=True)
+        d2 = r.get_int("bench:done")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    dumps = sorted(Path(out).glob("cg.*.*"), key=os.path.getmtime)  # cg.<pid>.<dump no>
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump in {out}")
+    m = re.search(r"^(?:summary|totals):\s*(\d+)", dumps[-1].read_text(errors="replace"), re.M)
+    if m is None:
+        raise RuntimeError(f"no instruction total in {dumps[-1]}")
+    shutil.rmtree(out, ignore_errors=True)
+    # the jobs done between zero and dump: the reads before and after each control call
+    # bracket it; their means are the estimate, their spreads say how good it is
+    jobs = (d1 + d2) / 2 - (c0 + c1) / 2
+    return {"instructions": int(m.group(1)), "jobs": jobs,
+            "per_job": int(m.group(1)) / jobs,
+            "jobs_uncertainty": (d2 - d1) / 2 + (c1 - c0) / 2}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--consumers", type=int, default=100)
+    ap.add_argument("--n", type=int, default=5000, help="jobs per run (noop; empty: 1.2x)")
+    ap.add_argument("--systems", default="jobqd,reference")
+    ap.add_argument("--bodies", default="noop,empty")
+    ap.add_argument("--python", default=DEFAULT_PY, help="python with jobqd's dependencies")
+    ap.add_argument("--jobqd-src", help="another checkout whose `jobqd` to count")
+    ap.add_argument("--jobqd-python", help="its python (default: --python)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--name", default="instructions", help="<out>/<name>.{md,json}")
+    a = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    server = RedisServer(None, 6393)
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        for system in a.systems.split(","):
+            own = system == "jobqd" and a.jobqd_src
+            src = source_dir(a.jobqd_src if own else None)
+            python = (a.jobqd_python or a.python) if own else a.python
+            for body in a.bodies.split(","):
+                n = int(a.n * (1.2 if body == "empty" else 1))
+                res = count(server.url, DRIVERS[system], consumers=a.consumers, n=n,
+                            python=python, src=src, env=BODIES[body])
+                rows[f"{system}/{body}"] = res
+                print(f"{system} {body}: {res['per_job']:,.0f} instructions per job "
+                      f"({res['jobs']:.0f} jobs ± {res['jobs_uncertainty']:.0f})", flush=True)
+    finally:
+        server.kill()
+    label = f" (jobqd from {a.jobqd_src})" if a.jobqd_src else ""
+    lines = [f"# Instructions per job{label}, consumers {a.consumers} ({started})", "",
+             "`bench/instructions.py`: callgrind, one worker process, counted from 20 % to "
+             "80 % of the jobs done. Empty body: no Redis call in the job.", "",
+             "| system | body | instructions per job | jobs counted |", "|---|---|---|---|"]
+    lines += [f"| {k.split('/')[0]} | {k.split('/')[1]} | {v['per_job']:,.0f} | "
+              f"{v['jobs']:.0f} ± {v['jobs_uncertainty']:.0f} |" for k, v in rows.items()]
+    for body in a.bodies.split(","):
+        j, ref = rows.get(f"jobqd/{body}"), rows.get(f"reference/{body}")
+        if j and ref:
+            lines.append(f"\n- {body}: jobqd executes {j['per_job'] / ref['per_job']:.2f}x "
+                         "the reference's instructions per job.")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"{a.name}.json").write_text(json.dumps(
+        {"started": started, "args": {k: str(v) for k, v in vars(a).items()}, "runs": rows},
+        indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
