@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 
-class BlackholeProxy:
-    """A TCP proxy to Redis. `blackhole()`: every connection open at that moment stops
-    forwarding for good but is never closed (a dropped NAT/conntrack entry, a failed
-    over address); connections opened afterwards work normally. While `gated` is set,
-    new connections are closed at once (the client cannot get through yet)."""
+class _Proxy:
+    """A TCP proxy to Redis on a free loopback port: the listening socket, the accept
+    loop, and close(). `_pumps(cs, ss)` gives the two forwarding loops of a new
+    connection (client -> server, server -> client); None refuses it."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -25,12 +24,20 @@ class BlackholeProxy:
         self.lsock.listen(64)
         self.lsock.settimeout(0.1)
         self.port = int(self.lsock.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.closed = threading.Event()
-        self.gated = threading.Event()
         self.lock = threading.Lock()
-        self.conns: list[list[Any]] = []  # [client sock, server sock, blackholed]
+        self.socks: list[socket.socket] = []
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
+
+    def _pumps(self, cs: socket.socket, ss: socket.socket
+               ) -> tuple[Callable[[], None], Callable[[], None]] | None:
+        raise NotImplementedError
+
+    def _refuse(self) -> bool:
+        """Close new connections at once (the client cannot get through yet)."""
+        return False
 
     def _accept(self) -> None:
         while not self.closed.is_set():
@@ -38,7 +45,7 @@ class BlackholeProxy:
                 cs, _ = self.lsock.accept()
             except OSError:
                 continue
-            if self.gated.is_set():
+            if self._refuse():
                 cs.close()
                 continue
             try:
@@ -46,13 +53,43 @@ class BlackholeProxy:
             except OSError:  # the target is down: so is this connection
                 cs.close()
                 continue
-            conn = [cs, ss, False]
             with self.lock:
-                self.conns.append(conn)
-            for src, dst in ((cs, ss), (ss, cs)):
-                t = threading.Thread(target=self._pump, args=(conn, src, dst), daemon=True)
+                self.socks += [cs, ss]
+            for pump in self._pumps(cs, ss) or ():
+                t = threading.Thread(target=pump, daemon=True)
                 t.start()
                 self.threads.append(t)
+
+    def close(self) -> None:
+        self.closed.set()
+        for t in self.threads:
+            t.join(2)
+        self.lsock.close()
+        with self.lock:
+            for sock in self.socks:
+                sock.close()
+
+
+class BlackholeProxy(_Proxy):
+    """A TCP proxy to Redis. `blackhole()`: every connection open at that moment stops
+    forwarding for good but is never closed (a dropped NAT/conntrack entry, a failed
+    over address); connections opened afterwards work normally. While `gated` is set,
+    new connections are closed at once (the client cannot get through yet)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.gated = threading.Event()
+        self.conns: list[list[Any]] = []  # [client sock, server sock, blackholed]
+        super().__init__(target_port)
+
+    def _refuse(self) -> bool:
+        return self.gated.is_set()
+
+    def _pumps(self, cs: socket.socket, ss: socket.socket
+               ) -> tuple[Callable[[], None], Callable[[], None]]:
+        conn = [cs, ss, False]
+        with self.lock:
+            self.conns.append(conn)
+        return (lambda: self._pump(conn, cs, ss)), (lambda: self._pump(conn, ss, cs))
 
     def _pump(self, conn: list[Any], src: socket.socket, dst: socket.socket) -> None:
         src.settimeout(0.1)
@@ -79,16 +116,6 @@ class BlackholeProxy:
             for conn in self.conns:
                 conn[2] = True
             return len(self.conns)
-
-    def close(self) -> None:
-        self.closed.set()
-        for t in self.threads:
-            t.join(2)
-        self.lsock.close()
-        with self.lock:
-            for cs, ss, _ in self.conns:
-                cs.close()
-                ss.close()
 
 
 def _resp_command(buf: bytes) -> tuple[list[bytes], int] | None:
@@ -117,45 +144,19 @@ def _resp_encode(args: list[bytes]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
-class RewriteProxy:
+class RewriteProxy(_Proxy):
     """A TCP proxy to Redis that passes every command the client sends through
     `rewrite(args) -> args` (replies are forwarded untouched). Redis answers the
     rewritten command, so its reply keeps its place among pipelined ones."""
 
     def __init__(self, target_port: int, rewrite: Callable[[list[bytes]], list[bytes]]) -> None:
-        self.target_port = target_port
         self.rewrite = rewrite
         self.rewritten = 0  # commands that `rewrite` changed
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.lsock.settimeout(0.1)
-        self.port = int(self.lsock.getsockname()[1])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.closed = threading.Event()
-        self.lock = threading.Lock()
-        self.socks: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                cs, _ = self.lsock.accept()
-            except OSError:
-                continue
-            try:
-                ss = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
-            except OSError:
-                cs.close()
-                continue
-            with self.lock:
-                self.socks += [cs, ss]
-            for target, args in ((self._commands, (cs, ss)), (self._replies, (ss, cs))):
-                t = threading.Thread(target=target, args=args, daemon=True)
-                t.start()
-                self.threads.append(t)
+    def _pumps(self, cs: socket.socket, ss: socket.socket
+               ) -> tuple[Callable[[], None], Callable[[], None]]:
+        return (lambda: self._commands(cs, ss)), (lambda: self._replies(ss, cs))
 
     def _recv(self, src: socket.socket) -> bytes | None:
         """Bytes from `src`; b"" on a timeout, None once it is closed."""
@@ -202,12 +203,3 @@ class RewriteProxy:
                 break
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.closed.set()
-        for t in self.threads:
-            t.join(2)
-        self.lsock.close()
-        with self.lock:
-            for sock in self.socks:
-                sock.close()
