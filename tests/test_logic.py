@@ -168,3 +168,30 @@ async def test_wait_first_one_event_or_several() -> None:
         with pytest.raises(asyncio.CancelledError):
             await t
         assert not a._waiters
+
+
+async def test_a_redis_py_write_on_a_torn_down_connection_is_a_redis_error() -> None:
+    # redis-py 8.1.0 lets a write on a connection whose transport is gone escape as
+    # AttributeError (redis/redis-py#4287, #3546); in a Redis Cluster failover it crashed
+    # the pool's control loop. Raise it through redis-py's own code, as it happens.
+    import redis.asyncio as aredis
+
+    from jobqd.deps import is_redis_error, is_redis_transport_race, is_redis_unreachable
+
+    conn = aredis.Connection(host="127.0.0.1", port=6379)
+    assert conn._writer is None  # never connected, or disconnected under us
+    try:
+        await conn._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    except AttributeError as e:
+        race: BaseException = e
+    else:
+        raise AssertionError("redis-py no longer fails this way: revisit deps.py")
+    assert is_redis_transport_race(race) and is_redis_error(race)
+    assert is_redis_unreachable(race)
+    # the same error from anywhere else is a bug, and crashes loudly
+    try:
+        None.writelines([])  # type: ignore[attr-defined]
+    except AttributeError as e:
+        ours: BaseException = e
+    assert not is_redis_transport_race(ours) and not is_redis_error(ours)
+    assert not is_redis_error(TypeError("'NoneType' object is not callable"))  # no traceback
