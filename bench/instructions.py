@@ -122,12 +122,14 @@ def main() -> int:
     ap.add_argument("--jobqd-python", help="its python (default: --python)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--name", default="instructions", help="<out>/<name>.{md,json}")
+    ap.add_argument("--port", type=int, default=6393,
+                    help="its own redis-server's port (two runs at once need two ports)")
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    server = RedisServer(None, 6393)
+    server = RedisServer(None, a.port)
     rows: dict[str, dict[str, Any]] = {}
     try:
         for system in a.systems.split(","):

@@ -23,9 +23,11 @@ from bench.drivers import common as c
 
 def _results_section() -> str:
     """JOBQD_BENCH_KEEP=full|status|none: what a succeeded job keeps (`results.keep`;
-    jobqd's default, full, when unset)."""
+    jobqd's default, full, when unset); JOBQD_BENCH_PREFETCH=N: `prefetch`."""
     keep = os.environ.get("JOBQD_BENCH_KEEP")
-    return f"results: {{keep: {keep}}}\n" if keep else ""
+    prefetch = os.environ.get("JOBQD_BENCH_PREFETCH")  # jobqd's default when unset
+    return ((f"results: {{keep: {keep}}}\n" if keep else "")
+            + (f"prefetch: {int(prefetch)}\n" if prefetch else ""))
 
 
 def _postgres_section() -> str:
