@@ -87,7 +87,7 @@ class Limiter:
 
     def applies(self, task: TaskConfig) -> bool:
         """Does this task have a limit (and so cost a round trip before it starts)?"""
-        return task.concurrency is not None or task.rate_limit is not None  # = limited()
+        return limited(task)
 
     def lease_ms(self) -> int:
         return max(1, round(LEASE_HEARTBEATS * self.rt.config.heartbeat.interval_s * 1000))
