@@ -245,7 +245,6 @@ class Envelope:
         return orjson.dumps(_compact(env))
 
 
-_NO_ARGS: dict[str, Any] = {}  # never handed out: a job without args gets its own {}
 _NUMBER = (int, float)
 
 
@@ -255,29 +254,21 @@ def decode_job(data: bytes | str, queue: str) -> Envelope:
         env = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise BadJob(f"job is not valid JSON: {e}") from None
-    if type(env) is dict:  # the hot path: compact, with a ULID and well-typed fields
-        job_id = env.get("i")
-        if type(job_id) is str and is_ulid(job_id):
-            task, args = env.get("t"), env.get("a", _NO_ARGS)
-            attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
-            if enq is None:
-                enq = _ulid_ms(job_id)
-            # exact types: what orjson makes of valid input (else the checks below say why)
-            if (type(task) is str and task and type(args) is dict and type(attempt) is int
-                    and type(lost) is int and type(enq) in _NUMBER):
-                if args is _NO_ARGS:
-                    args = {}
-                return Envelope(f"{job_id}-{queue}", task, args, attempt, lost, float(enq), env)
-    elif not isinstance(env, dict):
+    if not isinstance(env, dict):
         raise BadJob("job is not a JSON object")
     if "i" in env or "id" not in env:  # the compact format
         job_id, task, args = env.get("i"), env.get("t"), env.get("a", {})
         attempt, lost, enq = env.get("n", 0), env.get("l", 0), env.get("e")
         if type(job_id) is str and is_ulid(job_id):
-            # the hot path: a ULID, the queue implied (no second parse of what we build)
+            # a ULID, the queue implied (no second parse of what we build)
             if enq is None:
                 enq = _ulid_ms(job_id)
-            job_id = job_id + "-" + queue
+            job_id = f"{job_id}-{queue}"
+            # the hot path: exact types, what orjson makes of a valid job (anything else
+            # goes through the checks below, which say what is wrong)
+            if (type(task) is str and task and type(args) is dict and type(attempt) is int
+                    and type(lost) is int and type(enq) in _NUMBER):
+                return Envelope(job_id, task, args, attempt, lost, float(enq), env)
         elif not isinstance(job_id, str) or queue_of(job_id) is None:
             raise BadJob(f"job has no valid id: {job_id!r}")
     else:  # written before the compact format
