@@ -219,8 +219,6 @@ class Settler:
         self.worker = worker
         self.config = config
         self.outcome_log = OutcomeLog(config)
-        self._keep: dict[str, str] = {}  # task -> what its successes keep, under _keep_cfg
-        self._keep_cfg: Config | None = None
         self._warned_at = -1e9  # the last not-replicated warning (monotonic s)
 
     # ------------------------------------------------------------ building
@@ -256,45 +254,30 @@ class Settler:
 
     def _succeeded(self, o: Succeeded, d: Delivery, env: Envelope, *, started_ms: float | None,
                    duration_s: float, cfg: Config) -> Settle:
-        keep = self._keep.get(env.task) if cfg is self._keep_cfg else None
-        if keep is None:
-            keep = self._keep_of(env.task, cfg)
+        task = cfg.tasks.get(env.task)
+        keep = (task.keep_result if task is not None else None) or cfg.results.keep
         attempts = env.attempt + 1
-        report = Report(d.queue, env.task, env.id, "succeeded", duration_s, attempts, env.lost,
-                        result=o.result, args=env.args if cfg.log.payloads else None)
-        if keep == "full":
-            try:
-                record = orjson.dumps({"status": "succeeded", "task": env.task,
-                                       "result": o.result, "attempts": attempts,
-                                       "lost": env.lost, "enq": env.enq_ms,
-                                       "started": started_ms, "finished": now_ms(),
-                                       "worker": self.worker})
-            except TypeError as e:  # the handler did its work: running it again repeats it
-                return self._bad_result(e, _Ctx(d, env, started_ms, duration_s, report.args))
-            return Settle("S", d.eid, env.id, record, None, report)
-        try:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
-            orjson.dumps(o.result)
-        except TypeError as e:
-            return self._bad_result(e, _Ctx(d, env, started_ms, duration_s, report.args))
-        if keep == "none":  # complete.lua writes no record for an empty payload
-            return Settle("S", d.eid, env.id, b"", None, report)
-        # status: small, one embedded string of at most 44 bytes
-        return Settle("S", d.eid, env.id, b'{"status":"succeeded","attempts":%d}' % attempts,
-                      None, report)
-
-    def _keep_of(self, task_name: str, cfg: Config) -> str:
-        """What a succeeded job of this task keeps (`keep_result`, else `results.keep`),
-        remembered per task until the config is swapped."""
-        if cfg is not self._keep_cfg:
-            self._keep, self._keep_cfg = {}, cfg
-        task = cfg.tasks.get(task_name)
-        keep = self._keep[task_name] = (
-            (task.keep_result if task is not None else None) or cfg.results.keep)
-        return keep
-
-    def _bad_result(self, e: TypeError, c: _Ctx) -> Settle:
-        return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
-                               attempts=c.env.attempt + 1), c)
+        args = env.args if cfg.log.payloads else None
+        try:
+            if keep == "full":
+                payload = orjson.dumps({"status": "succeeded", "task": env.task,
+                                        "result": o.result, "attempts": attempts,
+                                        "lost": env.lost, "enq": env.enq_ms,
+                                        "started": started_ms, "finished": now_ms(),
+                                        "worker": self.worker})
+            else:  # a non-JSON result is dead-lettered whatever is kept (the ledger has it)
+                orjson.dumps(o.result)
+                # none: complete.lua writes no record for an empty payload; status: one
+                # embedded string of at most 44 bytes
+                payload = (b"" if keep == "none" else
+                           b'{"status":"succeeded","attempts":%d}' % attempts)
+        except TypeError as e:  # the handler did its work: running it again repeats it
+            return self._dead(Dead("bad_result", f"result is not JSON-serialisable: {e}",
+                                   attempts=attempts),
+                              _Ctx(d, env, started_ms, duration_s, args))
+        return Settle("S", d.eid, env.id, payload, None, Report(
+            d.queue, env.task, env.id, "succeeded", duration_s, attempts, env.lost,
+            result=o.result, args=args))
 
     def _retried(self, o: Retried, c: _Ctx) -> Settle:
         env = c.env
