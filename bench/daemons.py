@@ -179,6 +179,18 @@ def measure(
     }
 
 
+def write_results(out: Path, name: str, lines: list[str], *, started: str,
+                  args: dict[str, Any], runs: Any) -> None:
+    """`<out>/<name>.md` (the report's lines) and `<out>/<name>.json` (when it started,
+    the arguments, every run), then the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(
+        {"started": started, "args": {k: str(v) for k, v in args.items()}, "runs": runs},
+        indent=1))
+    print("\n".join(lines))
+
+
 def capacity(redis_us: float, daemon_us: float, host_cores: int = 16) -> dict[str, float]:
     """What one Redis core carries and how many one-core daemons it takes to fill it."""
     redis_core = 1e6 / redis_us  # jobs/s when Redis's one main thread is 100 % busy

@@ -13,7 +13,9 @@ dumped at 80 % (`callgrind_control`), so start-up and the tail are left out. A j
 valgrind runs ~50x slower, so the daemon's timers (its 50-ms deadline tick, heartbeats,
 the memory guard) fire ~50x more often per job than in a real run: the count slightly
 overstates jobqd's per-job cost; compare counts taken the same way. `--jobqd-src`
-runs another checkout's `jobqd` under this checkout's `bench` (as `run.py` does).
+runs another checkout's `jobqd` under this checkout's `bench` (`run.pythonpath`, as
+`run.py` does). Keep `--n` at its default or above: with 2,000 jobs the window is
+not yet steady (the same code counted 97k instead of 132k per empty-body job).
 Needs valgrind. Prints a table and writes bench/results/<--name>.{md,json}.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -36,23 +37,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemons import DEFAULT_PY, mini  # noqa: E402
-from bench.run import RedisServer  # noqa: E402
+from bench.daemons import DEFAULT_PY, mini, write_results  # noqa: E402
+from bench.run import RedisServer, pythonpath  # noqa: E402
 
 DRIVERS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
 BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
 LO, HI = 0.2, 0.8  # the window counted, as fractions of the jobs done
-
-
-def source_dir(jobqd_src: str | None) -> str:
-    """The directory a driver runs in (first on its sys.path): this checkout, or one
-    where `bench` is this checkout's and `jobqd` the other checkout's."""
-    if not jobqd_src:
-        return str(ROOT)
-    d = tempfile.mkdtemp(prefix="bench-instr-src-")
-    os.symlink(ROOT / "bench", os.path.join(d, "bench"))
-    os.symlink(Path(jobqd_src).resolve() / "jobqd", os.path.join(d, "jobqd"))
-    return d
 
 
 def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: str,
@@ -133,9 +123,10 @@ def main() -> int:
     rows: dict[str, dict[str, Any]] = {}
     try:
         for system in a.systems.split(","):
-            own = system == "jobqd" and a.jobqd_src
-            src = source_dir(a.jobqd_src if own else None)
-            python = (a.jobqd_python or a.python) if own else a.python
+            # with --jobqd-src: this checkout's bench, the other checkout's jobqd (run.py's)
+            src = pythonpath(system, a.jobqd_src)
+            python = (a.jobqd_python or a.python) if system == "jobqd" and a.jobqd_src \
+                else a.python
             for body in a.bodies.split(","):
                 n = int(a.n * (1.2 if body == "empty" else 1))
                 res = count(server.url, DRIVERS[system], consumers=a.consumers, n=n,
@@ -157,12 +148,7 @@ def main() -> int:
         if j and ref:
             lines.append(f"\n- {body}: jobqd executes {j['per_job'] / ref['per_job']:.2f}x "
                          "the reference's instructions per job.")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
-    (a.out / f"{a.name}.json").write_text(json.dumps(
-        {"started": started, "args": {k: str(v) for k, v in vars(a).items()}, "runs": rows},
-        indent=1))
-    print("\n".join(lines))
+    write_results(a.out, a.name, lines, started=started, args=vars(a), runs=rows)
     return 0
 
 

@@ -18,7 +18,6 @@ ratio jobqd / reference is what to quote. Writes bench/results/overhead.{md,json
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemons import DEFAULT_PY, measure  # noqa: E402
+from bench.daemons import DEFAULT_PY, measure, write_results  # noqa: E402
 from bench.run import RedisServer  # noqa: E402
 
 SYSTEMS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
@@ -88,12 +87,7 @@ def main() -> int:
               - med["reference/empty"]["daemon_us_per_job"])
     lines.append(f"- the job's one INCR costs {j_incr:.0f} µs of worker CPU in jobqd and "
                  f"{r_incr:.0f} µs in the reference.")
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "overhead.md").write_text("\n".join(lines) + "\n")
-    (a.out / "overhead.json").write_text(json.dumps(
-        {"started": started, "args": {k: str(v) for k, v in vars(a).items()}, "runs": runs},
-        indent=1))
-    print("\n".join(lines))
+    write_results(a.out, "overhead", lines, started=started, args=vars(a), runs=runs)
     return 0
 
 
