@@ -120,7 +120,12 @@ class SentinelGroup:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         self.url = f"redis+sentinel://{hosts}/{self.MASTER}"
 
-    def start(self, timeout: float = 20.0) -> None:
+    # a sentinel refreshes a replica's link status from INFO every 10 s: a first look
+    # taken while the replica was still syncing stands for up to 10 s more, after the
+    # up-to-10 s it takes to discover the replica from the master's INFO
+    SETTLE_S = 40.0
+
+    def start(self, timeout: float = SETTLE_S) -> None:
         self.master.start()
         self.replica.start()
         for i, port in enumerate(self.sentinel_ports):
@@ -155,7 +160,7 @@ class SentinelGroup:
     def server(self, port: int) -> OwnRedis:
         return next(s for s in self.servers if s.port == port)
 
-    def wait_settled(self, timeout: float = 20.0) -> None:
+    def wait_settled(self, timeout: float = SETTLE_S) -> None:
         """Until every sentinel names the same master, knows the two other sentinels
         and one replica that is up and linked to it (a failover can then be run)."""
         deadline = time.monotonic() + timeout

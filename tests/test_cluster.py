@@ -537,6 +537,10 @@ async def _promoted(c: OwnCluster, key: str, victim: Any) -> bool:
     return await asyncio.to_thread(c.master_of, key) is not victim
 
 
+async def _all_published(db: Any, schema: str) -> bool:
+    return bool(await db.fetchval(f'SELECT bool_and(job_id IS NOT NULL) FROM "{schema}".outbox'))
+
+
 async def test_schedules_outbox_relay_and_ledger_with_postgres(
         cluster: OwnCluster, cprefix: str, pg_schema: str, db: Any,
         cstart: Callable[..., Any], cclient: Client, side: aredis.Redis,
@@ -561,6 +565,9 @@ async def test_schedules_outbox_relay_and_ledger_with_postgres(
     assert len(row_ids) == 10
     await wait_for(lambda: _hlen_at_least(side, key, 10), 20, "10 relayed jobs run")
     await wait_for(lambda: _hlen_at_least(side, f"{cprefix}:beat", 2), 10, "2 schedule ticks")
+    # the relay records a row's job id after it enqueued the job, so a fast job can run
+    # before its row says which job it is
+    await wait_for(lambda: _all_published(db, pg_schema), 10, "every outbox row's job id")
     job_ids = [r["job_id"] for r in await db.fetch(f'SELECT job_id FROM "{pg_schema}".outbox')]
     for j in job_ids:
         await wait_status(cclient, j, "succeeded")
