@@ -254,6 +254,41 @@ def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnec
         proxy.close()
 
 
+async def test_the_control_loop_survives_redis_py_s_torn_down_transport_error(
+        start_daemon: Callable[..., Any], client: Client, prefix: str, r: aredis.Redis,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py (through 8.1.0) lets a write on a connection torn down under it escape
+    as AttributeError (redis/redis-py#4287); a Redis Cluster failover once crashed the
+    pool that way, when its control loop re-subscribed. The control channel's first
+    subscribe fails with that very error, raised by redis-py's own connection code:
+    the pool logs it, subscribes again, and a cancel still reaches the running job."""
+    from redis.asyncio.client import PubSub
+
+    control = f"{prefix}:control"
+    real_subscribe = PubSub.subscribe
+    calls: list[str] = []
+
+    async def subscribe(self: PubSub, *channels: Any, **kw: Any) -> Any:
+        if control in channels or control.encode() in channels:
+            calls.append("subscribe")
+            if len(calls) == 1:  # a connection redis-py had torn down, as in the failover
+                await aredis.Connection(host="127.0.0.1", port=6379)._send_packed_command(
+                    [b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nx\r\n"])
+        return await real_subscribe(self, *channels, **kw)
+
+    monkeypatch.setattr(PubSub, "subscribe", subscribe)
+    d = await start_daemon(tasks=_tasks())
+    await wait_for(lambda: asyncio.sleep(0, len(calls) >= 2), 5, "a second subscribe")
+    assert "control channel lost (AttributeError" in caplog.text
+    job = await client.enqueue("sleep", {"seconds": 30, "key": f"{prefix}:n"})
+    await wait_for(lambda: r.hexists(f"{prefix}:n:started", job.id), 5, "the handler started")
+    t0 = time.monotonic()
+    assert (await client.cancel(job.id)).outcome == "cancelling"
+    await wait_status(client, job.id, "cancelled", timeout=5)
+    assert time.monotonic() - t0 < 1.0  # pushed on the channel, not found by a renewal
+    assert d.task is not None and not d.task.done()
+
+
 async def test_a_wait_survives_a_killed_pubsub_connection(start_daemon: Callable[..., Any],
                                                            prefix: str,
                                                            r: aredis.Redis) -> None:
