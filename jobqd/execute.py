@@ -22,6 +22,7 @@ import concurrent.futures
 import contextvars
 import inspect
 import random
+import threading
 import time
 from collections.abc import Container
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class StartSink(Protocol):
     def started(self, run: Running) -> None: ...
 
 
+# made once per job at most, and only for handlers that call current_job()
+_VIEW_LOCK = threading.Lock()
+
+
 @dataclass(slots=True, eq=False)
 class Running:
     """One delivery between hand-off and outcome: what the pool needs to stop it."""
@@ -88,25 +93,34 @@ class Running:
     cancelled: bool = False  # cancel() was called (a CurrentJob made later sees it)
 
     def current_job(self) -> CurrentJob:
-        """This job as its handler sees it; made on first use, on the event loop's
-        thread (a thread's handler gets it made before the thread starts)."""
+        """This job as its handler sees it, made on first use: one view per job, even
+        when threads the handler started ask at once (a plain def in a thread gets it
+        made before the thread starts). Publishing the view before reading
+        `cancelled`, while `cancel()` sets `cancelled` before reading the view, means
+        a cancel racing the first call is seen by one side or the other."""
         cur = self.current
         if cur is None:
-            env = self.env
-            assert env is not None, "current_job() before the job was decoded"
-            cur = self.current = CurrentJob(
-                id=env.id, task=env.task, queue=self.delivery.queue, attempt=env.attempt + 1,
-                enqueued_at=env.enq_ms / 1000, _progress=self.progress)
-            cur._cancel.is_set = self.cancelled
+            with _VIEW_LOCK:  # made at most once per job, so never contended on the hot path
+                cur = self.current
+                if cur is None:
+                    env = self.env
+                    assert env is not None, "current_job() before the job was decoded"
+                    cur = self.current = CurrentJob(
+                        id=env.id, task=env.task, queue=self.delivery.queue,
+                        attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000,
+                        _progress=self.progress)
+                    if self.cancelled:
+                        cur._cancel.is_set = True
         return cur
 
     def cancel(self) -> None:
         """Stop this job because it was cancelled: an async handler gets CancelledError
         at its next await; a process job's worker process is killed; a plain def in a
         thread sees `current_job().cancelled` turn true (a thread cannot be stopped)."""
-        self.cancelled = True
-        if self.current is not None:
-            self.current._cancel.is_set = True
+        self.cancelled = True  # before reading the view: see current_job()
+        cur = self.current
+        if cur is not None:
+            cur._cancel.is_set = True
         if self.stop_reason is None and (self.task is None or self.task.kind != "thread"):
             self.stop_reason = "cancel"
             self.consumer.cancel()
