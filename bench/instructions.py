@@ -43,25 +43,89 @@ from bench.run import RedisServer, pythonpath  # noqa: E402
 DRIVERS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
 BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
 LO, HI = 0.2, 0.8  # the window counted, as fractions of the jobs done
+IDLE_S = 10.0  # how long the idle rate is counted
+IDLE_WARMUP_S = 3.0  # after the ready line, before the idle count starts
+
+
+def _callgrind(python: str, driver: str, *, url: str, consumers: int, src: str,
+               penv: dict[str, str], out: str) -> subprocess.Popen[bytes]:
+    """The driver's worker under callgrind, its ready line on a pipe."""
+    with open(os.path.join(out, "stderr"), "w") as err:
+        return subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
+             python, "-m", driver, "worker", "--redis-url", url, "--concurrency",
+             str(consumers), "--workload", "noop"],
+            cwd=src, env=penv, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+
+
+def _dumped(out: str) -> int:
+    """Instructions in the newest dump (counted since the last zeroing)."""
+    dumps = sorted(Path(out).glob("cg.*.*"), key=os.path.getmtime)  # cg.<pid>.<dump no>
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump in {out}")
+    m = re.search(r"^(?:summary|totals):\s*(\d+)", dumps[-1].read_text(errors="replace"), re.M)
+    if m is None:
+        raise RuntimeError(f"no instruction total in {dumps[-1]}")
+    return int(m.group(1))
+
+
+def _control(flag: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
+
+
+def _env(src: str, env: dict[str, str]) -> dict[str, str]:
+    penv = {**os.environ, "PYTHONPATH": src, **env}
+    penv.pop("VIRTUAL_ENV", None)
+    return penv
+
+
+def _stop(p: subprocess.Popen[bytes], out: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait(30)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def idle_rate(url: str, driver: str, *, consumers: int, python: str, src: str,
+              env: dict[str, str], seconds: float = IDLE_S) -> float:
+    """Instructions per second the worker executes with nothing to do: its timers and
+    polls (jobqd's deadline tick, heartbeats, memory guard, blocking fetches...), which
+    run per second, not per job. Under valgrind a job takes ~50x longer, so per job
+    they weigh ~50x what they do in a real run; `count` subtracts them."""
+    mini(url).cmd("FLUSHDB")
+    out = tempfile.mkdtemp(prefix="bench-callgrind-")
+    p = _callgrind(python, driver, url=url, consumers=consumers, src=src,
+                   penv=_env(src, env), out=out)
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 300
+        while b'"ready"' not in p.stdout.readline():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the worker never said it was ready")
+        time.sleep(IDLE_WARMUP_S)  # start-up's own tasks settle
+        _control("-z", p.pid)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        _control("-d", p.pid)
+        return _dumped(out) / (time.monotonic() - t0)
+    finally:
+        _stop(p, out)
 
 
 def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: str,
-          env: dict[str, str], timeout: float = 900.0) -> dict[str, Any]:
-    """Instructions executed by one worker process between LO and HI of `n` jobs done."""
+          env: dict[str, str], idle_per_s: float = 0.0,
+          timeout: float = 900.0) -> dict[str, Any]:
+    """Instructions executed by one worker process between LO and HI of `n` jobs done;
+    `per_job_busy` also leaves out `idle_per_s` for the window's duration."""
     r = mini(url)
     r.cmd("FLUSHDB")
-    penv = {**os.environ, "PYTHONPATH": src, **env}
-    penv.pop("VIRTUAL_ENV", None)
+    penv = _env(src, env)
     subprocess.run([python, "-m", driver, "enqueue", "--redis-url", url, "--mode", "batch",
                     "--n", str(n), "--workload", "noop"],
                    cwd=src, env=penv, check=True, capture_output=True, timeout=600)
     out = tempfile.mkdtemp(prefix="bench-callgrind-")
-    with open(os.path.join(out, "stderr"), "w") as err:
-        p = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
-             python, "-m", driver, "worker", "--redis-url", url, "--concurrency",
-             str(consumers), "--workload", "noop"],
-            cwd=src, env=penv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    p = _callgrind(python, driver, url=url, consumers=consumers, src=src, penv=penv,
+                   out=out)
     try:
         deadline = time.monotonic() + timeout
 
@@ -74,31 +138,24 @@ def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: st
             return got
 
         c0 = wait_for(n * LO)
-        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True,
-                       capture_output=True)
+        _control("-z", p.pid)
+        t0 = time.monotonic()
         c1 = r.get_int("bench:done")
         wait_for(n * HI)
         d1 = r.get_int("bench:done")
-        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True,
-                       capture_output=True)
+        _control("-d", p.pid)
+        window_s = time.monotonic() - t0
         d2 = r.get_int("bench:done")
+        total = _dumped(out)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(30)
-    dumps = sorted(Path(out).glob("cg.*.*"), key=os.path.getmtime)  # cg.<pid>.<dump no>
-    if not dumps:
-        raise RuntimeError(f"callgrind wrote no dump in {out}")
-    m = re.search(r"^(?:summary|totals):\s*(\d+)", dumps[-1].read_text(errors="replace"), re.M)
-    if m is None:
-        raise RuntimeError(f"no instruction total in {dumps[-1]}")
-    shutil.rmtree(out, ignore_errors=True)
+        _stop(p, out)
     # the jobs done between zero and dump: the reads before and after each control call
     # bracket it; their means are the estimate, their spreads say how good it is
     jobs = (d1 + d2) / 2 - (c0 + c1) / 2
-    return {"instructions": int(m.group(1)), "jobs": jobs,
-            "per_job": int(m.group(1)) / jobs,
-            "jobs_uncertainty": (d2 - d1) / 2 + (c1 - c0) / 2}
+    return {"instructions": total, "jobs": jobs, "per_job": total / jobs,
+            "jobs_uncertainty": (d2 - d1) / 2 + (c1 - c0) / 2, "window_s": window_s,
+            "idle_per_s": idle_per_s,
+            "per_job_busy": (total - idle_per_s * window_s) / jobs}
 
 
 def main() -> int:
@@ -114,6 +171,8 @@ def main() -> int:
     ap.add_argument("--name", default="instructions", help="<out>/<name>.{md,json}")
     ap.add_argument("--port", type=int, default=6393,
                     help="its own redis-server's port (two runs at once need two ports)")
+    ap.add_argument("--no-idle", action="store_true",
+                    help="skip the idle count (the 'without idle' column equals the raw one)")
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -127,27 +186,40 @@ def main() -> int:
             src = pythonpath(system, a.jobqd_src)
             python = (a.jobqd_python or a.python) if system == "jobqd" and a.jobqd_src \
                 else a.python
+            idle = 0.0
+            if not a.no_idle:
+                idle = idle_rate(server.url, DRIVERS[system], consumers=a.consumers,
+                                 python=python, src=src, env={})
+                print(f"{system} idle: {idle:,.0f} instructions per second", flush=True)
             for body in a.bodies.split(","):
                 n = int(a.n * (1.2 if body == "empty" else 1))
                 res = count(server.url, DRIVERS[system], consumers=a.consumers, n=n,
-                            python=python, src=src, env=BODIES[body])
+                            python=python, src=src, env=BODIES[body], idle_per_s=idle)
                 rows[f"{system}/{body}"] = res
-                print(f"{system} {body}: {res['per_job']:,.0f} instructions per job "
-                      f"({res['jobs']:.0f} jobs ± {res['jobs_uncertainty']:.0f})", flush=True)
+                print(f"{system} {body}: {res['per_job']:,.0f} instructions per job, "
+                      f"{res['per_job_busy']:,.0f} without the idle rate "
+                      f"({res['jobs']:.0f} jobs ± {res['jobs_uncertainty']:.0f} in "
+                      f"{res['window_s']:.1f} s)", flush=True)
     finally:
         server.kill()
     label = f" (jobqd from {a.jobqd_src})" if a.jobqd_src else ""
     lines = [f"# Instructions per job{label}, consumers {a.consumers} ({started})", "",
              "`bench/instructions.py`: callgrind, one worker process, counted from 20 % to "
-             "80 % of the jobs done. Empty body: no Redis call in the job.", "",
-             "| system | body | instructions per job | jobs counted |", "|---|---|---|---|"]
+             "80 % of the jobs done. Empty body: no Redis call in the job. *Without idle*: "
+             "less what the worker executes per second with no jobs (its timers and "
+             "polls) times the window's length; under valgrind a job lasts ~50x longer, "
+             "so per job those weigh ~50x what they do in a real run.", "",
+             "| system | body | instructions per job | without idle | idle per s | "
+             "window | jobs counted |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k.split('/')[0]} | {k.split('/')[1]} | {v['per_job']:,.0f} | "
+              f"{v['per_job_busy']:,.0f} | {v['idle_per_s']:,.0f} | {v['window_s']:.1f} s | "
               f"{v['jobs']:.0f} ± {v['jobs_uncertainty']:.0f} |" for k, v in rows.items()]
     for body in a.bodies.split(","):
         j, ref = rows.get(f"jobqd/{body}"), rows.get(f"reference/{body}")
         if j and ref:
             lines.append(f"\n- {body}: jobqd executes {j['per_job'] / ref['per_job']:.2f}x "
-                         "the reference's instructions per job.")
+                         "the reference's instructions per job "
+                         f"({j['per_job_busy'] / ref['per_job_busy']:.2f}x without idle).")
     write_results(a.out, a.name, lines, started=started, args=vars(a), runs=rows)
     return 0
 
