@@ -11,8 +11,10 @@ Each run: its own redis-server on loopback, `--n` pre-filled jobs, the driver's 
 under `valgrind --tool=callgrind`; the counters are zeroed at 20 % of the jobs done and
 dumped at 80 % (`callgrind_control`), so start-up and the tail are left out. A job under
 valgrind runs ~50x slower, so the daemon's timers (its 50-ms deadline tick, heartbeats,
-the memory guard) fire ~50x more often per job than in a real run: the count slightly
-overstates jobqd's per-job cost; compare counts taken the same way. `--jobqd-src`
+the memory guard) fire ~50x more often per job than in a real run. So each system is
+also counted idle first (`idle_rate`: 10 s with no jobs), and the "without idle" column
+subtracts that rate times the counted window's length: quote that column (at consumers
+16 the timers were 69k of jobqd's 431k instructions per job). `--jobqd-src`
 runs another checkout's `jobqd` under this checkout's `bench` (`run.pythonpath`, as
 `run.py` does). Keep `--n` at its default or above: with 2,000 jobs the window is
 not yet steady (the same code counted 97k instead of 132k per empty-body job).
