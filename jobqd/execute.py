@@ -105,11 +105,13 @@ class Running:
                 if cur is None:
                     env = self.env
                     assert env is not None, "current_job() before the job was decoded"
-                    cur = self.current = CurrentJob(
+                    cur = CurrentJob(
                         id=env.id, task=env.task, queue=self.delivery.queue,
                         attempt=env.attempt + 1, enqueued_at=env.enq_ms / 1000,
                         _progress=self.progress)
-                    if self.cancelled:
+                    cur._cancel.is_set = self.cancelled  # an earlier cancel, before anyone sees it
+                    self.current = cur
+                    if self.cancelled:  # one that came in meanwhile
                         cur._cancel.is_set = True
         return cur
 

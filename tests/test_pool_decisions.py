@@ -419,30 +419,39 @@ async def test_current_job_is_made_on_first_use_and_sees_an_earlier_cancel() -> 
 
 async def test_current_job_is_made_once_when_handler_threads_ask_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A handler's own threads (asyncio.to_thread) may make the view at the same time,
-    while a cancel comes in: they all get the one view, and it is cancelled."""
+    """A handler's own threads (asyncio.to_thread copies its context) may ask for
+    current_job() at the same time, while a cancel comes in: they all get the one
+    view, and it is cancelled."""
     import time
 
-    from jobqd import execute
+    from jobqd import current_job, execute
+    from jobqd.jobs import _current
 
     made: list[int] = []
+    gate = threading.Event()
     real = execute.CurrentJob
 
     def slow(**kw: Any) -> Any:
         made.append(1)
-        time.sleep(0.1)  # every asking thread is inside the making at once
+        gate.wait(10)  # held inside the making until the test has cancelled
         return real(**kw)
 
     monkeypatch.setattr(execute, "CurrentJob", slow)
     consumer = asyncio.create_task(asyncio.sleep(10))
     d = _delivery({"x": 1})
     run = Running(d, consumer, env=decode_job(d.fields[b"j"], "default"))
-    loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(3) as threads:
-        asks = [loop.run_in_executor(threads, run.current_job) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        run.cancel()  # while the view is being made
-        views = await asyncio.gather(*asks)
+    token = _current.set(run)  # what Executor.run does around the handler
+    try:
+        asks = [asyncio.create_task(asyncio.to_thread(current_job)) for _ in range(3)]
+    finally:
+        _current.reset(token)
+    deadline = time.monotonic() + 0.5  # without the lock all three get in at once
+    while len(made) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert made, "no thread asked"
+    run.cancel()  # while the view is being made
+    gate.set()
+    views = await asyncio.gather(*asks)
     assert len(made) == 1 and all(v is views[0] for v in views) and run.current is views[0]
     assert views[0].cancelled
     assert consumer.cancelled() or consumer.cancelling()
