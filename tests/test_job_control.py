@@ -272,12 +272,14 @@ async def test_the_control_loop_survives_redis_py_s_torn_down_transport_error(
         if control in channels or control.encode() in channels:
             calls.append("subscribe")
             if len(calls) == 1:  # a connection redis-py had torn down, as in the failover
-                await aredis.Connection(host="127.0.0.1", port=6379)._send_packed_command(
+                await aredis.Connection()._send_packed_command(  # never connected
                     [b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nx\r\n"])
         return await real_subscribe(self, *channels, **kw)
 
     monkeypatch.setattr(PubSub, "subscribe", subscribe)
-    d = await start_daemon(tasks=_tasks())
+    # leases renewed every 5 s: a renewal (which also reads the cancel set) cannot be
+    # what finds the cancel within the second asserted below
+    d = await start_daemon(tasks=_tasks(), heartbeat={"interval_s": 5, "timeout_s": 15})
     await wait_for(lambda: asyncio.sleep(0, len(calls) >= 2), 5, "a second subscribe")
     assert "control channel lost (AttributeError" in caplog.text
     job = await client.enqueue("sleep", {"seconds": 30, "key": f"{prefix}:n"})
