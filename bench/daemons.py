@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,29 @@ from bench.run import MiniRedis, RedisServer  # noqa: E402
 DEFAULT_PY = str(ROOT / ".venv" / "bin" / "python") if (
     ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready_line(p: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait, bounded, for a driver's ready line on its stdout (a pipe): a worker that
+    exits or hangs before it is ready raises RuntimeError instead of blocking a
+    readline() forever. Its stdout is drained in the background from then on, so the
+    pipe never fills."""
+    out = p.stdout
+    assert out is not None
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in out:
+            if b'"event": "ready"' in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1):
+        if p.poll() is not None:
+            raise RuntimeError(f"the worker exited ({p.returncode}) before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker was not ready within {timeout:.0f} s")
 
 
 def mini(url: str) -> MiniRedis:

@@ -39,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.daemons import DEFAULT_PY, mini, write_results  # noqa: E402
-from bench.run import RedisServer, pythonpath  # noqa: E402
+from bench.daemons import DEFAULT_PY, mini, wait_ready_line, write_results  # noqa: E402
+from bench.run import MiniRedis, RedisServer, pythonpath  # noqa: E402
 
 DRIVERS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
 BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
@@ -50,14 +50,15 @@ IDLE_WARMUP_S = 3.0  # after the ready line, before the idle count starts
 
 
 def _callgrind(python: str, driver: str, *, url: str, consumers: int, src: str,
-               penv: dict[str, str], out: str) -> subprocess.Popen[bytes]:
-    """The driver's worker under callgrind, its ready line on a pipe."""
+               penv: dict[str, str], out: str, stdout: int = subprocess.DEVNULL
+               ) -> subprocess.Popen[bytes]:
+    """The driver's worker under callgrind (stdout=PIPE: to wait for its ready line)."""
     with open(os.path.join(out, "stderr"), "w") as err:
         return subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p",
              python, "-m", driver, "worker", "--redis-url", url, "--concurrency",
              str(consumers), "--workload", "noop"],
-            cwd=src, env=penv, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+            cwd=src, env=penv, stdout=stdout, stderr=err, start_new_session=True)
 
 
 def _dumped(out: str) -> int:
@@ -71,8 +72,11 @@ def _dumped(out: str) -> int:
     return int(m.group(1))
 
 
-def _control(flag: str, pid: int) -> None:
+def _control(flag: str, pid: int) -> float:
+    """Run a callgrind_control command (-z zero, -d dump); the time halfway through it."""
+    t = time.monotonic()
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
+    return (t + time.monotonic()) / 2
 
 
 def _env(src: str, env: dict[str, str]) -> dict[str, str]:
@@ -88,37 +92,45 @@ def _stop(p: subprocess.Popen[bytes], out: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+def _info_calls(r: MiniRedis) -> int:
+    """INFO commands the server has run: jobqd's memory guard sends one every 0.2 s, so
+    their rate says how often its sleep-after-work timers actually fired."""
+    stat = r.info("commandstats").get("cmdstat_info", "calls=0")
+    return int(stat.split(",")[0].split("=")[1])
+
+
 def idle_rate(url: str, driver: str, *, consumers: int, python: str, src: str,
-              env: dict[str, str], seconds: float = IDLE_S) -> float:
+              env: dict[str, str], seconds: float = IDLE_S) -> tuple[float, float]:
     """Instructions per second the worker executes with nothing to do: its timers and
     polls (jobqd's deadline tick, heartbeats, memory guard, blocking fetches...), which
     run per second, not per job. Under valgrind a job takes ~50x longer, so per job
-    they weigh ~50x what they do in a real run; `count` subtracts them."""
-    mini(url).cmd("FLUSHDB")
+    they weigh ~50x what they do in a real run; `count` subtracts them. Also returns
+    the INFO commands per second meanwhile (`_info_calls`)."""
+    r = mini(url)
+    r.cmd("FLUSHDB")
     out = tempfile.mkdtemp(prefix="bench-callgrind-")
     p = _callgrind(python, driver, url=url, consumers=consumers, src=src,
-                   penv=_env(src, env), out=out)
+                   penv=_env(src, env), out=out, stdout=subprocess.PIPE)
     try:
-        assert p.stdout is not None
-        deadline = time.monotonic() + 300
-        while b'"ready"' not in p.stdout.readline():
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker never said it was ready")
+        wait_ready_line(p, 300)
         time.sleep(IDLE_WARMUP_S)  # start-up's own tasks settle
-        _control("-z", p.pid)
-        t0 = time.monotonic()
+        i0 = _info_calls(r)
+        t0 = _control("-z", p.pid)
         time.sleep(seconds)
-        _control("-d", p.pid)
-        return _dumped(out) / (time.monotonic() - t0)
+        t1 = _control("-d", p.pid)
+        i1 = _info_calls(r)
+        return _dumped(out) / (t1 - t0), (i1 - i0) / (t1 - t0)
     finally:
         _stop(p, out)
 
 
 def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: str,
-          env: dict[str, str], idle_per_s: float = 0.0,
+          env: dict[str, str], idle: tuple[float, float] = (0.0, 0.0),
           timeout: float = 900.0) -> dict[str, Any]:
-    """Instructions executed by one worker process between LO and HI of `n` jobs done;
-    `per_job_busy` also leaves out `idle_per_s` for the window's duration."""
+    """Instructions executed by one worker process between LO and HI of `n` jobs done.
+    `per_job_busy` leaves out the idle rate (`idle_rate`) for the window's length,
+    scaled by how often the timers fired meanwhile compared with idle (INFO commands
+    per second; a loop busy with jobs runs its sleep-after-work timers late)."""
     r = mini(url)
     r.cmd("FLUSHDB")
     penv = _env(src, env)
@@ -140,24 +152,28 @@ def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: st
             return got
 
         c0 = wait_for(n * LO)
-        _control("-z", p.pid)
-        t0 = time.monotonic()
+        i0 = _info_calls(r)
+        t0 = _control("-z", p.pid)
         c1 = r.get_int("bench:done")
         wait_for(n * HI)
         d1 = r.get_int("bench:done")
-        _control("-d", p.pid)
-        window_s = time.monotonic() - t0
+        t1 = _control("-d", p.pid)
         d2 = r.get_int("bench:done")
+        i1 = _info_calls(r)
         total = _dumped(out)
     finally:
         _stop(p, out)
     # the jobs done between zero and dump: the reads before and after each control call
     # bracket it; their means are the estimate, their spreads say how good it is
     jobs = (d1 + d2) / 2 - (c0 + c1) / 2
+    window_s = t1 - t0
+    idle_per_s, idle_info_per_s = idle
+    info_per_s = (i1 - i0) / window_s
+    timers = min(1.0, info_per_s / idle_info_per_s) if idle_info_per_s > 0 else 1.0
     return {"instructions": total, "jobs": jobs, "per_job": total / jobs,
             "jobs_uncertainty": (d2 - d1) / 2 + (c1 - c0) / 2, "window_s": window_s,
-            "idle_per_s": idle_per_s,
-            "per_job_busy": (total - idle_per_s * window_s) / jobs}
+            "idle_per_s": idle_per_s, "timers_vs_idle": timers,
+            "per_job_busy": (total - idle_per_s * timers * window_s) / jobs}
 
 
 def main() -> int:
@@ -174,7 +190,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=6393,
                     help="its own redis-server's port (two runs at once need two ports)")
     ap.add_argument("--no-idle", action="store_true",
-                    help="skip the idle count (the 'without idle' column equals the raw one)")
+                    help="skip the idle count and the 'without idle' column")
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -188,18 +204,20 @@ def main() -> int:
             src = pythonpath(system, a.jobqd_src)
             python = (a.jobqd_python or a.python) if system == "jobqd" and a.jobqd_src \
                 else a.python
-            idle = 0.0
+            idle = (0.0, 0.0)
             if not a.no_idle:
                 idle = idle_rate(server.url, DRIVERS[system], consumers=a.consumers,
                                  python=python, src=src, env={})
-                print(f"{system} idle: {idle:,.0f} instructions per second", flush=True)
+                print(f"{system} idle: {idle[0]:,.0f} instructions and {idle[1]:.1f} INFO "
+                      "commands per second", flush=True)
             for body in a.bodies.split(","):
                 n = int(a.n * (1.2 if body == "empty" else 1))
                 res = count(server.url, DRIVERS[system], consumers=a.consumers, n=n,
-                            python=python, src=src, env=BODIES[body], idle_per_s=idle)
+                            python=python, src=src, env=BODIES[body], idle=idle)
                 rows[f"{system}/{body}"] = res
                 print(f"{system} {body}: {res['per_job']:,.0f} instructions per job, "
-                      f"{res['per_job_busy']:,.0f} without the idle rate "
+                      f"{res['per_job_busy']:,.0f} without the idle rate x "
+                      f"{res['timers_vs_idle']:.2f} "
                       f"({res['jobs']:.0f} jobs ± {res['jobs_uncertainty']:.0f} in "
                       f"{res['window_s']:.1f} s)", flush=True)
     finally:
@@ -207,21 +225,29 @@ def main() -> int:
     label = f" (jobqd from {a.jobqd_src})" if a.jobqd_src else ""
     lines = [f"# Instructions per job{label}, consumers {a.consumers} ({started})", "",
              "`bench/instructions.py`: callgrind, one worker process, counted from 20 % to "
-             "80 % of the jobs done. Empty body: no Redis call in the job. *Without idle*: "
-             "less what the worker executes per second with no jobs (its timers and "
-             "polls) times the window's length; under valgrind a job lasts ~50x longer, "
-             "so per job those weigh ~50x what they do in a real run.", "",
-             "| system | body | instructions per job | without idle | idle per s | "
-             "window | jobs counted |", "|---|---|---|---|---|---|---|"]
+             "80 % of the jobs done. Empty body: no Redis call in the job."]
+    if not a.no_idle:
+        lines[-1] += (
+            " *Without idle*: less what the worker executes per second with no jobs (its "
+            "timers and polls, counted for 10 s) times the window's length, times how "
+            "often its timers fired meanwhile compared with idle (*timers*: the rate of "
+            "its memory guard's INFO commands, loaded / idle, at most 1). Under valgrind "
+            "a job lasts ~50x longer, so per job the timers weigh ~50x what they do in "
+            "a real run.")
+    lines += ["", "| system | body | instructions per job | without idle | idle per s | "
+              "timers | window | jobs counted |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {k.split('/')[0]} | {k.split('/')[1]} | {v['per_job']:,.0f} | "
-              f"{v['per_job_busy']:,.0f} | {v['idle_per_s']:,.0f} | {v['window_s']:.1f} s | "
-              f"{v['jobs']:.0f} ± {v['jobs_uncertainty']:.0f} |" for k, v in rows.items()]
+              + (f"{v['per_job_busy']:,.0f} | {v['idle_per_s']:,.0f} | "
+                 f"{v['timers_vs_idle']:.2f} | " if not a.no_idle else "- | - | - | ")
+              + f"{v['window_s']:.1f} s | {v['jobs']:.0f} ± {v['jobs_uncertainty']:.0f} |"
+              for k, v in rows.items()]
     for body in a.bodies.split(","):
         j, ref = rows.get(f"jobqd/{body}"), rows.get(f"reference/{body}")
         if j and ref:
+            busy = "" if a.no_idle else (
+                f" ({j['per_job_busy'] / ref['per_job_busy']:.2f}x without idle)")
             lines.append(f"\n- {body}: jobqd executes {j['per_job'] / ref['per_job']:.2f}x "
-                         "the reference's instructions per job "
-                         f"({j['per_job_busy'] / ref['per_job_busy']:.2f}x without idle).")
+                         f"the reference's instructions per job{busy}.")
     write_results(a.out, a.name, lines, started=started, args=vars(a), runs=rows)
     return 0
 

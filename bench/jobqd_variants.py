@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.daemons import wait_ready_line  # noqa: E402
+
 PY = sys.executable
 PG_DSN = os.environ.get("JOBQD_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -85,9 +89,7 @@ async def _relay_latency(port: int, env: dict[str, str], n: int, rate: float) ->
     w = driver(["worker", "--redis-url", url, "--concurrency", "16", "--workload", "latency"],
                env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        assert w.stdout is not None
-        while b'"ready"' not in w.stdout.readline():
-            pass
+        wait_ready_line(w, 120)
         conn = await asyncpg.connect(PG_DSN)
         try:
             start = time.monotonic()
