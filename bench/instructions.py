@@ -13,8 +13,10 @@ dumped at 80 % (`callgrind_control`), so start-up and the tail are left out. A j
 valgrind runs ~50x slower, so the daemon's timers (its 50-ms deadline tick, heartbeats,
 the memory guard) fire ~50x more often per job than in a real run. So each system is
 also counted idle first (`idle_rate`: 10 s with no jobs), and the "without idle" column
-subtracts that rate times the counted window's length: quote that column (at consumers
-16 the timers were 69k of jobqd's 431k instructions per job). `--jobqd-src`
+subtracts that rate times the counted window's length, times how often the timers fired
+under load compared with idle (its memory guard's INFO rate; a busy loop runs them
+late): quote that column. Raw counts of the same code moved by 8 % with the window's
+length (398k and 431k per job at consumers 16); without idle they agree within ~3 %. `--jobqd-src`
 runs another checkout's `jobqd` under this checkout's `bench` (`run.pythonpath`, as
 `run.py` does). Keep `--n` at its default or above: with 2,000 jobs the window is
 not yet steady (the same code counted 97k instead of 132k per empty-body job).
