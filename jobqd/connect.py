@@ -314,3 +314,12 @@ def connect_sync(url: str, **options: Any) -> redis.Redis:
 def is_cluster(r: object) -> bool:
     """Whether `r` is a Redis Cluster client (async or blocking)."""
     return isinstance(r, AsyncRedisCluster | RedisCluster)
+
+
+async def primaries(r: aredis.Redis | AsyncRedisCluster) -> list[AsyncClusterNode]:
+    """Every master of a Redis Cluster client (the slot map is loaded first if need
+    be), for a command each must answer itself: pass one as ``target_nodes=``."""
+    if not isinstance(r, AsyncRedisCluster):
+        raise TypeError(f"not a Redis Cluster client: {type(r).__name__}")
+    await r.initialize()
+    return r.get_primaries()

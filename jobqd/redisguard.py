@@ -48,7 +48,7 @@ from jobqd import ops, publish, scripts
 from jobqd.aio import sleep_or_stop
 from jobqd.channels import QueueWeights
 from jobqd.config import Config, mask_url
-from jobqd.connect import is_cluster
+from jobqd.connect import is_cluster, primaries
 from jobqd.deps import is_oom, is_redis_error
 from jobqd.keys import GlobalKeys, QueueKeys
 from jobqd.runtime import Runtime
@@ -71,8 +71,7 @@ async def read_policy(r: aredis.Redis) -> str | None:
     Cluster, every master's: the first that is not noeviction, else noeviction (each
     master holds some queues, and one that evicts loses theirs)."""
     if is_cluster(r):
-        await r.initialize()  # the slot map, once
-        nodes = r.get_primaries()  # type: ignore[attr-defined]
+        nodes = await primaries(r)
         got = await asyncio.gather(*(_read_policy(r, {"target_nodes": n}) for n in nodes))
         bad = [p for p in got if p != SAFE_POLICY]
         return bad[0] if bad else SAFE_POLICY

@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from jobqd.connect import is_cluster
+from jobqd.connect import is_cluster, primaries
 from jobqd.keys import GROUP
 
 
@@ -229,9 +229,8 @@ async def check_lua(r: aredis.Redis) -> str | None:
     connection) is raised."""
     try:
         if is_cluster(r):
-            await r.initialize()  # the slot map, once
+            nodes = await primaries(r)
             await r.script_load(STRUCT_PROBE.source)  # into every master
-            nodes = r.get_primaries()  # type: ignore[attr-defined]
             await asyncio.gather(*(r.execute_command(  # type: ignore[no-untyped-call]
                 "EVALSHA", STRUCT_PROBE.sha, 0, target_nodes=n) for n in nodes))
         else:
