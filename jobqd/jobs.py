@@ -227,10 +227,8 @@ class Envelope:
     def exp_ms(self) -> float | None:
         """Not to be started after this (ms since the epoch), if the producer said so."""
         exp = self.raw.get("x")
-        if exp is None:
+        if exp is None:  # the old format's name (a second lookup only for old jobs)
             exp = self.raw.get("exp")
-            if exp is None:
-                return None
         return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
     @property
