@@ -169,13 +169,23 @@ def count(url: str, driver: str, *, consumers: int, n: int, python: str, src: st
     # bracket it; their means are the estimate, their spreads say how good it is
     jobs = (d1 + d2) / 2 - (c0 + c1) / 2
     window_s = t1 - t0
-    idle_per_s, idle_info_per_s = idle
-    info_per_s = (i1 - i0) / window_s
-    timers = min(1.0, info_per_s / idle_info_per_s) if idle_info_per_s > 0 else 1.0
+    timers, busy = without_idle(total, jobs, window_s, idle=idle,
+                                info_per_s=(i1 - i0) / window_s)
     return {"instructions": total, "jobs": jobs, "per_job": total / jobs,
             "jobs_uncertainty": (d2 - d1) / 2 + (c1 - c0) / 2, "window_s": window_s,
-            "idle_per_s": idle_per_s, "timers_vs_idle": timers,
-            "per_job_busy": (total - idle_per_s * timers * window_s) / jobs}
+            "idle_per_s": idle[0], "timers_vs_idle": timers, "per_job_busy": busy}
+
+
+def without_idle(total: float, jobs: float, window_s: float, *, idle: tuple[float, float],
+                 info_per_s: float) -> tuple[float, float]:
+    """(how often the timers fired vs idle, instructions per job without them): `idle`
+    is (instructions, INFO commands) per second with no jobs; the timers are taken to
+    have fired at the loaded INFO rate over the idle one, at most 1 (a loop busy with
+    jobs runs its sleep-after-work timers late, never early). A worker that sends no
+    INFO (the reference) counts as firing at the idle rate."""
+    idle_per_s, idle_info_per_s = idle
+    timers = min(1.0, info_per_s / idle_info_per_s) if idle_info_per_s > 0 else 1.0
+    return timers, (total - idle_per_s * timers * window_s) / jobs
 
 
 def main() -> int:

@@ -199,3 +199,16 @@ def test_capacity_arithmetic() -> None:
     assert cap["daemons_to_saturate"] == 5.0
     assert cap["daemons_whole"] == 5
     assert cap["fits_on_host"]
+
+
+def test_instructions_without_idle_scales_the_timers_by_the_info_rate() -> None:
+    from bench.instructions import without_idle
+
+    # idle: 8M instructions and 5 INFO a second; loaded for 10 s over 1,000 jobs
+    idle = (8e6, 5.0)
+    # timers fired at a quarter of the idle rate: a quarter of 80M is theirs
+    assert without_idle(400e6, 1000, 10.0, idle=idle, info_per_s=1.25) == (0.25, 380e3)
+    # never more than the idle rate, whatever the counts say
+    assert without_idle(400e6, 1000, 10.0, idle=idle, info_per_s=9.0) == (1.0, 320e3)
+    # no INFO at all (the reference): the whole idle rate
+    assert without_idle(400e6, 1000, 10.0, idle=(1e6, 0.0), info_per_s=0.0) == (1.0, 390e3)
