@@ -251,7 +251,7 @@ class Daemon:
                     tg.create_task(guarded("cron", cron.run(rt, bg_stop,
                                                             changed=self.schedules_changed))),
                     tg.create_task(guarded("weights", weights.run(rt, self.weights, bg_stop))),
-                    tg.create_task(guarded("redisguard", redisguard.run(rt, guard, bg_stop))),
+                    tg.create_task(guarded("redisguard", redisguard.run(guard, bg_stop))),
                     tg.create_task(guarded("gauges", gauges.run(rt, pool.snapshot, self.weights,
                                                                 bg_stop))),
                     tg.create_task(guarded("reload", reload.run(

@@ -170,6 +170,10 @@ class Pool:
         # taken as long: a first fetch of long jobs must not buffer what others could run
         self.avg_run_s = PREFETCH_MAX_RUN_S
         self.starts = 0  # jobs started (the deadline tick notices a buffer standing still)
+        # set when jobs are fetched and when a job starts on an idle pool: the deadline
+        # tick runs while anything is running or buffered and otherwise waits for this,
+        # so an idle daemon does not tick
+        self.work = asyncio.Event()
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
         self.consumers: dict[asyncio.Task[None], Running | None] = {}
@@ -408,6 +412,8 @@ class Pool:
             else:
                 for d in got:
                     self._take(d)
+                if got:
+                    self.work.set()
                 if completion is not None:
                     self._settled(completion, replies)
                 if not rt.health.redis_ok:
@@ -428,6 +434,7 @@ class Pool:
             log.warning("taking back entry %s of %s delivered by a lost fetch reply",
                         d.eid.decode(), d.queue)
             self._take(d)
+            self.work.set()
 
     def _hold(self, d: Delivery) -> None:
         self.held.setdefault(d.queue, {})[d.eid] = d
@@ -473,6 +480,8 @@ class Pool:
             run = Running(d, me)
             self.consumers[me] = run
             self.running += 1
+            if self.running == 1:  # the pool was idle: the deadline tick may be waiting
+                self.work.set()
             self.starts += 1
             self.slot_freed.set()  # the buffer shrank: maybe time to refill
             outcome: Outcome = HandedBack()  # if a bug escapes `run`, the job is not lost
@@ -512,10 +521,14 @@ class Pool:
 
     async def _deadline_loop(self) -> None:
         """Job timeouts: one coarse timer for the pool instead of one per job. The same
-        tick hands back a buffer that stood still for BUFFER_STALE_S."""
+        tick hands back a buffer that stood still for BUFFER_STALE_S. With nothing
+        running or buffered it waits for fetched jobs instead of ticking."""
         still = 0  # ticks the buffer had jobs and none started
         starts = self.starts
         while True:
+            if not self.running and not len(self.buffer):
+                self.work.clear()
+                await self.work.wait()
             await asyncio.sleep(DEADLINE_TICK_S)
             now = time.monotonic()
             for t, run in list(self.consumers.items()):

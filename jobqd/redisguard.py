@@ -16,7 +16,8 @@ work silently; this component finds each of them, at start and then every
   check writes one small key; while that (or the HTTP API's last enqueue) is
   refused, ``/readyz`` says ``redis_oom``.
 - **Memory backpressure** (``redis.max_memory_fraction``): every
-  `MEM_INTERVAL_S` the daemon reads ``INFO memory``; while ``used_memory`` is above
+  `MEM_INTERVAL_S` the daemon reads ``INFO memory`` (every `INTERVAL_S` while no master
+  has a maxmemory, or the fraction is 1); while ``used_memory`` is above
   that fraction of ``maxmemory`` it keeps a marker ``{p:q}:mem`` on each of its
   queues (PX `MEM_MARK_TTL_MS`, refreshed with PEXPIRE, which Redis allows even at
   maxmemory), and ``enqueue.lua`` refuses new jobs while it exists (`QueueFull` with
@@ -36,8 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aredis
 from prometheus_client import Counter, Gauge
@@ -59,6 +62,8 @@ INTERVAL_S = 1.0  # how often a running daemon checks
 MEM_INTERVAL_S = 0.2  # how often it reads INFO memory (redis.max_memory_fraction)
 MEM_MARK_TTL_MS = 3000  # a memory-full marker nobody refreshes expires after this
 SAFE_POLICY = "noeviction"
+
+T = TypeVar("T")
 
 
 def epoch_key(prefix: str) -> str:
@@ -210,8 +215,10 @@ class Guard:
                 log.info("redis accepts writes again")
             rt.health.redis_oom = False
 
-    async def check_memory(self) -> None:
-        """Set or clear the queues' memory-full markers (redis.max_memory_fraction)."""
+    async def check_memory(self) -> bool:
+        """Set or clear the queues' memory-full markers (redis.max_memory_fraction).
+        Returns whether memory can fill up: some master has a maxmemory and the
+        fraction is under 1 (if not, `run` checks only every INTERVAL_S)."""
         rt = self.rt
         cfg = rt.config
         r = rt.redis
@@ -251,6 +258,7 @@ class Guard:
             log.warning("redis memory is below redis.max_memory_fraction again (used_memory "
                         "%d of maxmemory %d): enqueues are accepted", used, mx)
         rt.health.redis_memory_full = full
+        return fraction < 1 and mx > 0
 
     async def _republish(self) -> None:
         rt = self.rt
@@ -261,18 +269,26 @@ class Guard:
                     len(rt.config.queues))
 
 
-async def run(rt: Runtime, guard: Guard, stop: asyncio.Event) -> None:
-    """Check memory every MEM_INTERVAL_S, and the rest every INTERVAL_S, until `stop`."""
-    every = max(1, round(INTERVAL_S / MEM_INTERVAL_S))
-    tick = 0
-    while not await sleep_or_stop(MEM_INTERVAL_S, stop):
-        tick += 1
-        for due, check in ((True, guard.check_memory), (tick % every == 0, guard.check)):
-            if not due:
-                continue
-            try:
-                await check()
-            except Exception as e:
-                if not is_redis_error(e):
-                    raise
-                log.debug("redis check skipped: %s", e)
+async def run(guard: Guard, stop: asyncio.Event) -> None:
+    """Check memory every MEM_INTERVAL_S while it can fill (`Guard.check_memory`), else
+    every INTERVAL_S like the rest, until `stop`: a daemon on a Redis without maxmemory
+    does not read INFO five times a second."""
+    live = True  # until the first reading says otherwise
+    next_full = time.monotonic() + INTERVAL_S
+    while not await sleep_or_stop(MEM_INTERVAL_S if live else INTERVAL_S, stop):
+        live = await _skip_redis_errors(guard.check_memory, live)
+        if time.monotonic() >= next_full - MEM_INTERVAL_S / 2:
+            next_full = time.monotonic() + INTERVAL_S
+            await _skip_redis_errors(guard.check, None)
+
+
+async def _skip_redis_errors(check: Callable[[], Awaitable[T]], otherwise: T) -> T:
+    """`check()`, or `otherwise` if Redis failed it (logged at DEBUG: the next round
+    tries again, and /readyz tells the operator about Redis)."""
+    try:
+        return await check()
+    except Exception as e:
+        if not is_redis_error(e):
+            raise
+        log.debug("redis check skipped: %s", e)
+        return otherwise

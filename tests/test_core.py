@@ -365,6 +365,31 @@ async def test_async_timeout_is_a_failure_then_dead(start_daemon: Callable[..., 
     assert time.monotonic() - t0 < 2.0  # two 0.2 s attempts, not two 5 s ones
 
 
+async def test_an_idle_pool_does_not_tick_and_a_later_job_still_times_out(
+        start_daemon: Callable[..., Any], client: Client) -> None:
+    """With nothing running or buffered the deadline tick waits (an idle daemon does not
+    wake 20 times a second); the first job after that wakes it, so its timeout holds."""
+    from .conftest import wait_for
+
+    d = await start_daemon(tasks={"sleep": {"handler": "tests.handlers:sleep", "timeout_s": 0.2,
+                                            "max_retries": 0}})
+    pool = d.daemon.pool
+    assert pool is not None
+
+    async def waiting() -> bool:
+        return not pool.work.is_set()
+
+    await wait_for(waiting, 5, "the deadline tick to wait")
+    await asyncio.sleep(0.3)  # idle for several ticks' worth
+    assert not pool.work.is_set()
+    t0 = time.monotonic()
+    job = await client.enqueue("sleep", {"seconds": 5})
+    info = await wait_status(client, job.id, "dead")
+    assert info.reason == "timeout"
+    assert time.monotonic() - t0 < 2.0
+    await wait_for(waiting, 5, "the tick to wait again once idle")
+
+
 async def test_sync_timeout_stops_waiting_and_does_not_block_drain(
         start_daemon: Callable[..., Any], client: Client) -> None:
     d = await start_daemon(tasks={"sleep_sync": {"handler": "tests.handlers:sleep_sync",

@@ -304,3 +304,32 @@ async def test_only_new_jobs_are_refused_while_memory_is_full(
 async def _dead_again(client: Client, job_id: str) -> bool:
     return len(await client.dlq_list()) == 1 and \
         (await client.status(job_id)).status == "dead"
+
+
+@pytest.mark.parametrize("can_fill", [True, False])
+async def test_the_guard_reads_memory_often_only_while_it_can_fill(can_fill: bool) -> None:
+    """`redisguard.run` reads INFO memory every MEM_INTERVAL_S while some master has a
+    maxmemory (and the fraction is under 1), else once per INTERVAL_S, like its other
+    checks: a daemon on a Redis without maxmemory does not poll five times a second."""
+    from jobqd import redisguard
+
+    calls = {"memory": 0, "check": 0}
+
+    class Guard:
+        async def check_memory(self) -> bool:
+            calls["memory"] += 1
+            return can_fill
+
+        async def check(self) -> None:
+            calls["check"] += 1
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(redisguard.run(Guard(), stop))  # type: ignore[arg-type]
+    await asyncio.sleep(2.1)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert 1 <= calls["check"] <= 3, calls
+    if can_fill:
+        assert calls["memory"] >= 6, calls  # ~10 in 2 s
+    else:
+        assert calls["memory"] <= 3, calls  # ~2 in 2 s
