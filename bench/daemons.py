@@ -64,7 +64,7 @@ def wait_ready_line(p: subprocess.Popen[bytes], timeout: float) -> None:
             if b'"event": "ready"' in line:
                 ready.set()
 
-    threading.Thread(target=drain, daemon=True).start()
+    threading.Thread(target=drain, name=f"ready-line-{p.pid}", daemon=True).start()
     deadline = time.monotonic() + timeout
     while not ready.wait(0.1):
         if p.poll() is not None:

@@ -18,7 +18,8 @@ under load compared with idle (its memory guard's INFO rate; a busy loop runs th
 late): quote that column. Raw counts of the same code moved by 8 % with the window's
 length (398k and 431k per job at consumers 16); without idle they agree within ~3 %. `--jobqd-src`
 runs another checkout's `jobqd` under this checkout's `bench` (`run.pythonpath`, as
-`run.py` does). Keep `--n` at its default or above: with 2,000 jobs the window is
+`run.py` does). jobqd runs with `prefetch` set to what its default picks for short jobs
+(`PREFETCH_PER_CONSUMER` below). Keep `--n` at its default or above: with 2,000 jobs the window is
 not yet steady (the same code counted 97k instead of 132k per empty-body job).
 Needs valgrind. Prints a table and writes bench/results/<--name>.{md,json}.
 """
@@ -49,6 +50,11 @@ BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
 LO, HI = 0.2, 0.8  # the window counted, as fractions of the jobs done
 IDLE_S = 10.0  # how long the idle rate is counted
 IDLE_WARMUP_S = 3.0  # after the ready line, before the idle count starts
+# jobqd's unset `prefetch` buffers PREFETCH_PER_CONSUMER (4) jobs per consumer while runs
+# average under 50 ms, as a no-op job's do in a real run; under valgrind a run that
+# awaits Redis lasts ~50x longer, which would switch prefetch off and count a fetch
+# pattern real runs never have. So jobqd is counted with that prefetch set outright.
+PREFETCH_PER_CONSUMER = 4
 
 
 def _callgrind(python: str, driver: str, *, url: str, consumers: int, src: str,
@@ -216,16 +222,18 @@ def main() -> int:
             src = pythonpath(system, a.jobqd_src)
             python = (a.jobqd_python or a.python) if system == "jobqd" and a.jobqd_src \
                 else a.python
+            env = {"JOBQD_BENCH_PREFETCH": str(PREFETCH_PER_CONSUMER * a.consumers)} \
+                if system == "jobqd" else {}
             idle = (0.0, 0.0)
             if not a.no_idle:
                 idle = idle_rate(server.url, DRIVERS[system], consumers=a.consumers,
-                                 python=python, src=src, env={})
+                                 python=python, src=src, env=env)
                 print(f"{system} idle: {idle[0]:,.0f} instructions and {idle[1]:.1f} INFO "
                       "commands per second", flush=True)
             for body in a.bodies.split(","):
                 n = int(a.n * (1.2 if body == "empty" else 1))
                 res = count(server.url, DRIVERS[system], consumers=a.consumers, n=n,
-                            python=python, src=src, env=BODIES[body], idle=idle)
+                            python=python, src=src, env={**env, **BODIES[body]}, idle=idle)
                 rows[f"{system}/{body}"] = res
                 print(f"{system} {body}: {res['per_job']:,.0f} instructions per job, "
                       f"{res['per_job_busy']:,.0f} without the idle rate x "
