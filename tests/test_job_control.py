@@ -222,11 +222,14 @@ def test_a_cancel_sent_while_the_daemon_is_cut_off_is_honoured_after_it_reconnec
     (blackholed: nothing gets through, nothing is closed) and new ones refused; the
     cancel is sent meanwhile, so the control message never reaches it. Once it can
     reconnect, it finds the cancel in Redis and stops the job."""
+    from urllib.parse import urlsplit
+
     from tests.proxies import BlackholeProxy
 
-    proxy = BlackholeProxy(6379)
+    target = urlsplit(REDIS_URL)  # the tests' Redis (JOBQD_TEST_REDIS_URL), proxied
+    proxy = BlackholeProxy(target.port or 6379)
     try:
-        url = f"redis://127.0.0.1:{proxy.port}/0"
+        url = f"redis://127.0.0.1:{proxy.port}{target.path or '/0'}"
         # redis.socket_timeout_s: how soon its silent connections fail and are replaced
         d = spawn(write_config(redis={"url": url, "prefix": prefix, "socket_timeout_s": 3},
                                tasks=_tasks()))
