@@ -191,9 +191,10 @@ CANCEL = _load("cancel")
 LIMIT_ACQUIRE = _load("limit_acquire")
 LIMIT_RENEW = _load("limit_renew")
 SCHED_MARK = _load("sched_mark")
-STRUCT_PROBE = _load("struct_probe")  # run once at start (check_lua), not preloaded
+# run once at start (check_lua); preloaded with the rest, so that check is one EVALSHA
+STRUCT_PROBE = _load("struct_probe")
 ALL = (ENQUEUE, COMPLETE, PROMOTE, STATUS, DLQ_REPLAY, DLQ_REMOVE, LOCK, HEARTBEAT,
-       FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW, SCHED_MARK)
+       FORGET_CONSUMER, CANCEL, LIMIT_ACQUIRE, LIMIT_RENEW, SCHED_MARK, STRUCT_PROBE)
 
 
 async def preload(r: aredis.Redis) -> None:

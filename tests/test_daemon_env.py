@@ -54,6 +54,25 @@ async def test_lua_check_passes_on_this_redis(r: aredis.Redis) -> None:
     assert await scripts.check_lua(r) is None
 
 
+async def test_lua_check_after_preload_is_one_round_trip(r: aredis.Redis) -> None:
+    """The daemon preloads every script, the struct probe with them, before it checks:
+    the check is one EVALSHA, with no NOSCRIPT and SCRIPT LOAD first."""
+    await r.script_flush()  # as on a fresh Redis (every script call is NOSCRIPT-safe)
+    await scripts.preload(r)
+
+    async def calls() -> dict[str, int]:
+        stats = await r.info("commandstats")
+        return {c: int(stats.get(f"cmdstat_{c}", {"calls": 0})["calls"])
+                for c in ("evalsha", "script|load", "script")}
+
+    before = await calls()
+    assert await scripts.check_lua(r) is None
+    after = await calls()
+    assert after["evalsha"] - before["evalsha"] == 1, (before, after)
+    assert after["script|load"] == before["script|load"], (before, after)
+    assert after["script"] == before["script"], (before, after)
+
+
 async def test_lua_check_names_the_missing_struct_library() -> None:
     proxy = RewriteProxy(_redis_port(), _without_struct)
     r = aredis.Redis.from_url(proxy.url)
