@@ -170,9 +170,9 @@ class Pool:
         # taken as long: a first fetch of long jobs must not buffer what others could run
         self.avg_run_s = PREFETCH_MAX_RUN_S
         self.starts = 0  # jobs started (the deadline tick notices a buffer standing still)
-        # set when jobs are fetched and when a job starts on an idle pool: the deadline
-        # tick runs while anything is running or buffered and otherwise waits for this,
-        # so an idle daemon does not tick
+        # set when jobs are fetched and when a job starts on an idle pool; cleared by the
+        # deadline tick once nothing runs or is buffered. The tick and the progress
+        # writer wait for it then, so an idle daemon does not wake for them
         self.work = asyncio.Event()
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
@@ -640,6 +640,8 @@ class Pool:
         job every PROGRESS_FLUSH_S, one round trip for all of them."""
         rt = self.rt
         while True:
+            if not self.running and not self.progress_latest:
+                await self.work.wait()  # no job runs, so none reports progress
             await asyncio.sleep(PROGRESS_FLUSH_S)
             if not self.progress_latest:
                 continue

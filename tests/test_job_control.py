@@ -197,10 +197,21 @@ async def test_wait_on_10000_jobs_uses_a_bounded_number_of_connections(
     await own.aclose()
 
 
+@pytest.mark.parametrize("after_idle", [False, True])
 async def test_progress_is_seen_by_status_and_cleared_at_the_end(
         start_daemon: Callable[..., Any], client: Client, prefix: str,
-        r: aredis.Redis) -> None:
-    await start_daemon(tasks=_tasks())
+        r: aredis.Redis, after_idle: bool) -> None:
+    """after_idle: the job comes once the pool went idle, when the progress writer
+    waits for work instead of polling (an idle daemon does not wake for it)."""
+    d = await start_daemon(tasks=_tasks())
+    if after_idle:
+        pool = d.daemon.pool
+
+        async def parked() -> bool:
+            return not pool.work.is_set()
+
+        await wait_for(parked, 5, "the pool to go idle")
+        await asyncio.sleep(0.6)  # longer than one progress flush interval
     job = await client.enqueue("progress_then_wait", {"key": f"{prefix}:go"})
 
     async def reported() -> bool:
