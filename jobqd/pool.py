@@ -170,9 +170,11 @@ class Pool:
         # taken as long: a first fetch of long jobs must not buffer what others could run
         self.avg_run_s = PREFETCH_MAX_RUN_S
         self.starts = 0  # jobs started (the deadline tick notices a buffer standing still)
-        # set when jobs are fetched and when a job starts on an idle pool; cleared by the
-        # deadline tick once nothing runs or is buffered. The tick and the progress
-        # writer wait for it then, so an idle daemon does not wake for them
+        # set when a job starts on an idle pool (the one way work begins: a fetched job
+        # is either taken by a consumer at once or buffered, and a buffer keeps the tick
+        # going); cleared by the deadline tick once nothing runs or is buffered. The
+        # tick and the progress writer wait for it then: an idle daemon does not wake
+        # for them
         self.work = asyncio.Event()
         self.acks_flushed = asyncio.Event()
         self.idle = asyncio.Event()
@@ -412,8 +414,6 @@ class Pool:
             else:
                 for d in got:
                     self._take(d)
-                if got:
-                    self.work.set()
                 if completion is not None:
                     self._settled(completion, replies)
                 if not rt.health.redis_ok:
@@ -434,7 +434,6 @@ class Pool:
             log.warning("taking back entry %s of %s delivered by a lost fetch reply",
                         d.eid.decode(), d.queue)
             self._take(d)
-            self.work.set()
 
     def _hold(self, d: Delivery) -> None:
         self.held.setdefault(d.queue, {})[d.eid] = d
@@ -522,7 +521,7 @@ class Pool:
     async def _deadline_loop(self) -> None:
         """Job timeouts: one coarse timer for the pool instead of one per job. The same
         tick hands back a buffer that stood still for BUFFER_STALE_S. With nothing
-        running or buffered it waits for fetched jobs instead of ticking."""
+        running or buffered it waits for a job to start instead of ticking."""
         still = 0  # ticks the buffer had jobs and none started
         starts = self.starts
         while True:

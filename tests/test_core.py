@@ -365,10 +365,16 @@ async def test_async_timeout_is_a_failure_then_dead(start_daemon: Callable[..., 
     assert time.monotonic() - t0 < 2.0  # two 0.2 s attempts, not two 5 s ones
 
 
+def _parked(pool: Any) -> bool:
+    """The deadline tick and the progress writer both wait for work (asyncio.Event keeps
+    its waiters' futures in `_waiters`: there is no public way to ask)."""
+    return len(pool.work._waiters) == 2
+
+
 async def test_an_idle_pool_does_not_tick_and_a_later_job_still_times_out(
         start_daemon: Callable[..., Any], client: Client) -> None:
     """With nothing running or buffered the deadline tick waits (an idle daemon does not
-    wake 20 times a second); the first job after that wakes it, so its timeout holds."""
+    wake 20 times a second); the job that starts next wakes it, so its timeout holds."""
     from .conftest import wait_for
 
     d = await start_daemon(tasks={"sleep": {"handler": "tests.handlers:sleep", "timeout_s": 0.2,
@@ -376,18 +382,38 @@ async def test_an_idle_pool_does_not_tick_and_a_later_job_still_times_out(
     pool = d.daemon.pool
     assert pool is not None
 
-    async def waiting() -> bool:
-        return not pool.work.is_set()
+    async def parked() -> bool:
+        return _parked(pool)
 
-    await wait_for(waiting, 5, "the deadline tick to wait")
-    await asyncio.sleep(0.3)  # idle for several ticks' worth
-    assert not pool.work.is_set()
+    await wait_for(parked, 5, "the deadline tick and the progress writer to wait")
     t0 = time.monotonic()
     job = await client.enqueue("sleep", {"seconds": 5})
     info = await wait_status(client, job.id, "dead")
     assert info.reason == "timeout"
     assert time.monotonic() - t0 < 2.0
-    await wait_for(waiting, 5, "the tick to wait again once idle")
+    await wait_for(parked, 5, "both to wait again once idle")
+
+
+async def test_timeouts_hold_for_jobs_that_start_just_as_the_pool_goes_idle(
+        start_daemon: Callable[..., Any], client: Client) -> None:
+    """One consumer, a short job, then after a gap of 0-100 ms one that must time out:
+    the tick may be about to wait (nothing running, nothing buffered) exactly as the
+    second job is handed to the consumer. Its start must wake it every time."""
+    import random
+
+    await start_daemon(consumers=1, tasks={
+        "noop": {"handler": "tests.handlers:noop"},
+        "sleep": {"handler": "tests.handlers:sleep", "timeout_s": 0.15, "max_retries": 0}})
+    rng = random.Random(17)
+    for _ in range(8):
+        quick = await client.enqueue("noop", {})
+        await wait_status(client, quick.id, "succeeded")
+        await asyncio.sleep(rng.uniform(0.0, 0.1))
+        t0 = time.monotonic()
+        job = await client.enqueue("sleep", {"seconds": 5})
+        info = await wait_status(client, job.id, "dead")
+        assert info.reason == "timeout"
+        assert time.monotonic() - t0 < 2.0
 
 
 async def test_sync_timeout_stops_waiting_and_does_not_block_drain(

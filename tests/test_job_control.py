@@ -207,11 +207,10 @@ async def test_progress_is_seen_by_status_and_cleared_at_the_end(
     if after_idle:
         pool = d.daemon.pool
 
-        async def parked() -> bool:
-            return not pool.work.is_set()
+        async def parked() -> bool:  # the progress writer and the deadline tick wait
+            return len(pool.work._waiters) == 2
 
         await wait_for(parked, 5, "the pool to go idle")
-        await asyncio.sleep(0.6)  # longer than one progress flush interval
     job = await client.enqueue("progress_then_wait", {"key": f"{prefix}:go"})
 
     async def reported() -> bool:
