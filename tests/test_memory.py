@@ -333,3 +333,35 @@ async def test_the_guard_reads_memory_often_only_while_it_can_fill(can_fill: boo
         assert calls["memory"] >= 6, calls  # ~10 in 2 s
     else:
         assert calls["memory"] <= 3, calls  # ~2 in 2 s
+
+
+@needs_redis_server
+@pytest.mark.timeout(60)
+async def test_check_memory_says_whether_memory_can_fill(
+        tmp_path: Path, write_config: Callable[..., Path], prefix: str) -> None:
+    """The real `Guard.check_memory` decides the cadence above: True on a Redis with a
+    maxmemory (fraction under 1), False without one, and False with the fraction at 1
+    (the guard off)."""
+    from jobqd.channels import QueueWeights
+    from jobqd.redisguard import Guard
+    from jobqd.runtime import Runtime
+
+    async def can_fill(url: str, fraction: float) -> bool:
+        cfg = config.load(write_config(redis={"url": url, "prefix": prefix,
+                                              "max_memory_fraction": fraction}))
+        rt = Runtime(config=cfg, redis=aredis.Redis.from_url(url))
+        try:
+            return await Guard(rt, QueueWeights()).check_memory()
+        finally:
+            await rt.redis.aclose()
+
+    with own_redis(tmp_path / "redis", "--maxmemory", "20mb",
+                   "--maxmemory-policy", "noeviction") as srv:
+        assert await can_fill(srv.url, 0.9) is True
+        assert await can_fill(srv.url, 1.0) is False
+        limitless = aredis.Redis.from_url(srv.url)
+        try:
+            await limitless.config_set("maxmemory", 0)
+        finally:
+            await limitless.aclose()
+        assert await can_fill(srv.url, 0.9) is False
