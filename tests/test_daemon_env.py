@@ -15,6 +15,7 @@ import redis.asyncio as aredis
 from jobqd import scripts
 from jobqd.exitcodes import ExitCode
 from tests.conftest import REDIS_URL, DaemonProcess
+from tests.own_redis import needs_redis_server, own_redis
 from tests.proxies import RewriteProxy
 
 
@@ -54,20 +55,27 @@ async def test_lua_check_passes_on_this_redis(r: aredis.Redis) -> None:
     assert await scripts.check_lua(r) is None
 
 
-async def test_lua_check_after_preload_is_one_round_trip(r: aredis.Redis) -> None:
+@needs_redis_server
+async def test_lua_check_after_preload_is_one_round_trip(tmp_path: Path) -> None:
     """The daemon preloads every script, the struct probe with them, before it checks:
-    the check is one EVALSHA, with no NOSCRIPT and SCRIPT LOAD first."""
-    await r.script_flush()  # as on a fresh Redis (every script call is NOSCRIPT-safe)
-    await scripts.preload(r)
+    on a fresh Redis (an empty script cache, a server of the test's own, so its command
+    counts are this test's alone) the check is one EVALSHA, with no NOSCRIPT and
+    SCRIPT LOAD first."""
+    with own_redis(tmp_path / "redis") as srv:
+        r = aredis.Redis.from_url(srv.url)
+        try:
+            await scripts.preload(r)
 
-    async def calls() -> dict[str, int]:
-        stats = await r.info("commandstats")
-        return {c: int(stats.get(f"cmdstat_{c}", {"calls": 0})["calls"])
-                for c in ("evalsha", "script|load", "script")}
+            async def calls() -> dict[str, int]:
+                stats = await r.info("commandstats")
+                return {c: int(stats.get(f"cmdstat_{c}", {"calls": 0})["calls"])
+                        for c in ("evalsha", "script|load", "script")}
 
-    before = await calls()
-    assert await scripts.check_lua(r) is None
-    after = await calls()
+            before = await calls()
+            assert await scripts.check_lua(r) is None
+            after = await calls()
+        finally:
+            await r.aclose()
     assert after["evalsha"] - before["evalsha"] == 1, (before, after)
     assert after["script|load"] == before["script|load"], (before, after)
     assert after["script"] == before["script"], (before, after)
