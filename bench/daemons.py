@@ -67,7 +67,7 @@ def wait_ready_line(p: subprocess.Popen[bytes], timeout: float) -> None:
     threading.Thread(target=drain, name=f"ready-line-{p.pid}", daemon=True).start()
     deadline = time.monotonic() + timeout
     while not ready.wait(0.1):
-        if p.poll() is not None:
+        if p.poll() is not None and not ready.is_set():  # (ready, then exited: ready)
             raise RuntimeError(f"the worker exited ({p.returncode}) before it was ready")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the worker was not ready within {timeout:.0f} s")

