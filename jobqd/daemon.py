@@ -245,7 +245,8 @@ class Daemon:
                 bg = [
                     tg.create_task(guarded("heartbeat", heartbeat.run(rt, store, bg_stop,
                                                                       stats=pool.snapshot))),
-                    tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop))),
+                    tg.create_task(guarded("reaper", reaper.run(rt, store, bg_stop,
+                                                             scheduler_wakeup))),
                     tg.create_task(guarded("scheduler", scheduler.run(rt, scheduler_wakeup,
                                                                       bg_stop))),
                     tg.create_task(guarded("cron", cron.run(rt, bg_stop,

@@ -20,7 +20,11 @@ Bystanders: a poison job that kills its worker takes the jobs running beside it
 down too. Re-added side by side they would be fetched together again and die
 with it three times. So when a dead consumer held more than one job, they come
 back spread at random over `SPREAD_S` (through the delayed set), and the
-culprit soon runs without the same companions.
+culprit soon runs without the same companions. For the spread to hold, the
+reaper wakes its daemon's scheduler after a round that handed jobs back: it then
+promotes each at its own due time, instead of the ones due within its next
+`scheduler.MAX_SLEEP_S` (0.5 s, half of `SPREAD_S`) together, to be fetched side by
+side again.
 """
 
 from __future__ import annotations
@@ -193,7 +197,10 @@ async def _forget_reaper_consumer(rt: Runtime) -> None:
             raise
 
 
-async def run(rt: Runtime, store: Liveness, stop: asyncio.Event) -> None:
+async def run(rt: Runtime, store: Liveness, stop: asyncio.Event,
+              scheduler_wakeup: asyncio.Event | None = None) -> None:
+    """Reaper rounds under the lease lock until `stop`; `scheduler_wakeup` is set after a
+    round that handed jobs back (see "Bystanders" above)."""
     g = GlobalKeys(rt.config.redis.prefix)
     backoff = Backoff()
     held = False
@@ -221,6 +228,9 @@ async def run(rt: Runtime, store: Liveness, stop: asyncio.Event) -> None:
                     counts = await reap_once(rt, store, liveness=settled)
                     if any(counts.values()):
                         log.info("reaper round: %s", counts)
+                    if scheduler_wakeup is not None and (counts["worker_lost"]
+                                                         or counts["stalled"]):
+                        scheduler_wakeup.set()  # promote each at its own due time
                 backoff.reset()
             except Exception as e:
                 if not is_redis_error(e):

@@ -89,6 +89,32 @@ async def test_reaper_dead_consumer_with_garbage_and_an_empty_dead_consumer(
         "worker_lost": 0, "stalled": 0, "dead": 0}  # dead-1 owns nothing any more
 
 
+async def test_the_reaper_wakes_the_scheduler_after_handing_jobs_back(
+        make_rt: Callable[..., Runtime], prefix: str, r: aredis.Redis) -> None:
+    """A dead consumer's jobs come back spread over reaper.SPREAD_S through the delayed
+    set; the reaper wakes its daemon's scheduler, so that it promotes each at its own
+    due time rather than together at its next turn (up to 0.5 s later), to be fetched
+    side by side with a poison job again."""
+    from jobqd import reaper
+
+    rt = make_rt(heartbeat={"interval_s": 0.1, "timeout_s": 0.2},
+                 reaper={"interval_s": 0.1, "visibility_timeout_s": 60})
+    await publish(rt.redis, rt.config)
+    qk = QueueKeys(prefix, "default")
+    async with Client(REDIS_URL, prefix) as c:
+        await c.enqueue_many("noop", [{}, {}])
+    await r.xreadgroup(GROUP, "dead-1", {qk.stream: ">"}, count=10)  # both owned by dead-1
+    await asyncio.sleep(0.3)  # idle in the group past heartbeat.timeout_s
+    stop, wakeup = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(reaper.run(rt, _Nobody(), stop, wakeup))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(wakeup.wait(), 5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert await r.zcard(qk.delayed) + await r.xlen(qk.stream) == 2  # back, spread
+
+
 def test_log_formatters() -> None:
     rec = logging.LogRecord("jobqd.pool", logging.WARNING, __file__, 1, "job failed: %s",
                             ("boom",), None)
