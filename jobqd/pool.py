@@ -194,7 +194,8 @@ class Pool:
         self.procs = ProcessPool(lambda: rt.config, rt.metrics)
         self.executor = Executor(self.limiter, _Starts(rt), self.threads, self.procs,
                                  cancelled=self.cancelled, progress=self)
-        self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config)
+        self.settler = Settler(rt.metrics, rt.events, rt.name, lambda: rt.config,
+                               scheduled=self.scheduler_wakeup)
         self.tg: asyncio.TaskGroup | None = None
         self.fetch_task: asyncio.Task[None] | None = None
 
@@ -722,9 +723,7 @@ class Pool:
 
     def _applied(self, done: list[tuple[str, list[Settle], str]]) -> None:
         released = 0
-        scheduled = False
         for q, chunk, flags in done:
-            scheduled = scheduled or any(s.op == "R" for s in chunk)
             held = self.held.get(q, {})
             for s, flag in zip(chunk, flags, strict=True):
                 if flag == "0":
@@ -737,8 +736,6 @@ class Pool:
         self.n_held -= released
         if released:
             self.slot_freed.set()
-        if scheduled:
-            self.scheduler_wakeup.set()
 
     # ------------------------------------------------------------ leases
 

@@ -21,10 +21,10 @@ down too. Re-added side by side they would be fetched together again and die
 with it three times. So when a dead consumer held more than one job, they come
 back spread at random over `SPREAD_S` (through the delayed set), and the
 culprit soon runs without the same companions. For the spread to hold, the
-reaper wakes its daemon's scheduler after a round that handed jobs back: it then
-promotes each at its own due time, instead of the ones due within its next
-`scheduler.MAX_SLEEP_S` (0.5 s, half of `SPREAD_S`) together, to be fetched side by
-side again.
+reaper's settles wake its daemon's scheduler (as the pool's retries do,
+`Settler.scheduled`): it then promotes each job at its own due time, instead of
+those due within its next `scheduler.MAX_SLEEP_S` (0.5 s, half of `SPREAD_S`)
+together, to be fetched side by side again.
 """
 
 from __future__ import annotations
@@ -60,13 +60,16 @@ MAX_SCAN_CALLS = 100  # per queue and round: up to ~100,000 pending entries look
 SPREAD_S = 1.0  # reclaimed jobs of one dead consumer come back spread over this window
 
 
-async def reap_once(rt: Runtime, store: Liveness, *,
-                    liveness: bool = True) -> dict[str, int]:
-    """One reaper round; returns counts by reason (for tests and logs)."""
+async def reap_once(rt: Runtime, store: Liveness, *, liveness: bool = True,
+                    scheduled: asyncio.Event | None = None) -> dict[str, int]:
+    """One reaper round; returns counts by reason (for tests and logs). `scheduled` is
+    set when jobs went back through the delayed set (see "Bystanders" above)."""
     cfg = rt.config
     r = rt.redis
     counts = {"worker_lost": 0, "stalled": 0, "dead": 0}
-    rnd = _Round(rt, Settler(rt.metrics, rt.events, rt.reaper_name, lambda: rt.config), counts)
+    settler = Settler(rt.metrics, rt.events, rt.reaper_name, lambda: rt.config,
+                      scheduled=scheduled)
+    rnd = _Round(rt, settler, counts)
     alive = await store.alive(cfg.heartbeat.timeout_s) if liveness else None
     if alive is None and liveness:
         log.warning("heartbeat store unreachable: no reclaim by liveness this round")
@@ -200,7 +203,7 @@ async def _forget_reaper_consumer(rt: Runtime) -> None:
 async def run(rt: Runtime, store: Liveness, stop: asyncio.Event,
               scheduler_wakeup: asyncio.Event | None = None) -> None:
     """Reaper rounds under the lease lock until `stop`; `scheduler_wakeup` is set after a
-    round that handed jobs back (see "Bystanders" above)."""
+    round that handed jobs back through the delayed set (see "Bystanders" above)."""
     g = GlobalKeys(rt.config.redis.prefix)
     backoff = Backoff()
     held = False
@@ -225,12 +228,10 @@ async def run(rt: Runtime, store: Liveness, stop: asyncio.Event,
                     log.info("this daemon is now the reaper")
                 held = bool(got)
                 if held:
-                    counts = await reap_once(rt, store, liveness=settled)
+                    counts = await reap_once(rt, store, liveness=settled,
+                                             scheduled=scheduler_wakeup)
                     if any(counts.values()):
                         log.info("reaper round: %s", counts)
-                    if scheduler_wakeup is not None and (counts["worker_lost"]
-                                                         or counts["stalled"]):
-                        scheduler_wakeup.set()  # promote each at its own due time
                 backoff.reset()
             except Exception as e:
                 if not is_redis_error(e):

@@ -17,6 +17,7 @@ and a log line — shared by the pool and the reaper.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -213,7 +214,12 @@ class Settler:
     """Builds settle records from outcomes and reports the ones Redis applied."""
 
     def __init__(self, metrics: Metrics, events: JobEvents, worker: str,
-                 config: Callable[[], Config]) -> None:
+                 config: Callable[[], Config], *,
+                 scheduled: asyncio.Event | None = None) -> None:
+        # set once Redis applied a retry, deferral or spread hand-back (op R: into the
+        # delayed set): the daemon's scheduler re-plans its sleep and promotes each job
+        # at its own due time, whoever settled it (the pool or the reaper)
+        self.scheduled = scheduled
         self.metrics = metrics
         self.events = events
         self.worker = worker
@@ -337,13 +343,18 @@ class Settler:
         replicas WAIT saw (None: no WAIT)."""
         if acked is not None and acked < cfg.redis.wait_replicas:
             self._not_replicated(acked, cfg)
+        scheduled = False
         for _q, chunk, flags in done:
             for s, flag in zip(chunk, flags, strict=True):
+                if flag == "1" and s.op == "R":
+                    scheduled = True
                 if s.report is None or flag == "0":
                     continue
                 if flag == "c":  # a retry or hand-back of a job cancelled meanwhile
                     s.report.outcome = "cancelled"
                 self.report(s.report)
+        if scheduled and self.scheduled is not None:
+            self.scheduled.set()
 
     def _not_replicated(self, acked: int, cfg: Config) -> None:
         """A settle that fewer than redis.wait_replicas replicas acknowledged: the outcome

@@ -37,7 +37,7 @@ from jobqd.outcomes import (
     retry_delay,
     safe_text,
 )
-from jobqd.settle import OutcomeLog, Settler
+from jobqd.settle import OutcomeLog, Settle, Settler
 
 # ---------------------------------------------------------------- pure decisions
 
@@ -118,6 +118,24 @@ def _delivery(args: Any = None, raw: bytes | None = None) -> Delivery:
     jid = new_job_id("default")
     j = raw if raw is not None else encode_job(jid, "t", args or {}, 1.0)
     return Delivery("default", b"1-0", {b"j": j})
+
+
+def test_the_scheduler_is_woken_once_redis_applied_something_into_the_delayed_set() -> None:
+    """`Settler.scheduled` (the daemon's scheduler wake-up, for the pool's and the
+    reaper's settles alike) is set when Redis applied an R settle (a retry, a deferral,
+    a spread hand-back), not for other outcomes or an R that was not applied."""
+    def woken(op: str, flag: str) -> bool:
+        ev = asyncio.Event()
+        settler = Settler(Metrics(), NoEvents(), "w1", _Cfg,  # type: ignore[arg-type]
+                          scheduled=ev)
+        settler.report_applied([("default", [Settle(op, b"1-0", "j", b"")], flag)], None,
+                               _Cfg)  # type: ignore[arg-type]
+        return ev.is_set()
+
+    assert woken("R", "1")
+    assert not woken("R", "0")  # already settled elsewhere: nothing was scheduled
+    assert not woken("R", "c")  # cancelled meanwhile: settled as cancelled instead
+    assert not woken("S", "1") and not woken("D", "1") and not woken("B", "1")
 
 
 def test_succeeded_is_a_result_record() -> None:
