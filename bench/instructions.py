@@ -19,8 +19,9 @@ late): quote that column. Raw counts of the same code moved by 8 % with the wind
 length (398k and 431k per job at consumers 16); without idle they agree within ~3 %. `--jobqd-src`
 runs another checkout's `jobqd` under this checkout's `bench` (`run.pythonpath`, as
 `run.py` does). jobqd runs with `prefetch` set to what its default picks for short jobs
-(`PREFETCH_PER_CONSUMER` below). Keep `--n` at its default or above: with 2,000 jobs the window is
-not yet steady (the same code counted 97k instead of 132k per empty-body job).
+(`jobqd.pool.PREFETCH_PER_CONSUMER` per consumer). Keep `--n` at its default or above:
+with 2,000 jobs the window is not yet steady (the same code counted 97k instead of 132k
+per empty-body job).
 Needs valgrind. Prints a table and writes bench/results/<--name>.{md,json}.
 """
 
@@ -44,17 +45,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench.daemons import DEFAULT_PY, mini, wait_ready_line, write_results  # noqa: E402
 from bench.run import MiniRedis, RedisServer, pythonpath  # noqa: E402
+from jobqd.pool import PREFETCH_PER_CONSUMER  # noqa: E402
 
 DRIVERS = {"jobqd": "bench.drivers.jobqd_driver", "reference": "bench.drivers.reference_driver"}
 BODIES = {"noop": {}, "empty": {"BENCH_EMPTY_BODY": "1"}}
 LO, HI = 0.2, 0.8  # the window counted, as fractions of the jobs done
 IDLE_S = 10.0  # how long the idle rate is counted
 IDLE_WARMUP_S = 3.0  # after the ready line, before the idle count starts
-# jobqd's unset `prefetch` buffers PREFETCH_PER_CONSUMER (4) jobs per consumer while runs
+# jobqd's unset `prefetch` buffers PREFETCH_PER_CONSUMER jobs per consumer while runs
 # average under 50 ms, as a no-op job's do in a real run; under valgrind a run that
 # awaits Redis lasts ~50x longer, which would switch prefetch off and count a fetch
 # pattern real runs never have. So jobqd is counted with that prefetch set outright.
-PREFETCH_PER_CONSUMER = 4
 
 
 def _callgrind(python: str, driver: str, *, url: str, consumers: int, src: str,

@@ -235,7 +235,8 @@ class Guard:
             if m > 0 and (mx == 0 or u / m > used / mx):
                 used, mx = u, m
         fraction = cfg.redis.max_memory_fraction
-        full = fraction < 1 and mx > 0 and used > fraction * mx
+        can_fill = fraction < 1 and mx > 0
+        full = can_fill and used > fraction * mx
         qkeys = [QueueKeys(cfg.redis.prefix, q).memfull for q in cfg.queues]
         if full:
             value = f"{used} {mx} {fraction:g}"
@@ -258,7 +259,7 @@ class Guard:
             log.warning("redis memory is below redis.max_memory_fraction again (used_memory "
                         "%d of maxmemory %d): enqueues are accepted", used, mx)
         rt.health.redis_memory_full = full
-        return fraction < 1 and mx > 0
+        return can_fill
 
     async def _republish(self) -> None:
         rt = self.rt

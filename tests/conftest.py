@@ -345,3 +345,10 @@ async def db(pg_schema: str) -> AsyncIterator[Any]:
 
 def dedent(s: str) -> str:
     return textwrap.dedent(s).lstrip()
+
+
+def pool_parked(pool: Any) -> bool:
+    """An idle pool's deadline tick and progress writer both wait for work
+    (`Pool.work`; asyncio.Event keeps its waiters' futures in `_waiters`: there is no
+    public way to ask)."""
+    return len(pool.work._waiters) == 2

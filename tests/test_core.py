@@ -365,17 +365,11 @@ async def test_async_timeout_is_a_failure_then_dead(start_daemon: Callable[..., 
     assert time.monotonic() - t0 < 2.0  # two 0.2 s attempts, not two 5 s ones
 
 
-def _parked(pool: Any) -> bool:
-    """The deadline tick and the progress writer both wait for work (asyncio.Event keeps
-    its waiters' futures in `_waiters`: there is no public way to ask)."""
-    return len(pool.work._waiters) == 2
-
-
 async def test_an_idle_pool_does_not_tick_and_a_later_job_still_times_out(
         start_daemon: Callable[..., Any], client: Client) -> None:
     """With nothing running or buffered the deadline tick waits (an idle daemon does not
     wake 20 times a second); the job that starts next wakes it, so its timeout holds."""
-    from .conftest import wait_for
+    from .conftest import pool_parked, wait_for
 
     d = await start_daemon(tasks={"sleep": {"handler": "tests.handlers:sleep", "timeout_s": 0.2,
                                             "max_retries": 0}})
@@ -383,7 +377,7 @@ async def test_an_idle_pool_does_not_tick_and_a_later_job_still_times_out(
     assert pool is not None
 
     async def parked() -> bool:
-        return _parked(pool)
+        return pool_parked(pool)
 
     await wait_for(parked, 5, "the deadline tick and the progress writer to wait")
     t0 = time.monotonic()

@@ -16,7 +16,7 @@ import redis.asyncio as aredis
 
 from jobqd import Client, JobCancelled, JobFailed, SyncClient
 from jobqd.keys import QueueKeys
-from tests.conftest import REDIS_URL, base_config, wait_for, wait_status
+from tests.conftest import REDIS_URL, base_config, pool_parked, wait_for, wait_status
 
 
 def _tasks() -> dict[str, Any]:
@@ -207,8 +207,8 @@ async def test_progress_is_seen_by_status_and_cleared_at_the_end(
     if after_idle:
         pool = d.daemon.pool
 
-        async def parked() -> bool:  # the progress writer and the deadline tick wait
-            return len(pool.work._waiters) == 2
+        async def parked() -> bool:
+            return pool_parked(pool)
 
         await wait_for(parked, 5, "the pool to go idle")
     job = await client.enqueue("progress_then_wait", {"key": f"{prefix}:go"})
