@@ -365,3 +365,37 @@ async def test_check_memory_says_whether_memory_can_fill(
         finally:
             await limitless.aclose()
         assert await can_fill(srv.url, 0.9) is False
+
+
+async def test_the_guard_loop_outlasts_redis_errors_and_keeps_its_cadence() -> None:
+    """Redis failing every check (an outage) neither stops `redisguard.run` nor slows
+    its memory reads (the last answer stands: here, the initial "can fill"); a bug (any
+    other exception) still propagates."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from jobqd import redisguard
+
+    calls = {"memory": 0, "check": 0}
+
+    class Down:
+        async def check_memory(self) -> bool:
+            calls["memory"] += 1
+            raise RedisConnectionError("connection refused")
+
+        async def check(self) -> None:
+            calls["check"] += 1
+            raise RedisConnectionError("connection refused")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(redisguard.run(Down(), stop))  # type: ignore[arg-type]
+    await asyncio.sleep(1.1)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert calls["memory"] >= 3 and calls["check"] >= 1, calls
+
+    class Buggy(Down):
+        async def check_memory(self) -> bool:
+            raise KeyError("used_memory")
+
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(redisguard.run(Buggy(), asyncio.Event()), 2)  # type: ignore[arg-type]
